@@ -1,0 +1,1 @@
+"""Data sources, preparation into TFRecord shards, and the input pipeline."""

@@ -1,0 +1,84 @@
+"""Command line of training: `python -m trainer.task` (installed as `neumf-train`).
+
+Parses flags, builds a frozen `TrainConfig`, configures devices, picks a strategy and calls
+`trainer.train.train_and_evaluate`. The only module that reads these flags.
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # before TensorFlow loads: hide C++ INFO
+
+from absl import app, flags, logging  # noqa: E402
+
+from trainer import config as config_lib  # noqa: E402
+
+FLAGS = flags.FLAGS
+_D = config_lib.TrainConfig  # defaults live in the dataclass
+
+flags.DEFINE_string("data_dir", None, "Prepared data directory (local or gs://), the output of "
+                    "neumf-prepare.")
+flags.DEFINE_string("model_dir", os.environ.get("AIP_MODEL_DIR"),
+                    "Where checkpoints, TensorBoard logs and metrics.json go (local or gs://). "
+                    "Re-running with the same model_dir resumes. Default: $AIP_MODEL_DIR.")
+flags.DEFINE_string("export_dir", None, "Where the SavedModel goes. Default: <model_dir>/export.")
+flags.DEFINE_enum("model", _D.model, config_lib.MODELS, "Model to train.")
+flags.DEFINE_integer("epochs", _D.epochs, "Passes over the training data.", lower_bound=1)
+flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size, across all replicas.",
+                     lower_bound=1)
+flags.DEFINE_integer("eval_batch_size", _D.eval_batch_size, "Global evaluation batch size.",
+                     lower_bound=1)
+flags.DEFINE_float("learning_rate", _D.learning_rate, "Adam learning rate.", lower_bound=0.0)
+flags.DEFINE_integer("embedding_dim", _D.embedding_dim, "User and item embedding size.",
+                     lower_bound=1)
+flags.DEFINE_integer("hidden_units", _D.hidden_units, "Width of seed_mlp's hidden layer.",
+                     lower_bound=1)
+flags.DEFINE_integer("seed", _D.seed, "Seeds initialisation and data order.")
+flags.DEFINE_integer("shuffle_buffer_blocks", _D.shuffle_buffer_blocks,
+                     "Shuffle buffer in blocks of 1024 examples.", lower_bound=1)
+flags.DEFINE_integer("log_every_steps", _D.log_every_steps,
+                     "Steps between progress lines (and per tf.function call).", lower_bound=1)
+flags.DEFINE_integer("max_checkpoints", _D.max_checkpoints, "Checkpoints kept.", lower_bound=1)
+flags.DEFINE_enum("strategy", _D.strategy, config_lib.STRATEGIES,
+                  "auto: MirroredStrategy over several GPUs or logical CPUs, else one device.")
+flags.DEFINE_integer("num_cpu_devices", _D.num_cpu_devices,
+                     "Split the CPU into this many logical devices (multi-replica runs "
+                     "without GPUs: tests and debugging).", lower_bound=1)
+flags.mark_flags_as_required(["data_dir", "model_dir"])
+
+
+def config_from_flags() -> config_lib.TrainConfig:
+  return config_lib.TrainConfig(
+      data_dir=FLAGS.data_dir, model_dir=FLAGS.model_dir, export_dir=FLAGS.export_dir,
+      model=FLAGS.model, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
+      eval_batch_size=FLAGS.eval_batch_size, learning_rate=FLAGS.learning_rate,
+      embedding_dim=FLAGS.embedding_dim, hidden_units=FLAGS.hidden_units, seed=FLAGS.seed,
+      shuffle_buffer_blocks=FLAGS.shuffle_buffer_blocks, log_every_steps=FLAGS.log_every_steps,
+      max_checkpoints=FLAGS.max_checkpoints, strategy=FLAGS.strategy,
+      num_cpu_devices=FLAGS.num_cpu_devices).validate()
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    config = config_from_flags()
+    from trainer import distribute, train  # TensorFlow loads here, after flag checks
+    distribute.configure_cpu_devices(config.num_cpu_devices)
+    strategy = distribute.get_strategy(config.strategy, config.num_cpu_devices)
+    metrics = train.train_and_evaluate(config, strategy)
+  except config_lib.ConfigError as e:
+    logging.error("%s", e)
+    print(f"neumf-train: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(json.dumps(metrics, sort_keys=True))
+
+
+def run():
+  """Console-script entry point."""
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
