@@ -61,27 +61,34 @@ def make_train_loop(model: keras.Model, optimizer: keras.optimizers.Optimizer,
 
 
 def make_evaluate(model: keras.Model, strategy: tf.distribute.Strategy, low: float,
-                  high: float) -> Callable[[object], Dict[str, float]]:
-  """Returns `evaluate(distributed_dataset) -> {rmse, mae, count}` over the whole dataset."""
+                  high: float, baseline: float) -> Callable[[object], Dict[str, float]]:
+  """Returns `evaluate(distributed_dataset) -> metrics` over the whole dataset.
+
+  Metrics: rmse, mae, count, and baseline_rmse: the RMSE of always predicting `baseline` (the
+  training mean rating), the bar any model must clear.
+  """
 
   def step_fn(batch):
-    error = clipped_prediction(model, batch, low, high) - batch[schema.RATING]
+    ratings = tf.cast(batch[schema.RATING], tf.float64)
+    error = tf.cast(clipped_prediction(model, batch, low, high), tf.float64) - ratings
     return tf.stack([tf.reduce_sum(tf.square(error)), tf.reduce_sum(tf.abs(error)),
-                     tf.cast(tf.size(error), tf.float32)])
+                     tf.cast(tf.size(error), tf.float64),
+                     tf.reduce_sum(tf.square(baseline - ratings))])
 
   @tf.function
   def sums(dataset):
-    total = tf.zeros([3])
+    total = tf.zeros([4], tf.float64)
     for batch in dataset:
       total += strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(step_fn, args=(batch,)),
                                axis=None)
     return total
 
   def evaluate(dataset) -> Dict[str, float]:
-    squared, absolute, count = (float(x) for x in sums(dataset).numpy())
+    squared, absolute, count, baseline_squared = (float(x) for x in sums(dataset).numpy())
     if count == 0:
       raise ValueError("the evaluation data is empty")
-    return {"rmse": float(np.sqrt(squared / count)), "mae": absolute / count, "count": int(count)}
+    return {"rmse": float(np.sqrt(squared / count)), "mae": absolute / count, "count": int(count),
+            "baseline_rmse": float(np.sqrt(baseline_squared / count))}
 
   return evaluate
 
@@ -148,7 +155,8 @@ def train_and_evaluate(config: TrainConfig,
                  int(epoch.numpy()), config.epochs)
 
   train_loop = make_train_loop(model, optimizer, strategy, config.batch_size)
-  evaluate = make_evaluate(model, strategy, metadata.rating_min, metadata.rating_max)
+  evaluate = make_evaluate(model, strategy, metadata.rating_min, metadata.rating_max,
+                           metadata.train_rating_mean)
   train_iterator = iter(_distributed(strategy, train_pattern, config, config.batch_size, True))
   eval_data = _distributed(strategy, eval_pattern, config, config.eval_batch_size, False)
   writer = tf.summary.create_file_writer(fileio.join(config.model_dir, LOGS_SUBDIR))
@@ -181,9 +189,10 @@ def train_and_evaluate(config: TrainConfig,
     epoch.assign(e + 1)
     manager.save(checkpoint_number=e + 1)
     examples_per_sec = steps_per_epoch * config.batch_size / epoch_seconds
-    logging.info("epoch %d/%d train loss %.4f eval rmse %.4f mae %.4f (%d examples) "
-                 "%.0f train examples/s", e + 1, config.epochs, loss_sum / steps_per_epoch,
-                 eval_metrics["rmse"], eval_metrics["mae"], eval_metrics["count"],
+    logging.info("epoch %d/%d train loss %.4f eval rmse %.4f mae %.4f on %d examples "
+                 "(global mean predictor: rmse %.4f); %.0f train examples/s", e + 1,
+                 config.epochs, loss_sum / steps_per_epoch, eval_metrics["rmse"],
+                 eval_metrics["mae"], eval_metrics["count"], eval_metrics["baseline_rmse"],
                  examples_per_sec)
     with writer.as_default(step=e + 1):
       tf.summary.scalar("train/loss", loss_sum / steps_per_epoch)
@@ -201,6 +210,7 @@ def train_and_evaluate(config: TrainConfig,
       "eval_rmse": eval_metrics["rmse"],
       "eval_mae": eval_metrics["mae"],
       "eval_examples": eval_metrics["count"],
+      "eval_rmse_global_mean_baseline": eval_metrics["baseline_rmse"],
       "epochs": int(epoch.numpy()),
       "train_examples_per_sec": (trained_steps * config.batch_size / train_seconds
                                  if trained_steps else None),

@@ -26,11 +26,10 @@ def list_shards(file_pattern: str) -> list:
   return files
 
 
-def _mix(index: tf.Tensor, batch: Dict[str, tf.Tensor], seed: int) -> Dict[str, tf.Tensor]:
-  """Permutes the examples of a parsed group of blocks, seeded by (seed, group index)."""
+def _mix(batch: Dict[str, tf.Tensor], seed: tf.Tensor) -> Dict[str, tf.Tensor]:
+  """Permutes the examples of a parsed group of blocks with a stateless shuffle."""
   n = tf.shape(batch[schema.USER])[0]
-  order = tf.random.experimental.stateless_shuffle(
-      tf.range(n), seed=tf.stack([tf.cast(seed, tf.int64), index]))
+  order = tf.random.experimental.stateless_shuffle(tf.range(n), seed=seed)
   return {name: tf.gather(value, order) for name, value in batch.items()}
 
 
@@ -38,6 +37,11 @@ def make_dataset(file_pattern: str, global_batch_size: int, training: bool,
                  input_context: Optional[tf.distribute.InputContext] = None, seed: int = 0,
                  shuffle_buffer_blocks: int = 256) -> tf.data.Dataset:
   """Builds the dataset of one input pipeline.
+
+  Training data is an endless sequence of epochs, each a fresh shuffle keyed by (seed, epoch):
+  files, then blocks within a buffer, then examples within groups of blocks. Keying every
+  shuffle by the epoch keeps epochs intact (each example once per epoch, even when the data is
+  smaller than a shuffle window) and makes any epoch reproducible on its own.
 
   Args:
     file_pattern: glob of TFRecord shards, local or `gs://`.
@@ -58,7 +62,6 @@ def make_dataset(file_pattern: str, global_batch_size: int, training: bool,
   """
   files = list_shards(file_pattern)
   batch_size = global_batch_size
-  ds = tf.data.Dataset.from_tensor_slices(files)
   if input_context is not None:
     batch_size = input_context.get_per_replica_batch_size(global_batch_size)
     if input_context.num_input_pipelines > 1:
@@ -66,17 +69,33 @@ def make_dataset(file_pattern: str, global_batch_size: int, training: bool,
         raise ValueError(f"{file_pattern!r} has {len(files)} files but there are "
                          f"{input_context.num_input_pipelines} input pipelines; prepare the data "
                          "with --num_shards at least the number of workers")
-      ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+      files = files[input_context.input_pipeline_id::input_context.num_input_pipelines]
+
+  def records(file_names: tf.data.Dataset) -> tf.data.Dataset:
+    return file_names.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 4),
+                                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+  def parse(blocks: tf.data.Dataset) -> tf.data.Dataset:
+    return blocks.batch(_RECORDS_PER_PARSE).map(
+        schema.parse_blocks, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
   if training:
-    ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-  ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 4),
-                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  if training:
-    ds = ds.shuffle(shuffle_buffer_blocks, seed=seed, reshuffle_each_iteration=True).repeat()
-  ds = ds.batch(_RECORDS_PER_PARSE).map(schema.parse_blocks, num_parallel_calls=tf.data.AUTOTUNE,
-                                        deterministic=True)
-  if training:
-    ds = ds.enumerate().map(lambda i, b: _mix(i, b, seed), num_parallel_calls=tf.data.AUTOTUNE,
-                            deterministic=True)
+    file_names = tf.constant(files)
+
+    def epoch(index):
+      # Stateless shuffles keyed by the epoch. (tf.data's `shuffle` takes no tensor seed once a
+      # global seed is set; its block buffer keeps a fixed seed and gets a new input order.)
+      epoch_seed = tf.stack([tf.constant(seed, tf.int64), index])
+      names = tf.gather(file_names, tf.random.experimental.stateless_shuffle(
+          tf.range(len(files)), seed=epoch_seed))
+      blocks = records(tf.data.Dataset.from_tensor_slices(names)).shuffle(
+          shuffle_buffer_blocks, seed=seed)
+      return parse(blocks).enumerate().map(
+          lambda group, batch: _mix(batch, tf.stack([epoch_seed[0] * 1_000_003 + index, group])),
+          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+    ds = tf.data.Dataset.range(2**62).flat_map(epoch)
+  else:
+    ds = parse(records(tf.data.Dataset.from_tensor_slices(files)))
   ds = ds.rebatch(batch_size, drop_remainder=training)
   return ds.prefetch(tf.data.AUTOTUNE)

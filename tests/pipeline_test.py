@@ -1,0 +1,84 @@
+"""Tests of the input pipeline over prepared shards."""
+
+import collections
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer import schema
+from trainer.data import pipeline, preparation
+
+
+def _pattern(data_dir, split):
+  return os.path.join(data_dir, schema.shard_pattern(split))
+
+
+def _examples(ds, limit=None):
+  out = []
+  for n, batch in enumerate(ds):
+    if limit is not None and n >= limit:
+      break
+    out += list(zip(batch[schema.USER].numpy().tolist(), batch[schema.ITEM].numpy().tolist(),
+                    batch[schema.RATING].numpy().tolist()))
+  return out
+
+
+def test_eval_reads_every_example_exactly_once(tiny_data_dir):
+  metadata = preparation.load_metadata(tiny_data_dir)
+  ds = pipeline.make_dataset(_pattern(tiny_data_dir, schema.EVAL), 100, training=False)
+  batches = list(ds)
+  examples = _examples(batches)
+  assert len(examples) == metadata.num_eval
+  assert len(set((u, i) for u, i, _ in examples)) == metadata.num_eval
+  assert all(len(b[schema.USER]) == 100 for b in batches[:-1])
+
+
+def test_training_batches_are_full_repeat_and_cover_the_data(tiny_data_dir):
+  metadata = preparation.load_metadata(tiny_data_dir)
+  batch = 256
+  steps = 2 * metadata.num_train // batch  # two epochs' worth
+  ds = pipeline.make_dataset(_pattern(tiny_data_dir, schema.TRAIN), batch, training=True, seed=1)
+  sizes = [len(b[schema.USER]) for b in ds.take(steps)]
+  assert sizes == [batch] * steps
+  counts = collections.Counter((u, i) for u, i, _ in _examples(ds, limit=steps))
+  assert len(counts) == metadata.num_train  # every example seen within two epochs
+  assert max(counts.values()) <= 3
+
+
+def test_training_order_is_reproducible_per_seed_and_shuffled(tiny_data_dir):
+  pattern = _pattern(tiny_data_dir, schema.TRAIN)
+  a = _examples(pipeline.make_dataset(pattern, 128, training=True, seed=3), limit=10)
+  b = _examples(pipeline.make_dataset(pattern, 128, training=True, seed=3), limit=10)
+  c = _examples(pipeline.make_dataset(pattern, 128, training=True, seed=4), limit=10)
+  assert a == b
+  assert a != c
+  in_file_order = _examples(pipeline.make_dataset(pattern, 128, training=False), limit=10)
+  assert a != in_file_order
+
+
+def test_input_context_sets_per_replica_batch_and_shards_files(tiny_data_dir):
+  pattern = _pattern(tiny_data_dir, schema.EVAL)
+  everything = set(_examples(pipeline.make_dataset(pattern, 100, training=False)))
+  parts = []
+  for pipeline_id in range(2):
+    context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pipeline_id,
+                                         num_replicas_in_sync=4)
+    ds = pipeline.make_dataset(pattern, 100, training=False, input_context=context)
+    assert len(next(iter(ds))[schema.USER]) == 25
+    parts.append(set(_examples(ds)))
+  assert not parts[0] & parts[1]
+  assert parts[0] | parts[1] == everything
+
+
+def test_more_pipelines_than_files_is_a_clear_error(tiny_data_dir):
+  context = tf.distribute.InputContext(num_input_pipelines=3, input_pipeline_id=0,
+                                       num_replicas_in_sync=3)
+  with pytest.raises(ValueError, match="has 2 files but there are 3 input pipelines"):
+    pipeline.make_dataset(_pattern(tiny_data_dir, schema.TRAIN), 30, True, context)
+
+
+def test_no_matching_files_is_a_clear_error(tmp_path):
+  with pytest.raises(ValueError, match="no files match"):
+    pipeline.make_dataset(str(tmp_path / "train-*"), 8, training=True)

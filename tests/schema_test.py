@@ -1,0 +1,67 @@
+"""Tests of the record layout and the metadata file."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer import schema
+
+
+def test_blocks_round_trip_in_order():
+  first = schema.encode_block(np.array([3, 1]), np.array([0, 2]), np.array([4.5, 1.0]))
+  second = schema.encode_block(np.array([7]), np.array([5]), np.array([2.5]))
+  parsed = schema.parse_blocks(tf.constant([first, second]))
+  assert parsed[schema.USER].numpy().tolist() == [3, 1, 7]
+  assert parsed[schema.ITEM].numpy().tolist() == [0, 2, 5]
+  assert parsed[schema.RATING].numpy().tolist() == [4.5, 1.0, 2.5]
+  assert parsed[schema.USER].dtype == tf.int64 and parsed[schema.RATING].dtype == tf.float32
+
+
+@pytest.mark.parametrize("users,items,ratings", [
+    ([], [], []),
+    ([1, 2], [1], [1.0, 2.0]),
+    (list(range(schema.BLOCK_SIZE + 1)),) * 2 + ([1.0] * (schema.BLOCK_SIZE + 1),),
+])
+def test_bad_blocks_are_refused(users, items, ratings):
+  with pytest.raises(ValueError, match="block"):
+    schema.encode_block(np.array(users), np.array(items), np.array(ratings))
+
+
+def test_shard_names_match_their_pattern():
+  name = schema.shard_file_name(schema.TRAIN, 3, 12)
+  assert name == "train-00003-of-00012.tfrecord"
+  assert tf.io.gfile.glob  # the pattern is a glob; check it matches with fnmatch semantics
+  import fnmatch
+  assert fnmatch.fnmatch(name, schema.shard_pattern(schema.TRAIN))
+  assert not fnmatch.fnmatch(name, schema.shard_pattern(schema.EVAL))
+
+
+def _metadata(**changes):
+  base = schema.Metadata(num_users=3, num_items=4, num_train=10, num_eval=2, rating_min=1.0,
+                         rating_max=5.0, train_rating_mean=3.2, num_shards=2, source="synthetic",
+                         split="random", eval_fraction=0.2, seed=1, inputs=["a.csv"])
+  return dataclasses.replace(base, **changes)
+
+
+def test_metadata_round_trips():
+  metadata = _metadata()
+  assert schema.Metadata.from_json(metadata.to_json()) == metadata
+
+
+def test_metadata_of_another_schema_version_is_refused():
+  text = _metadata(schema_version=schema.SCHEMA_VERSION + 1).to_json()
+  with pytest.raises(ValueError, match=r"m\.json: schema_version 2 is not supported"):
+    schema.Metadata.from_json(text, where="m.json")
+
+
+def test_metadata_with_unknown_field_is_refused():
+  text = _metadata().to_json().replace('"seed"', '"sed"')
+  with pytest.raises(ValueError, match=r"unknown fields \['sed'\]"):
+    schema.Metadata.from_json(text)
+
+
+def test_metadata_that_is_not_json_is_refused():
+  with pytest.raises(ValueError, match="m.json: not valid JSON"):
+    schema.Metadata.from_json("{", where="m.json")

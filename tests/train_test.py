@@ -1,0 +1,162 @@
+"""Tests of `train_and_evaluate`: learning, metrics, checkpoints and resume, export, errors."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer import models, schema, train
+from trainer.config import ConfigError, TrainConfig
+from trainer.data import pipeline, preparation
+
+
+def _eval_examples(data_dir):
+  ds = pipeline.make_dataset(os.path.join(data_dir, schema.shard_pattern(schema.EVAL)), 1000,
+                             training=False)
+  parts = list(ds.as_numpy_iterator())
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data_dir, tmp_path_factory):
+  """One run on two replicas, shared by the tests of this module (read-only)."""
+  config = TrainConfig(data_dir=tiny_data_dir, model_dir=str(tmp_path_factory.mktemp("model")),
+                       epochs=6, batch_size=128, learning_rate=0.003, embedding_dim=16,
+                       hidden_units=32, log_every_steps=10, num_cpu_devices=2)
+  strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  metrics = train.train_and_evaluate(config, strategy)
+  return config, metrics
+
+
+def _restore(config, metadata):
+  model = models.build_model(config.model, metadata.num_users, metadata.num_items,
+                             config.embedding_dim, config.hidden_units,
+                             metadata.train_rating_mean)
+  latest = tf.train.latest_checkpoint(os.path.join(config.model_dir, train.CHECKPOINT_SUBDIR))
+  tf.train.Checkpoint(model=model).restore(latest).expect_partial()
+  return model
+
+
+def test_learns_more_than_the_global_mean(trained, tiny_data_dir):
+  config, metrics = trained
+  metadata = preparation.load_metadata(tiny_data_dir)
+  ratings = _eval_examples(tiny_data_dir)[schema.RATING].astype(np.float64)
+  baseline = np.sqrt(np.mean((ratings - metadata.train_rating_mean) ** 2))
+  assert metrics["eval_rmse_global_mean_baseline"] == pytest.approx(baseline, rel=1e-6)
+  assert metrics["eval_rmse"] < 0.9 * baseline
+  assert metrics["eval_mae"] < metrics["eval_rmse"]
+  assert metrics["eval_examples"] == metadata.num_eval
+  assert (metrics["epochs"], metrics["replicas"]) == (6, 2)
+  assert metrics["train_examples_per_sec"] > 0
+  with open(os.path.join(config.model_dir, train.METRICS_FILE)) as f:
+    assert json.load(f) == metrics
+
+
+def test_metrics_match_a_numpy_evaluation_of_the_checkpoint(trained, tiny_data_dir):
+  config, metrics = trained
+  metadata = preparation.load_metadata(tiny_data_dir)
+  model = _restore(config, metadata)
+  data = _eval_examples(tiny_data_dir)
+  predicted = np.clip(np.asarray(model({schema.USER: data[schema.USER],
+                                        schema.ITEM: data[schema.ITEM]})),
+                      metadata.rating_min, metadata.rating_max)
+  error = predicted.astype(np.float64) - data[schema.RATING]
+  assert metrics["eval_rmse"] == pytest.approx(np.sqrt(np.mean(error ** 2)), rel=1e-5)
+  assert metrics["eval_mae"] == pytest.approx(np.mean(np.abs(error)), rel=1e-5)
+
+
+def test_writes_checkpoints_and_tensorboard_summaries(trained):
+  config, _ = trained
+  checkpoints = os.path.join(config.model_dir, train.CHECKPOINT_SUBDIR)
+  assert tf.train.latest_checkpoint(checkpoints).endswith("ckpt-6")
+  assert len(tf.io.gfile.glob(os.path.join(checkpoints, "ckpt-*.index"))) == 3  # max kept
+  events = tf.io.gfile.glob(os.path.join(config.model_dir, train.LOGS_SUBDIR, "events.*"))
+  assert events
+  tags = {v.tag for e in tf.compat.v1.train.summary_iterator(events[0])
+          for v in e.summary.value}
+  assert {"train/loss", "eval/rmse", "eval/mae", "train/examples_per_sec"} <= tags
+
+
+def test_rerun_resumes_from_the_latest_checkpoint(trained, tmp_path):
+  config, metrics = trained
+  # Copy the finished run, then ask for one more epoch: only that epoch trains.
+  model_dir = str(tmp_path / "model")
+  subprocess.run(["cp", "-r", config.model_dir, model_dir], check=True)
+  same = dataclasses.replace(config, model_dir=model_dir, export_dir=None)
+  again = train.train_and_evaluate(same)  # all epochs done: restores, evaluates, exports
+  assert again["train_examples_per_sec"] is None
+  assert again["eval_rmse"] == pytest.approx(metrics["eval_rmse"], rel=1e-6)
+  more = train.train_and_evaluate(dataclasses.replace(same, epochs=7))
+  assert more["epochs"] == 7 and more["train_examples_per_sec"] > 0
+  assert tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")).endswith("ckpt-7")
+
+
+_SERVE = textwrap.dedent("""
+    import json, sys
+    import tensorflow as tf
+    assert "trainer" not in sys.modules
+    loaded = tf.saved_model.load(sys.argv[1])
+    args = json.loads(sys.stdin.read())
+    out = loaded.signatures["serving_default"](user=tf.constant(args["users"]),
+                                               item=tf.constant(args["items"]))
+    rec = loaded.signatures["recommend"](user=tf.constant(["u3", "nobody"]), k=tf.constant(10))
+    print(json.dumps({
+        "rating": out["rating"].numpy().tolist(),
+        "user_known": out["user_known"].numpy().tolist(),
+        "item_known": out["item_known"].numpy().tolist(),
+        "rec_items": [[i.decode() for i in row] for row in rec["items"].numpy()],
+        "rec_scores": rec["scores"].numpy().tolist(),
+        "rec_known": rec["user_known"].numpy().tolist()}))
+""")
+
+
+def test_export_serves_the_trained_model_in_a_fresh_process(trained, tiny_data_dir):
+  config, _ = trained
+  metadata = preparation.load_metadata(tiny_data_dir)
+  users = open(os.path.join(tiny_data_dir, schema.USER_VOCAB_FILE)).read().split()
+  items = open(os.path.join(tiny_data_dir, schema.ITEM_VOCAB_FILE)).read().split()
+  data = _eval_examples(tiny_data_dir)
+  raw_users = [users[u] for u in data[schema.USER][:50]] + ["nobody"]
+  raw_items = [items[i] for i in data[schema.ITEM][:50]] + [items[0]]
+  result = subprocess.run([sys.executable, "-c", _SERVE, config.resolved_export_dir],
+                          input=json.dumps({"users": raw_users, "items": raw_items}),
+                          capture_output=True, text=True, check=True,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+  served = json.loads(result.stdout.strip().splitlines()[-1])
+
+  model = _restore(config, metadata)
+  expected = np.clip(np.asarray(model({schema.USER: data[schema.USER][:50],
+                                       schema.ITEM: data[schema.ITEM][:50]})),
+                     metadata.rating_min, metadata.rating_max)
+  np.testing.assert_allclose(served["rating"][:50], expected, rtol=1e-5)
+  assert served["user_known"] == [True] * 50 + [False]
+  assert served["item_known"] == [True] * 51
+
+  # recommend: k distinct known items, best first, equal to ranking every item in numpy.
+  top = served["rec_items"][0]
+  assert len(top) == 10 and len(set(top)) == 10 and set(top) <= set(items)
+  assert served["rec_scores"][0] == sorted(served["rec_scores"][0], reverse=True)
+  all_scores = np.asarray(model({schema.USER: np.full(len(items), users.index("u3")),
+                                 schema.ITEM: np.arange(len(items))}))
+  assert top == [items[i] for i in np.argsort(-all_scores, kind="stable")[:10]]
+  assert served["rec_known"] == [True, False]
+
+
+def test_batch_larger_than_the_data_fails_before_training(tiny_data_dir, tmp_path):
+  config = TrainConfig(data_dir=tiny_data_dir, model_dir=str(tmp_path), batch_size=10**6)
+  with pytest.raises(ConfigError, match=r"--batch_size=1000000 is larger than the 4000 "):
+    train.train_and_evaluate(config)
+  assert not os.listdir(tmp_path)
+
+
+def test_unprepared_data_dir_fails_naming_the_flag(tmp_path):
+  config = TrainConfig(data_dir=str(tmp_path / "none"), model_dir=str(tmp_path / "m"))
+  with pytest.raises(ConfigError, match=r"--data_dir='.*none' is not a prepared data directory"):
+    train.train_and_evaluate(config)
