@@ -6,6 +6,14 @@ from setuptools import find_packages, setup
 
 HERE = pathlib.Path(__file__).parent
 
+
+def _requirements():
+  """The runtime requirements, kept in one place: requirements.txt."""
+  lines = (HERE / "requirements.txt").read_text(encoding="utf-8").splitlines()
+  return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+
 setup(
     name="neumf-trainer",
     version="0.1.0",
@@ -16,19 +24,11 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["trainer", "trainer.*"]),
-    install_requires=[
-        "tensorflow>=2.21,<2.22",
-        "tensorboard>=2.21,<2.22",  # TF 2.21 no longer pulls it in; tf.summary needs it
-        "keras>=3.15,<4",
-        "tensorflow-datasets>=4.9.10,<4.10",
-        "importlib_resources>=6",  # tensorflow-datasets 4.9.10 imports it without requiring it
-        "absl-py>=2.1,<3",
-        "google-cloud-storage>=2.18,<4",
-        "numpy>=1.26,<3",
-    ],
+    install_requires=_requirements(),
     extras_require={
         "test": [
             "pytest>=8,<10",
+            "pyyaml>=6",
         ],
     },
     entry_points={

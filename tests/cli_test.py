@@ -1,0 +1,113 @@
+"""End to end through the real command lines, each in a fresh process."""
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import last_json_line, run_cli, shared_file
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+  """prepare -> train on two logical CPUs -> export, through the CLIs."""
+  root = tmp_path_factory.mktemp("cli")
+  data_dir, model_dir = str(root / "data"), str(root / "model")
+  prepared = last_json_line(run_cli(
+      "trainer.prepare", "--source=synthetic", f"--output_dir={data_dir}", "--num_users=200",
+      "--num_items=120", "--num_ratings=8000", "--num_shards=2", "--seed=3").stdout)
+  result = run_cli("trainer.task", f"--data_dir={data_dir}", f"--model_dir={model_dir}",
+                   "--num_cpu_devices=2", "--epochs=5", "--batch_size=128",
+                   "--learning_rate=0.003", "--embedding_dim=16", "--hidden_units=32")
+  return data_dir, model_dir, prepared, last_json_line(result.stdout), result.stderr
+
+
+def test_training_cli_beats_the_global_mean_on_two_replicas(pipeline_run):
+  _, model_dir, prepared, metrics, log = pipeline_run
+  assert prepared["num_train"] + prepared["num_eval"] == 8000
+  assert metrics["replicas"] == 2
+  assert metrics["eval_rmse"] < metrics["eval_rmse_global_mean_baseline"]
+  assert "examples/s" in log and "ETA" in log and "eval rmse" in log
+  with open(os.path.join(model_dir, "metrics.json")) as f:
+    assert json.load(f) == metrics
+
+
+def test_recommend_cli_prints_k_distinct_known_items(pipeline_run):
+  data_dir, model_dir, _, _, _ = pipeline_run
+  out = run_cli("trainer.recommend", f"--export_dir={model_dir}/export", "--user=u5",
+                "--k=7").stdout
+  lines = out.strip().splitlines()
+  assert lines[0] == "Top 7 for user u5"
+  items = [line.split()[1] for line in lines[1:]]
+  with open(os.path.join(data_dir, "items.vocab")) as f:
+    known = set(f.read().split())
+  assert len(items) == 7 and len(set(items)) == 7 and set(items) <= known
+  scores = [float(line.split()[2]) for line in lines[1:]]
+  assert scores == sorted(scores, reverse=True)
+
+
+def test_saved_model_cli_sees_and_runs_both_signatures(pipeline_run):
+  cli = shutil.which("saved_model_cli")
+  if cli is None:
+    pytest.skip("saved_model_cli is not on PATH (it comes with the tensorflow package)")
+  _, model_dir, _, _, _ = pipeline_run
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  shown = subprocess.run([cli, "show", "--dir", f"{model_dir}/export", "--all"], env=env,
+                         capture_output=True, text=True, check=True).stdout
+  assert "signature_def['serving_default']" in shown
+  assert "signature_def['recommend']" in shown
+  # The session-based loader (as TF Serving uses) must find every variable.
+  ran = subprocess.run([cli, "run", "--dir", f"{model_dir}/export", "--tag_set", "serve",
+                        "--signature_def", "recommend", "--input_exprs",
+                        'user=["u5"];k=3'], env=env, capture_output=True, text=True)
+  assert ran.returncode == 0, ran.stderr[-3000:]
+  assert "Result for output key items" in ran.stdout
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--batch_size=-5", "flag --batch_size=-5"),
+    ("--model=transformer", "flag --model=transformer"),
+    ("--epochs=0", "flag --epochs=0"),
+])
+def test_bad_training_flags_fail_at_start_up(tmp_path, flag, message):
+  result = run_cli("trainer.task", f"--data_dir={tmp_path}", f"--model_dir={tmp_path}/m", flag,
+                   check=False, timeout=120)
+  assert result.returncode != 0
+  assert message in result.stderr
+  assert not os.path.exists(f"{tmp_path}/m")
+
+
+def test_missing_data_dir_fails_naming_the_flag(tmp_path):
+  result = run_cli("trainer.task", f"--model_dir={tmp_path}/m", check=False, timeout=120)
+  assert result.returncode != 0
+  assert "--data_dir" in result.stderr
+  result = run_cli("trainer.task", f"--data_dir={tmp_path}/nothing", f"--model_dir={tmp_path}/m",
+                   check=False, timeout=120)
+  assert result.returncode == 2
+  assert f"--data_dir='{tmp_path}/nothing' is not a prepared data directory" in result.stderr
+
+
+def test_bad_input_file_fails_naming_file_and_line(tmp_path):
+  bad = tmp_path / "u.data"
+  bad.write_text("1\t2\t3\t881250949\n1\t3\tfive\t881250949\n")
+  result = run_cli("trainer.prepare", "--source=movielens", f"--input={bad}",
+                   f"--output_dir={tmp_path}/out", check=False, timeout=120)
+  assert result.returncode == 2
+  assert f"{bad}:2: rating 'five' is not a number" in result.stderr
+  assert not os.path.exists(f"{tmp_path}/out/metadata.json")
+
+
+def test_movielens_100k_two_epochs_reach_rmse_below_one(tmp_path):
+  u_data = shared_file("ml-100k/u.data")
+  run_cli("trainer.prepare", "--source=movielens", f"--input={u_data}",
+          f"--output_dir={tmp_path}/data", "--eval_fraction=0.2", "--seed=1")
+  metrics = last_json_line(run_cli(
+      "trainer.task", f"--data_dir={tmp_path}/data", f"--model_dir={tmp_path}/model",
+      "--model=seed_mlp", "--epochs=2", "--batch_size=256").stdout)
+  assert metrics["epochs"] == 2
+  assert metrics["eval_examples"] == 20000
+  assert metrics["eval_rmse"] < 1.0, metrics
