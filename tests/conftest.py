@@ -65,3 +65,14 @@ def run_cli(module: str, *args: str, check: bool = True, timeout: float = 600,
 def last_json_line(text: str):
   """Parses the last line of a CLI's stdout, its JSON result."""
   return json.loads(text.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def mirrored_strategy() -> tf.distribute.MirroredStrategy:
+  """One MirroredStrategy over the two logical CPUs for the whole session.
+
+  Two MirroredStrategy instances that both run collectives in one process collide on their
+  collective instance keys ("Shape mismatch in the collective instance ..."); the product
+  creates one strategy per process, and so do the tests.
+  """
+  return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])

@@ -36,9 +36,9 @@ def _train(strategy):
   return losses, model
 
 
-def test_two_replicas_match_one_device():
+def test_two_replicas_match_one_device(mirrored_strategy):
   one_losses, one = _train(tf.distribute.OneDeviceStrategy("/cpu:0"))
-  mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  mirrored = mirrored_strategy
   assert mirrored.num_replicas_in_sync == 2
   two_losses, two = _train(mirrored)
   np.testing.assert_allclose(two_losses, one_losses, rtol=1e-5)
@@ -57,6 +57,7 @@ def test_two_replicas_match_one_device():
     ("default", 1, 1, "_DefaultDistributionStrategy"),
 ])
 def test_strategy_selection(name, devices, replicas, kind):
+  # Only created, never run: see the `mirrored_strategy` fixture.
   strategy = distribute.get_strategy(name, devices)
   assert strategy.num_replicas_in_sync == replicas
   assert type(strategy).__name__ == kind

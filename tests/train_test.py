@@ -25,13 +25,12 @@ def _eval_examples(data_dir):
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_data_dir, tmp_path_factory):
+def trained(tiny_data_dir, tmp_path_factory, mirrored_strategy):
   """One run on two replicas, shared by the tests of this module (read-only)."""
   config = TrainConfig(data_dir=tiny_data_dir, model_dir=str(tmp_path_factory.mktemp("model")),
                        epochs=6, batch_size=128, learning_rate=0.003, embedding_dim=16,
                        hidden_units=32, log_every_steps=10, num_cpu_devices=2)
-  strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-  metrics = train.train_and_evaluate(config, strategy)
+  metrics = train.train_and_evaluate(config, mirrored_strategy)
   return config, metrics
 
 
