@@ -35,10 +35,16 @@ def test_train_config_rules(changes, message):
     dataclasses.replace(_TRAIN, **changes).validate()
 
 
-def test_batch_sizes_must_split_across_replicas():
-  dataclasses.replace(_TRAIN, batch_size=6, eval_batch_size=8).check_replicas(2)
+def test_batch_size_must_split_across_replicas():
+  dataclasses.replace(_TRAIN, batch_size=6).check_replicas(2)
   with pytest.raises(ConfigError, match="--batch_size=7 is not divisible by the 2 replicas"):
     dataclasses.replace(_TRAIN, batch_size=7).check_replicas(2)
+
+
+@pytest.mark.parametrize("eval_batch,replicas,expected", [(8192, 3, 8190), (8, 2, 8), (2, 3, 3)])
+def test_eval_batch_rounds_down_to_a_multiple_of_the_replicas(eval_batch, replicas, expected):
+  assert dataclasses.replace(_TRAIN, eval_batch_size=eval_batch).eval_batch_for(
+      replicas) == expected
 
 
 @pytest.mark.parametrize("changes,message", [

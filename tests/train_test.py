@@ -38,7 +38,7 @@ def _restore(config, metadata):
   model = models.build_model(config.model, metadata.num_users, metadata.num_items,
                              config.embedding_dim, config.hidden_units,
                              metadata.train_rating_mean)
-  latest = tf.train.latest_checkpoint(os.path.join(config.model_dir, train.CHECKPOINT_SUBDIR))
+  latest = tf.train.latest_checkpoint(config.resolved_checkpoint_dir)
   tf.train.Checkpoint(model=model).restore(latest).expect_partial()
   return model
 
@@ -73,10 +73,10 @@ def test_metrics_match_a_numpy_evaluation_of_the_checkpoint(trained, tiny_data_d
 
 def test_writes_checkpoints_and_tensorboard_summaries(trained):
   config, _ = trained
-  checkpoints = os.path.join(config.model_dir, train.CHECKPOINT_SUBDIR)
+  checkpoints = config.resolved_checkpoint_dir
   assert tf.train.latest_checkpoint(checkpoints).endswith("ckpt-6")
   assert len(tf.io.gfile.glob(os.path.join(checkpoints, "ckpt-*.index"))) == 3  # max kept
-  events = tf.io.gfile.glob(os.path.join(config.model_dir, train.LOGS_SUBDIR, "events.*"))
+  events = tf.io.gfile.glob(os.path.join(config.resolved_log_dir, "events.*"))
   assert events
   tags = {v.tag for e in tf.compat.v1.train.summary_iterator(events[0])
           for v in e.summary.value}

@@ -11,7 +11,7 @@ from typing import Optional
 MODELS = ("seed_mlp",)
 SOURCES = ("synthetic", "movielens")
 SPLITS = ("random",)
-STRATEGIES = ("auto", "default", "mirrored")
+STRATEGIES = ("auto", "default", "mirrored", "multi_worker_mirrored")
 
 
 class ConfigError(ValueError):
@@ -68,6 +68,8 @@ class TrainConfig:
   data_dir: str
   model_dir: str
   export_dir: Optional[str] = None  # None: <model_dir>/export
+  checkpoint_dir: Optional[str] = None  # None: <model_dir>/checkpoints
+  log_dir: Optional[str] = None  # None: <model_dir>/logs
   model: str = "seed_mlp"
   epochs: int = 3
   batch_size: int = 1024  # global, across all replicas
@@ -87,6 +89,16 @@ class TrainConfig:
     from trainer import fileio  # local import: config stays free of TensorFlow
     return self.export_dir or fileio.join(self.model_dir, "export")
 
+  @property
+  def resolved_checkpoint_dir(self) -> str:
+    from trainer import fileio
+    return self.checkpoint_dir or fileio.join(self.model_dir, "checkpoints")
+
+  @property
+  def resolved_log_dir(self) -> str:
+    from trainer import fileio
+    return self.log_dir or fileio.join(self.model_dir, "logs")
+
   def validate(self) -> "TrainConfig":
     _require(bool(self.data_dir), "--data_dir is required")
     _require(bool(self.model_dir), "--model_dir is required")
@@ -105,8 +117,11 @@ class TrainConfig:
     return self
 
   def check_replicas(self, num_replicas: int) -> None:
-    """Cross-checks the global batch sizes against the strategy's replica count."""
-    for name in ("batch_size", "eval_batch_size"):
-      value = getattr(self, name)
-      _require(value % num_replicas == 0,
-               f"--{name}={value} is not divisible by the {num_replicas} replicas")
+    """Cross-checks the global batch size against the strategy's replica count."""
+    _require(self.batch_size % num_replicas == 0,
+             f"--batch_size={self.batch_size} is not divisible by the {num_replicas} replicas")
+
+  def eval_batch_for(self, num_replicas: int) -> int:
+    """The global eval batch: --eval_batch_size rounded down to a multiple of the replicas
+    (evaluation sums over examples, so the batch size does not change its result)."""
+    return max(num_replicas, self.eval_batch_size - self.eval_batch_size % num_replicas)

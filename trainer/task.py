@@ -23,6 +23,12 @@ flags.DEFINE_string("model_dir", os.environ.get("AIP_MODEL_DIR"),
                     "Where checkpoints, TensorBoard logs and metrics.json go (local or gs://). "
                     "Re-running with the same model_dir resumes. Default: $AIP_MODEL_DIR.")
 flags.DEFINE_string("export_dir", None, "Where the SavedModel goes. Default: <model_dir>/export.")
+flags.DEFINE_string("checkpoint_dir", os.environ.get("AIP_CHECKPOINT_DIR"),
+                    "Where checkpoints go. Default: $AIP_CHECKPOINT_DIR, else "
+                    "<model_dir>/checkpoints.")
+flags.DEFINE_string("tensorboard_dir", os.environ.get("AIP_TENSORBOARD_LOG_DIR"),
+                    "Where TensorBoard summaries go. Default: $AIP_TENSORBOARD_LOG_DIR, else "
+                    "<model_dir>/logs.")
 flags.DEFINE_enum("model", _D.model, config_lib.MODELS, "Model to train.")
 flags.DEFINE_integer("epochs", _D.epochs, "Passes over the training data.", lower_bound=1)
 flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size, across all replicas.",
@@ -41,7 +47,9 @@ flags.DEFINE_integer("log_every_steps", _D.log_every_steps,
                      "Steps between progress lines (and per tf.function call).", lower_bound=1)
 flags.DEFINE_integer("max_checkpoints", _D.max_checkpoints, "Checkpoints kept.", lower_bound=1)
 flags.DEFINE_enum("strategy", _D.strategy, config_lib.STRATEGIES,
-                  "auto: MirroredStrategy over several GPUs or logical CPUs, else one device.")
+                  "auto: MultiWorkerMirroredStrategy when TF_CONFIG or CLUSTER_SPEC lists "
+                  "several tasks, MirroredStrategy over several GPUs or logical CPUs, else one "
+                  "device.")
 flags.DEFINE_integer("num_cpu_devices", _D.num_cpu_devices,
                      "Split the CPU into this many logical devices (multi-replica runs "
                      "without GPUs: tests and debugging).", lower_bound=1)
@@ -51,6 +59,7 @@ flags.mark_flags_as_required(["data_dir", "model_dir"])
 def config_from_flags() -> config_lib.TrainConfig:
   return config_lib.TrainConfig(
       data_dir=FLAGS.data_dir, model_dir=FLAGS.model_dir, export_dir=FLAGS.export_dir,
+      checkpoint_dir=FLAGS.checkpoint_dir, log_dir=FLAGS.tensorboard_dir,
       model=FLAGS.model, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
       eval_batch_size=FLAGS.eval_batch_size, learning_rate=FLAGS.learning_rate,
       embedding_dim=FLAGS.embedding_dim, hidden_units=FLAGS.hidden_units, seed=FLAGS.seed,
@@ -64,14 +73,27 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
     config = config_from_flags()
-    from trainer import distribute, train  # TensorFlow loads here, after flag checks
+    from trainer import distribute  # TensorFlow loads here, after flag checks
     distribute.configure_cpu_devices(config.num_cpu_devices)
+    # The strategy comes first: MultiWorkerMirroredStrategy must exist before other ops run.
     strategy = distribute.get_strategy(config.strategy, config.num_cpu_devices)
+    from trainer import train
     metrics = train.train_and_evaluate(config, strategy)
   except config_lib.ConfigError as e:
     logging.error("%s", e)
     print(f"neumf-train: error: {e}", file=sys.stderr)
     sys.exit(2)
+  except Exception as e:  # a lost peer: say so plainly, then exit non-zero for a restart
+    import tensorflow as tf
+    if not isinstance(e, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+                          tf.errors.CancelledError)):
+      raise
+    message = (f"lost contact with another task of the cluster ({type(e).__name__}: "
+               f"{str(e).splitlines()[0][:300]}). Restart every task with the same command: "
+               "training resumes from the latest checkpoint.")
+    logging.error("%s", message)
+    print(f"neumf-train: error: {message}", file=sys.stderr)
+    sys.exit(3)
   print(json.dumps(metrics, sort_keys=True))
 
 

@@ -10,6 +10,7 @@ Loss scaling: each replica averages its squared errors over the *global* batch
 take the same step as one device on the same global batch.
 """
 
+import hashlib
 import json
 import time
 from typing import Callable, Dict, Optional
@@ -19,13 +20,11 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import export, fileio, models, schema
+from trainer import distribute, export, fileio, models, schema
 from trainer.config import ConfigError, TrainConfig
 from trainer.data import pipeline, preparation
 
 METRICS_FILE = "metrics.json"
-CHECKPOINT_SUBDIR = "checkpoints"
-LOGS_SUBDIR = "logs"
 
 
 def clipped_prediction(model: keras.Model, batch: Dict[str, tf.Tensor], low: float,
@@ -93,6 +92,14 @@ def make_evaluate(model: keras.Model, strategy: tf.distribute.Strategy, low: flo
   return evaluate
 
 
+def weights_checksum(model: keras.Model) -> str:
+  """sha256 of every weight's bytes, in order: equal exactly when the weights are identical."""
+  digest = hashlib.sha256()
+  for variable in model.weights:
+    digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(variable)).tobytes())
+  return digest.hexdigest()
+
+
 def _distributed(strategy, pattern, config, batch_size, training):
   return strategy.distribute_datasets_from_function(
       lambda ctx: pipeline.make_dataset(pattern, batch_size, training, ctx, config.seed,
@@ -146,23 +153,30 @@ def train_and_evaluate(config: TrainConfig,
     optimizer.build(model.trainable_variables)
     epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
   checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch)
-  manager = tf.train.CheckpointManager(
-      checkpoint, fileio.join(config.model_dir, CHECKPOINT_SUBDIR),
-      max_to_keep=config.max_checkpoints)
-  if manager.latest_checkpoint:
-    checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-    logging.info("Resumed from %s (epoch %d of %d done)", manager.latest_checkpoint,
-                 int(epoch.numpy()), config.epochs)
+  # Every task saves (saving may run collectives); only the chief's files are kept.
+  checkpoint_dir = config.resolved_checkpoint_dir
+  task_checkpoint_dir = distribute.write_dir(checkpoint_dir, strategy)
+  manager = tf.train.CheckpointManager(checkpoint, task_checkpoint_dir,
+                                       max_to_keep=config.max_checkpoints)
+  latest = tf.train.latest_checkpoint(checkpoint_dir)  # every task resumes from the chief's
+  if latest:
+    checkpoint.restore(latest).assert_existing_objects_matched()
+    logging.info("Resumed from %s (epoch %d of %d done)", latest, int(epoch.numpy()),
+                 config.epochs)
 
   train_loop = make_train_loop(model, optimizer, strategy, config.batch_size)
   evaluate = make_evaluate(model, strategy, metadata.rating_min, metadata.rating_max,
                            metadata.train_rating_mean)
   train_iterator = iter(_distributed(strategy, train_pattern, config, config.batch_size, True))
-  eval_data = _distributed(strategy, eval_pattern, config, config.eval_batch_size, False)
-  writer = tf.summary.create_file_writer(fileio.join(config.model_dir, LOGS_SUBDIR))
+  eval_data = _distributed(strategy, eval_pattern, config, config.eval_batch_for(replicas),
+                           False)
+  chief = distribute.is_chief(strategy)
+  writer = (tf.summary.create_file_writer(config.resolved_log_dir) if chief
+            else tf.summary.create_noop_writer())
 
-  logging.info("Training %s: %d epochs x %d steps of %d examples on %d replica(s)",
-               config.model, config.epochs, steps_per_epoch, config.batch_size, replicas)
+  logging.info("Training %s: %d epochs x %d steps of %d examples on %d replica(s), task %s",
+               config.model, config.epochs, steps_per_epoch, config.batch_size, replicas,
+               distribute.task_role(strategy))
   train_seconds = 0.0
   trained_steps = 0
   eval_metrics: Dict[str, float] = {}
@@ -204,7 +218,13 @@ def train_and_evaluate(config: TrainConfig,
     eval_metrics = evaluate(eval_data)
 
   export_dir = config.resolved_export_dir
-  export.export_saved_model(model, export_dir, config.data_dir, metadata)
+  task_export_dir = distribute.write_dir(export_dir, strategy)
+  export.export_saved_model(model, task_export_dir, config.data_dir, metadata)
+  distribute.remove_write_dir(task_export_dir, strategy)
+  distribute.remove_write_dir(task_checkpoint_dir, strategy)
+  if not chief:
+    logging.info("Task %s is not the chief: its checkpoints and export went to temporary "
+                 "directories, now removed", distribute.task_role(strategy))
   metrics = {
       "model": config.model,
       "eval_rmse": eval_metrics["rmse"],
@@ -217,9 +237,12 @@ def train_and_evaluate(config: TrainConfig,
       "replicas": replicas,
       "global_batch_size": config.batch_size,
       "export_dir": export_dir,
+      "task": distribute.task_role(strategy),
+      "weights_sha256": weights_checksum(model),
   }
-  fileio.write_text_atomic(fileio.join(config.model_dir, METRICS_FILE),
-                           json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+  if chief:
+    fileio.write_text_atomic(fileio.join(config.model_dir, METRICS_FILE),
+                             json.dumps(metrics, indent=2, sort_keys=True) + "\n")
   logging.info("Final eval rmse %.4f mae %.4f; exported to %s", metrics["eval_rmse"],
                metrics["eval_mae"], export_dir)
   return metrics
