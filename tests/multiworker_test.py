@@ -127,7 +127,7 @@ def test_a_killed_worker_fails_the_job_and_a_restart_resumes(data_dir, tmp_path)
     processes[0].kill()
     pytest.fail("the chief kept running after its peer was killed")
   log = open(processes[0].log_path).read()
-  assert processes[0].returncode == 3, log[-3000:]
+  assert processes[0].returncode == 131, log[-3000:]  # retryable for Kubeflow
   assert "lost contact with another task of the cluster" in log
   done = int(tf.train.latest_checkpoint(checkpoints).rsplit("-", 1)[1])
   assert done >= 2

@@ -16,6 +16,9 @@ from trainer import config as config_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 _D = config_lib.TrainConfig  # defaults live in the dataclass
+# Exit code when another task of the cluster is lost. Kubeflow's ExitCode restart policy retries
+# 128-255 and treats 1-127 as permanent, so this one restarts the job; bad flags (2) do not.
+LOST_PEER_EXIT_CODE = 131
 
 flags.DEFINE_string("data_dir", None, "Prepared data directory (local or gs://), the output of "
                     "neumf-prepare.")
@@ -93,7 +96,7 @@ def main(argv):
                "training resumes from the latest checkpoint.")
     logging.error("%s", message)
     print(f"neumf-train: error: {message}", file=sys.stderr)
-    sys.exit(3)
+    sys.exit(LOST_PEER_EXIT_CODE)
   print(json.dumps(metrics, sort_keys=True))
 
 
