@@ -111,3 +111,15 @@ def test_movielens_100k_two_epochs_reach_rmse_below_one(tmp_path):
   assert metrics["epochs"] == 2
   assert metrics["eval_examples"] == 20000
   assert metrics["eval_rmse"] < 1.0, metrics
+
+
+def test_vertex_ai_directory_variables_are_the_defaults(pipeline_run, tmp_path):
+  data_dir = pipeline_run[0]
+  env = {"AIP_MODEL_DIR": str(tmp_path / "model"), "AIP_CHECKPOINT_DIR": str(tmp_path / "ckpt"),
+         "AIP_TENSORBOARD_LOG_DIR": str(tmp_path / "tb")}
+  run_cli("trainer.task", f"--data_dir={data_dir}", "--epochs=1", "--batch_size=512",
+          "--embedding_dim=8", "--hidden_units=8", env=env)
+  assert os.path.exists(tmp_path / "model" / "metrics.json")
+  assert os.path.exists(tmp_path / "model" / "export" / "saved_model.pb")
+  assert any(n.startswith("ckpt-1") for n in os.listdir(tmp_path / "ckpt"))
+  assert any(n.startswith("events.") for n in os.listdir(tmp_path / "tb"))

@@ -1,11 +1,16 @@
 """Multi-replica training on two logical CPUs equals training on one device."""
 
+import json
+import os
+import re
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from trainer import distribute, models, schema, train
+from trainer.config import ConfigError
 
 GLOBAL_BATCH = 64
 STEPS = 6
@@ -68,3 +73,82 @@ def test_configuring_devices_after_start_up_fails_clearly():
   distribute.configure_cpu_devices(2)  # the same count: nothing to do
   with pytest.raises(RuntimeError, match="--num_cpu_devices=3: TensorFlow already started"):
     distribute.configure_cpu_devices(3)
+
+
+_KUBEFLOW = {"cluster": {"chief": ["c:2222"], "worker": ["w0:2222", "w1:2222"]},
+             "task": {"type": "worker", "index": 1}}
+
+
+def test_tf_config_as_kubeflow_sets_it():
+  config = distribute.cluster_config({"TF_CONFIG": json.dumps(_KUBEFLOW)})
+  assert config == _KUBEFLOW
+  assert distribute.num_cluster_tasks(config) == 3
+  assert distribute.cluster_config({}) is None
+  assert distribute.num_cluster_tasks(None) == 1
+
+
+def test_vertex_cluster_spec_translates_to_chief_and_workers():
+  spec = {"cluster": {"workerpool0": ["cmle-training-workerpool0-1:2222"],
+                      "workerpool1": ["w-1:2222", "w-2:2222"]},
+          "environment": "cloud", "task": {"type": "workerpool1", "index": 0, "trial": ""},
+          "job": "{}"}
+  config = distribute.cluster_config({"CLUSTER_SPEC": json.dumps(spec)})
+  assert config == {"cluster": {"chief": ["cmle-training-workerpool0-1:2222"],
+                                "worker": ["w-1:2222", "w-2:2222"]},
+                    "task": {"type": "worker", "index": 0}}
+  # TF_CONFIG wins when both are set.
+  both = distribute.cluster_config({"CLUSTER_SPEC": json.dumps(spec),
+                                    "TF_CONFIG": json.dumps(_KUBEFLOW)})
+  assert both == _KUBEFLOW
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("TF_CONFIG", "{", "TF_CONFIG is not valid JSON"),
+    ("TF_CONFIG", '{"task": {"type": "worker", "index": 0}}', "TF_CONFIG has no 'cluster'"),
+    ("TF_CONFIG", '{"cluster": {"worker": ["a:1"]}}', "TF_CONFIG has no 'task'"),
+    ("TF_CONFIG", '{"cluster": {"worker": "a:1"}, "task": {"type": "worker", "index": 0}}',
+     "cluster['worker'] must be a list of 'host:port'"),
+    ("TF_CONFIG", '{"cluster": {"boss": ["a:1"]}, "task": {"type": "boss", "index": 0}}',
+     "cluster task type 'boss' is not one of"),
+    ("TF_CONFIG", '{"cluster": {"worker": ["a:1"]}, "task": {"type": "chief", "index": 0}}',
+     "task type 'chief' is not in the cluster"),
+    ("TF_CONFIG", '{"cluster": {"worker": ["a:1"], "ps": ["p:1"]}, '
+     '"task": {"type": "worker", "index": 0}}', "parameter-server training is not supported"),
+    ("CLUSTER_SPEC", '{"cluster": {"workerpool7": ["a:1"]}}', "unknown worker pools"),
+])
+def test_malformed_cluster_descriptions_name_the_variable(name, value, message):
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    distribute.cluster_config({name: value})
+
+
+class _Resolver:
+  def __init__(self, task_type, task_id, cluster):
+    self.task_type, self.task_id, self._cluster = task_type, task_id, cluster
+
+  def cluster_spec(self):
+    return tf.train.ClusterSpec(self._cluster)
+
+
+class _Strategy:
+  def __init__(self, *args):
+    self.cluster_resolver = _Resolver(*args)
+
+
+@pytest.mark.parametrize("task_type,task_id,cluster,chief", [
+    ("chief", 0, {"chief": ["c:1"], "worker": ["w:1"]}, True),
+    ("worker", 0, {"chief": ["c:1"], "worker": ["w:1"]}, False),
+    ("worker", 0, {"worker": ["w:1", "v:1"]}, True),
+    ("worker", 1, {"worker": ["w:1", "v:1"]}, False),
+])
+def test_chief_and_write_dirs(task_type, task_id, cluster, chief, tmp_path):
+  strategy = _Strategy(task_type, task_id, cluster)
+  assert distribute.is_chief(strategy) is chief
+  path = str(tmp_path / "export")
+  written = distribute.write_dir(path, strategy)
+  assert (written == path) is chief
+  if not chief:
+    assert written.endswith(f".workertemp_{task_type}_{task_id}")
+    os.makedirs(written)
+    distribute.remove_write_dir(written, strategy)
+    assert not os.path.exists(written)
+  assert distribute.is_chief(tf.distribute.get_strategy())
