@@ -109,7 +109,7 @@ def test_movielens_100k_two_epochs_reach_rmse_below_one(tmp_path):
       "trainer.task", f"--data_dir={tmp_path}/data", f"--model_dir={tmp_path}/model",
       "--model=seed_mlp", "--epochs=2", "--batch_size=256").stdout)
   assert metrics["epochs"] == 2
-  assert metrics["eval_examples"] == 20000
+  assert abs(metrics["eval_examples"] - 20000) < 600  # a hash-random 20%
   assert metrics["eval_rmse"] < 1.0, metrics
 
 

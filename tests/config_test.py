@@ -13,6 +13,8 @@ _PREPARE = PrepareConfig(output_dir="o")
 def test_defaults_are_valid():
   assert _TRAIN.validate() is _TRAIN
   assert _PREPARE.validate() is _PREPARE
+  dataclasses.replace(_PREPARE, split="leave_one_out", eval_fraction=0.0).validate()
+  dataclasses.replace(_PREPARE, split="temporal", temporal_cutoff=5, eval_fraction=0).validate()
   assert _TRAIN.resolved_export_dir.endswith("m/export")
   assert dataclasses.replace(_TRAIN, export_dir="gs://b/e").resolved_export_dir == "gs://b/e"
 
@@ -51,13 +53,27 @@ def test_eval_batch_rounds_down_to_a_multiple_of_the_replicas(eval_batch, replic
     (dict(output_dir=""), "--output_dir is required"),
     (dict(source="parquet"), "--source='parquet' is not one of"),
     (dict(source="movielens"), "--input is required with --source=movielens"),
-    (dict(input="x.csv"), "--input='x.csv' is given but --source=synthetic"),
+    (dict(source="movielens", input=("a", "b")), "--source=movielens reads one ratings file"),
+    (dict(input=("x.csv",)), "--input='x.csv' is given but --source=synthetic"),
+    (dict(source="csv", input=("x.csv",)), "--source=csv needs --user_column and --item_column"),
+    (dict(source="csv", input=("x",), user_column="u", item_column="i", delimiter=";;"),
+     "--delimiter=';;' must be one character"),
+    (dict(user_column="u"), "--user_column applies to --source=csv only"),
+    (dict(source="tfds"), "--source=tfds needs --tfds_name"),
+    (dict(tfds_name="movielens/100k-ratings"), "--tfds_name applies to --source=tfds only"),
+    (dict(rating_min=1.0), "--rating_min and --rating_max go together"),
+    (dict(rating_min=5.0, rating_max=1.0), "--rating_min=5.0 is above --rating_max=1.0"),
     (dict(num_shards=0), "--num_shards=0 must be at least 1"),
+    (dict(target_shard_mb=0.0), "--target_shard_mb=0.0 must be positive"),
     (dict(eval_fraction=1.0), "--eval_fraction=1.0 must be strictly between 0 and 1"),
     (dict(eval_fraction=0.0), "--eval_fraction=0.0 must be strictly between 0 and 1"),
     (dict(num_ratings=0), "--num_ratings=0 must be at least 1"),
     (dict(noise=-1.0), "--noise=-1.0 must not be negative"),
-    (dict(split="temporal"), "--split='temporal' is not one of random"),
+    (dict(split="by_moon"), "--split='by_moon' is not one of random, leave_one_out, temporal"),
+    (dict(duplicates="ignore"), "--duplicates='ignore' is not one of error, keep_latest, mean"),
+    (dict(min_user_interactions=0), "--min_user_interactions=0 must be at least 1"),
+    (dict(eval_negatives=99), "--eval_negatives=99 needs --split=leave_one_out"),
+    (dict(temporal_cutoff=5), "--temporal_cutoff=5 needs --split=temporal"),
 ])
 def test_prepare_config_rules(changes, message):
   with pytest.raises(ConfigError, match=message):

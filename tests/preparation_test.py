@@ -1,12 +1,17 @@
-"""Tests of data preparation: vocabularies, splits, shards, metadata, publishing."""
+"""Tests of data preparation: vocabularies, splits, duplicates, negatives, publishing, scale."""
 
+import dataclasses
 import hashlib
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import REPO_ROOT
 from trainer import schema
 from trainer.config import ConfigError, PrepareConfig
 from trainer.data import preparation
@@ -20,55 +25,157 @@ def test_vocab_is_frequency_ordered_with_ties_by_id():
   assert index.tolist() == [1, 2, 0, 1, 0, 0, 3]
 
 
-def test_random_split_is_a_partition_of_the_requested_size():
-  train, held_out = preparation.random_split(100, 0.25, seed=5)
-  assert len(held_out) == 25 and len(train) == 75
-  assert sorted(np.concatenate([train, held_out]).tolist()) == list(range(100))
-  again, _ = preparation.random_split(100, 0.25, seed=5)
-  assert train.tolist() == again.tolist()
-
-
-def test_random_split_needs_both_sides():
-  with pytest.raises(ValueError, match=r"--eval_fraction=0.1 of 3 ratings leaves 0"):
-    preparation.random_split(3, 0.1, seed=0)
-
-
 def _read_split(data_dir, split):
   files = sorted(tf.io.gfile.glob(os.path.join(data_dir, schema.shard_pattern(split))))
   records = [r for f in files for r in tf.data.TFRecordDataset(f).as_numpy_iterator()]
+  if not records:
+    return {k: np.zeros(0) for k in (schema.USER, schema.ITEM, schema.RATING)}, files
   parsed = schema.parse_blocks(tf.constant(records))
   return {k: v.numpy() for k, v in parsed.items()}, files
 
 
-def test_prepared_movielens_directory_is_complete_and_consistent(tmp_path):
-  src = tmp_path / "u.data"
-  rows = [("10", "100", 4), ("10", "101", 3), ("11", "100", 5), ("12", "102", 1),
-          ("12", "100", 2), ("13", "101", 4), ("10", "102", 5), ("11", "101", 2)]
-  src.write_text("".join(f"{u}\t{i}\t{r}\t{n}\n" for n, (u, i, r) in enumerate(rows)))
+def _vocab(out, name):
+  return open(os.path.join(out, name)).read().split("\n")[:-1]
+
+
+def _raw_rows(out, split):
+  users, items = _vocab(out, schema.USER_VOCAB_FILE), _vocab(out, schema.ITEM_VOCAB_FILE)
+  data, _ = _read_split(out, split)
+  return sorted((users[u], items[i], float(r)) for u, i, r in
+                zip(data[schema.USER], data[schema.ITEM], data[schema.RATING]))
+
+
+def _log(tmp_path, rows, name="log.csv"):
+  """Writes user,item,rating,ts rows as a CSV with a header; returns its path."""
+  path = tmp_path / name
+  path.write_text("user,item,rating,ts\n" + "".join(f"{u},{i},{r},{t}\n" for u, i, r, t in rows))
+  return str(path)
+
+
+def _csv(tmp_path, rows, **kw):
+  args = dict(output_dir=str(tmp_path / "out"), source="csv", input=(_log(tmp_path, rows),),
+              user_column="user", item_column="item", rating_column="rating",
+              timestamp_column="ts", num_shards=2, seed=1)
+  args.update(kw)
+  return args["output_dir"], preparation.prepare(PrepareConfig(**args))
+
+
+# A hand-made log: (user, item, rating, timestamp).
+_LOG = [("a", "i1", 4, 10), ("a", "i2", 5, 30), ("a", "i3", 3, 20),
+        ("b", "i1", 2, 5), ("b", "i4", 4, 5),   # tie at 5: the later row (i4) is held out
+        ("c", "i5", 1, 1),                      # one interaction: training only
+        ("d", "i3", 3, 7), ("d", "i1", 5, 9), ("d", "i2", 4, 9)]  # tie at 9: i2
+
+
+def test_leave_one_out_holds_out_each_users_latest_by_hand(tmp_path):
+  out, metadata = _csv(tmp_path, _LOG, split="leave_one_out", eval_negatives=1)
+  assert _raw_rows(out, schema.EVAL) == [("a", "i2", 5.0), ("b", "i4", 4.0), ("d", "i2", 4.0)]
+  assert len(_raw_rows(out, schema.TRAIN)) == 6
+  assert (metadata.num_train, metadata.num_eval, metadata.split) == (6, 3, "leave_one_out")
+  users, items = _vocab(out, schema.USER_VOCAB_FILE), _vocab(out, schema.ITEM_VOCAB_FILE)
+  # Vocabularies by frequency, ties by ID: users a, d (3), b (2), c (1); items i1 (3),
+  # i2, i3 (2), i4, i5 (1).
+  assert users == ["a", "d", "b", "c"] and items == ["i1", "i2", "i3", "i4", "i5"]
+  positives = preparation.load_npz(os.path.join(out, preparation.TRAIN_POSITIVES_FILE))
+  train = {users[u]: sorted(items[i] for i in positives["indices"][
+      positives["indptr"][u]:positives["indptr"][u + 1]]) for u in range(4)}
+  assert train == {"a": ["i1", "i3"], "d": ["i1", "i3"], "b": ["i1"], "c": ["i5"]}
+  negatives = preparation.load_npz(os.path.join(out, preparation.EVAL_NEGATIVES_FILE))
+  by_user = {users[u]: (items[p], {items[n] for n in ns}) for u, p, ns in
+             zip(negatives["users"], negatives["positives"], negatives["negatives"])}
+  assert set(by_user) == {"a", "b", "d"}
+  assert by_user["a"][0] == "i2" and by_user["a"][1] <= {"i4", "i5"}
+  assert by_user["b"][0] == "i4" and by_user["b"][1] <= {"i2", "i3", "i5"}
+  assert by_user["d"][1] <= {"i4", "i5"}
+
+
+def test_eval_negatives_never_hold_a_positive_and_are_fixed_by_seed(tmp_path):
+  config = PrepareConfig(output_dir=str(tmp_path / "a"), num_users=80, num_items=60,
+                         num_ratings=1500, split="leave_one_out", eval_negatives=20, seed=4)
+  preparation.prepare(config)
+  preparation.prepare(dataclasses.replace(config, output_dir=str(tmp_path / "b")))
+  a = preparation.load_npz(str(tmp_path / "a" / preparation.EVAL_NEGATIVES_FILE))
+  b = preparation.load_npz(str(tmp_path / "b" / preparation.EVAL_NEGATIVES_FILE))
+  assert all(np.array_equal(a[k], b[k]) for k in a)
+  positives = preparation.load_npz(str(tmp_path / "a" / preparation.TRAIN_POSITIVES_FILE))
+  assert a["negatives"].shape == (len(a["users"]), 20)
+  for u, p, ns in zip(a["users"], a["positives"], a["negatives"]):
+    seen = set(positives["indices"][positives["indptr"][u]:positives["indptr"][u + 1]]) | {p}
+    assert len(set(ns)) == 20 and not seen & set(ns.tolist())
+
+
+def test_too_many_negatives_for_a_user_is_named(tmp_path):
+  with pytest.raises(ValueError, match=r"--eval_negatives=3: user 'a' has interacted with all "
+                     r"but 2 of the 5 items"):
+    _csv(tmp_path, _LOG, split="leave_one_out", eval_negatives=3)
+
+
+def test_random_split_holds_out_about_the_fraction_and_partitions(tmp_path):
   out = str(tmp_path / "out")
-  metadata = preparation.prepare(PrepareConfig(output_dir=out, source="movielens",
-                                               input=str(src), num_shards=2,
-                                               eval_fraction=0.25, seed=1))
-  assert (metadata.num_users, metadata.num_items) == (4, 3)
-  assert (metadata.num_train, metadata.num_eval) == (6, 2)
-  assert (metadata.rating_min, metadata.rating_max) == (1.0, 5.0)
-  users = open(os.path.join(out, schema.USER_VOCAB_FILE)).read().split()
-  items = open(os.path.join(out, schema.ITEM_VOCAB_FILE)).read().split()
-  assert users == ["10", "11", "12", "13"]  # 10: 3 ratings, 11 and 12: 2, 13: 1
-  assert items == ["100", "101", "102"]
-  seen = []
-  for split in (schema.TRAIN, schema.EVAL):
-    data, files = _read_split(out, split)
-    assert len(files) == 2
-    seen += [(users[u], items[i], float(r)) for u, i, r in
-             zip(data[schema.USER], data[schema.ITEM], data[schema.RATING])]
-  assert sorted(seen) == sorted((u, i, float(r)) for u, i, r in rows)
-  train, _ = _read_split(out, schema.TRAIN)
-  assert metadata.train_rating_mean == pytest.approx(train[schema.RATING].mean())
-  assert sorted(os.listdir(out)) == sorted(
-      [schema.METADATA_FILE, schema.USER_VOCAB_FILE, schema.ITEM_VOCAB_FILE,
-       "train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord",
-       "eval-00000-of-00002.tfrecord", "eval-00001-of-00002.tfrecord"])
+  metadata = preparation.prepare(PrepareConfig(output_dir=out, num_users=400, num_items=300,
+                                               num_ratings=20000, eval_fraction=0.2, seed=2))
+  assert metadata.num_train + metadata.num_eval == 20000
+  assert abs(metadata.num_eval / 20000 - 0.2) < 0.02
+  train, evaluation = _raw_rows(out, schema.TRAIN), _raw_rows(out, schema.EVAL)
+  pairs = {(u, i) for u, i, _ in train} | {(u, i) for u, i, _ in evaluation}
+  assert len(pairs) == 20000
+  assert metadata.density == pytest.approx(20000 / (metadata.num_users * metadata.num_items))
+  assert sum(metadata.rating_histogram.values()) == 20000
+
+
+def test_temporal_split_at_a_cutoff_and_by_fraction(tmp_path):
+  rows = [(f"u{k % 7}", f"i{k}", 3, 100 + k) for k in range(40)]
+  out, metadata = _csv(tmp_path, rows, split="temporal", temporal_cutoff=130)
+  assert sorted(int(i[1:]) for _, i, _ in _raw_rows(out, schema.EVAL)) == list(range(30, 40))
+  assert metadata.temporal_cutoff == 130
+  out, metadata = _csv(tmp_path, rows, split="temporal", eval_fraction=0.25,
+                       output_dir=str(tmp_path / "frac"))
+  assert metadata.temporal_cutoff == 130  # the latest quarter of 40 distinct timestamps
+  assert metadata.num_eval == 10
+
+
+def test_min_user_interactions_drops_users_and_their_orphan_items(tmp_path):
+  out, metadata = _csv(tmp_path, _LOG, min_user_interactions=3, split="leave_one_out")
+  assert _vocab(out, schema.USER_VOCAB_FILE) == ["a", "d"]
+  assert _vocab(out, schema.ITEM_VOCAB_FILE) == ["i1", "i2", "i3"]  # i4 (b), i5 (c) are gone
+  assert metadata.users_filtered == 2 and metadata.num_train + metadata.num_eval == 6
+
+
+@pytest.mark.parametrize("policy,expected", [("keep_latest", 2.0), ("mean", 3.0)])
+def test_duplicate_pairs_are_merged_by_policy(tmp_path, policy, expected):
+  rows = [("a", "x", 4, 1), ("b", "x", 1, 3), ("a", "x", 2, 9), ("a", "y", 5, 4)]
+  out, metadata = _csv(tmp_path, rows, duplicates=policy, split="temporal", temporal_cutoff=4)
+  merged = {(u, i): r for u, i, r in _raw_rows(out, schema.TRAIN) + _raw_rows(out, schema.EVAL)}
+  assert merged[("a", "x")] == expected and len(merged) == 3
+  assert metadata.duplicates_merged == 1 and metadata.duplicates_policy == policy
+
+
+def test_duplicate_pairs_are_an_error_by_default_naming_both_lines(tmp_path):
+  rows = [("a", "x", 4, 1), ("b", "x", 1, 3), ("a", "x", 2, 9)]
+  with pytest.raises(ValueError, match=r"log\.csv:4: duplicate \(user, item\) pair \('a', 'x'\), "
+                     r"first at .*log\.csv:2 \(--duplicates=error"):
+    _csv(tmp_path, rows)
+
+
+def test_implicit_csv_without_ratings(tmp_path):
+  path = tmp_path / "clicks.tsv"
+  path.write_text("".join(f"u{k % 5}\tp{k % 11}\n" for k in range(40)))
+  out = str(tmp_path / "out")
+  metadata = preparation.prepare(PrepareConfig(
+      output_dir=out, source="csv", input=(str(path),), user_column="0", item_column="1",
+      delimiter="\t", header=False, duplicates="keep_latest", eval_fraction=0.2))
+  assert metadata.implicit and metadata.rating_histogram == {"1": metadata.num_train +
+                                                             metadata.num_eval}
+  assert metadata.num_train + metadata.num_eval == 40 - metadata.duplicates_merged
+
+
+def test_skipped_bad_rows_are_counted_in_the_metadata(tmp_path):
+  src = tmp_path / "u.data"
+  src.write_text("1\t1\t3\t5\n1\t2\tbad\t5\n2\t1\t4\t5\n2\t2\t9\t5\n3\t3\t3\t3\n")
+  metadata = preparation.prepare(PrepareConfig(
+      output_dir=str(tmp_path / "out"), source="movielens", input=(str(src),),
+      skip_bad_rows=True, eval_fraction=0.3))
+  assert metadata.bad_rows_skipped == 2 and metadata.rows_read == 3
 
 
 def _digest(directory):
@@ -81,23 +188,44 @@ def _digest(directory):
 
 def test_same_input_and_seed_give_identical_bytes(tmp_path):
   config = PrepareConfig(output_dir=str(tmp_path / "a"), num_users=80, num_items=60,
-                         num_ratings=1500, num_shards=3, seed=9)
+                         num_ratings=1500, num_shards=3, seed=9, split="leave_one_out",
+                         eval_negatives=5)
   preparation.prepare(config)
-  preparation.prepare(PrepareConfig(**{**config.__dict__, "output_dir": str(tmp_path / "b")}))
-  preparation.prepare(PrepareConfig(**{**config.__dict__, "output_dir": str(tmp_path / "c"),
-                                       "seed": 10}))
+  preparation.prepare(dataclasses.replace(config, output_dir=str(tmp_path / "b")))
+  preparation.prepare(dataclasses.replace(config, output_dir=str(tmp_path / "c"), seed=10))
   assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
   assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
 
 
-def test_preparing_again_replaces_shards_of_an_earlier_run(tmp_path):
+def test_small_splits_still_fill_every_shard(tmp_path):
+  out = str(tmp_path / "out")
+  preparation.prepare(PrepareConfig(output_dir=out, num_users=50, num_items=40, num_ratings=900,
+                                    num_shards=4, eval_fraction=0.1))
+  for split in schema.SPLITS:
+    for path in tf.io.gfile.glob(os.path.join(out, schema.shard_pattern(split))):
+      assert os.path.getsize(path) > 0, path
+
+
+def test_target_shard_size_sets_the_shard_count(tmp_path):
+  metadata = preparation.prepare(PrepareConfig(
+      output_dir=str(tmp_path / "out"), num_users=500, num_items=400, num_ratings=60000,
+      target_shard_mb=0.2))
+  assert metadata.num_shards == 4  # 60000 rows * ~12 bytes / 0.2 MB, rounded up
+  sizes = [os.path.getsize(p) for p in tf.io.gfile.glob(
+      str(tmp_path / "out" / schema.shard_pattern(schema.TRAIN)))]
+  assert len(sizes) == 4 and max(sizes) < 0.3 * 2**20
+
+
+def test_preparing_again_replaces_files_of_an_earlier_run(tmp_path):
   out = str(tmp_path / "out")
   small = dict(num_users=30, num_items=30, num_ratings=400)
-  preparation.prepare(PrepareConfig(output_dir=out, num_shards=4, **small))
+  preparation.prepare(PrepareConfig(output_dir=out, num_shards=4, split="leave_one_out",
+                                    eval_negatives=2, **small))
   metadata = preparation.prepare(PrepareConfig(output_dir=out, num_shards=2, **small))
   names = sorted(os.listdir(out))
   assert [n for n in names if n.startswith("train-")] == [
       "train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord"]
+  assert preparation.EVAL_NEGATIVES_FILE not in names  # not part of this run's output
   assert not [n for n in names if n.startswith(".tmp")]
   data, _ = _read_split(out, schema.TRAIN)
   assert len(data[schema.USER]) == metadata.num_train
@@ -110,10 +238,51 @@ def test_failed_preparation_leaves_earlier_output_intact(tmp_path):
   bad = tmp_path / "bad.data"
   bad.write_text("1\t2\t3\t4\n1\t2\tx\t4\n")
   with pytest.raises(ValueError, match="bad.data:2"):
-    preparation.prepare(PrepareConfig(output_dir=out, source="movielens", input=str(bad)))
+    preparation.prepare(PrepareConfig(output_dir=out, source="movielens", input=(str(bad),)))
+  dup = tmp_path / "dup.data"
+  dup.write_text("1\t2\t3\t4\n1\t2\t4\t5\n")
+  with pytest.raises(ValueError, match="dup.data:2: duplicate"):
+    preparation.prepare(PrepareConfig(output_dir=out, source="movielens", input=(str(dup),)))
   assert _digest(out) == before
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(split="leave_one_out"), "--split=leave_one_out needs timestamps"),
+])
+def test_splits_that_need_timestamps_say_so(tmp_path, changes, message):
+  path = tmp_path / "a.csv"
+  path.write_text("u,i\n1,2\n")
+  with pytest.raises(ConfigError, match=message):
+    preparation.prepare(PrepareConfig(output_dir=str(tmp_path / "o"), source="csv",
+                                      input=(str(path),), user_column="u", item_column="i",
+                                      **changes))
 
 
 def test_load_metadata_names_the_flag_for_an_unprepared_directory(tmp_path):
   with pytest.raises(ConfigError, match=r"--data_dir='.*' is not a prepared data directory"):
     preparation.load_metadata(str(tmp_path))
+
+
+_MEMORY = """
+import json, resource, sys
+from trainer.config import PrepareConfig
+from trainer.data import preparation
+import tensorflow as tf
+tf.constant(1)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+preparation.prepare(PrepareConfig(output_dir=sys.argv[1], num_users=10000, num_items=2500,
+                                  num_ratings=1_000_000))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"base_mb": base / 1024, "growth_mb": (peak - base) / 1024}))
+"""
+
+
+@pytest.mark.slow
+def test_one_million_synthetic_rows_stay_within_a_memory_bound(tmp_path):
+  """1M rows as in-memory columns with string IDs would take ~150 MB before any copy; the
+  streaming preparation must stay well under a bound that does not grow with the rows."""
+  result = subprocess.run([sys.executable, "-c", _MEMORY, str(tmp_path / "out")], cwd=REPO_ROOT,
+                          capture_output=True, text=True, check=True,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+  usage = json.loads(result.stdout.strip().splitlines()[-1])
+  assert usage["growth_mb"] < 200, usage

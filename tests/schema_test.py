@@ -52,7 +52,7 @@ def test_metadata_round_trips():
 
 def test_metadata_of_another_schema_version_is_refused():
   text = _metadata(schema_version=schema.SCHEMA_VERSION + 1).to_json()
-  with pytest.raises(ValueError, match=r"m\.json: schema_version 2 is not supported"):
+  with pytest.raises(ValueError, match=r"m\.json: schema_version 3 is not supported"):
     schema.Metadata.from_json(text, where="m.json")
 
 

@@ -150,7 +150,8 @@ def test_export_serves_the_trained_model_in_a_fresh_process(trained, tiny_data_d
 
 def test_batch_larger_than_the_data_fails_before_training(tiny_data_dir, tmp_path):
   config = TrainConfig(data_dir=tiny_data_dir, model_dir=str(tmp_path), batch_size=10**6)
-  with pytest.raises(ConfigError, match=r"--batch_size=1000000 is larger than the 4000 "):
+  num_train = preparation.load_metadata(tiny_data_dir).num_train
+  with pytest.raises(ConfigError, match=rf"--batch_size=1000000 is larger than the {num_train} "):
     train.train_and_evaluate(config)
   assert not os.listdir(tmp_path)
 

@@ -6,11 +6,12 @@ a config built in code is checked the same way. Errors name the flag and the off
 """
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Tuple
 
 MODELS = ("seed_mlp",)
-SOURCES = ("synthetic", "movielens")
-SPLITS = ("random",)
+SOURCES = ("synthetic", "movielens", "csv", "tfds")
+SPLITS = ("random", "leave_one_out", "temporal")
+DUPLICATE_POLICIES = ("error", "keep_latest", "mean")
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker_mirrored")
 
 
@@ -25,39 +26,98 @@ def _require(condition: bool, message: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class PrepareConfig:
-  """How to turn a rating log into a prepared data directory."""
+  """How to turn an interaction log into a prepared data directory."""
 
   output_dir: str
   source: str = "synthetic"
-  input: Optional[str] = None
-  num_shards: int = 4
-  eval_fraction: float = 0.1
+  input: Tuple[str, ...] = ()  # files or globs (movielens: one file; csv: any)
+  # csv: which columns hold what (names with a header, else 0-based indices).
+  user_column: Optional[str] = None
+  item_column: Optional[str] = None
+  rating_column: Optional[str] = None  # None: implicit feedback (every row counts as 1.0)
+  timestamp_column: Optional[str] = None
+  delimiter: str = ","
+  header: bool = True
+  rating_min: Optional[float] = None  # declared rating range (csv); MovieLens: 0.5..5
+  rating_max: Optional[float] = None
+  # tfds
+  tfds_name: Optional[str] = None
+  tfds_data_dir: Optional[str] = None
+  tfds_manual_dir: Optional[str] = None
+  # split and filters
   split: str = "random"
+  eval_fraction: float = 0.1
+  temporal_cutoff: Optional[int] = None  # temporal: eval = timestamp >= cutoff
+  min_user_interactions: int = 1
+  eval_negatives: int = 0  # leave_one_out: sampled non-interacted items per eval user
+  duplicates: str = "error"
+  skip_bad_rows: bool = False
+  # output
+  num_shards: int = 4
+  target_shard_mb: Optional[float] = None  # overrides num_shards when set
   seed: int = 0
-  # Synthetic source only.
+  # synthetic only
   num_users: int = 1000
   num_items: int = 500
   num_ratings: int = 50_000
   rank: int = 4
   noise: float = 0.35
+  implicit: bool = False
 
   def validate(self) -> "PrepareConfig":
     _require(bool(self.output_dir), "--output_dir is required")
     _require(self.source in SOURCES,
              f"--source={self.source!r} is not one of {', '.join(SOURCES)}")
     _require(self.split in SPLITS, f"--split={self.split!r} is not one of {', '.join(SPLITS)}")
+    _require(self.duplicates in DUPLICATE_POLICIES,
+             f"--duplicates={self.duplicates!r} is not one of {', '.join(DUPLICATE_POLICIES)}")
+    if self.source in ("synthetic", "tfds"):
+      _require(not self.input,
+               f"--input={','.join(self.input)!r} is given but --source={self.source} reads no "
+               "input files")
+    else:
+      _require(bool(self.input), f"--input is required with --source={self.source}")
+    if self.source == "movielens":
+      _require(len(self.input) == 1,
+               f"--input={','.join(self.input)!r}: --source=movielens reads one ratings file")
     if self.source == "synthetic":
-      _require(self.input is None,
-               f"--input={self.input!r} is given but --source=synthetic reads no input")
       for name in ("num_users", "num_items", "num_ratings", "rank"):
         value = getattr(self, name)
         _require(value >= 1, f"--{name}={value} must be at least 1")
       _require(self.noise >= 0, f"--noise={self.noise} must not be negative")
+    if self.source == "csv":
+      _require(bool(self.user_column) and bool(self.item_column),
+               "--source=csv needs --user_column and --item_column")
+      _require(len(self.delimiter) == 1 or self.delimiter == "::",
+               f"--delimiter={self.delimiter!r} must be one character (or '::')")
     else:
-      _require(bool(self.input), f"--input is required with --source={self.source}")
+      for name in ("user_column", "item_column", "rating_column", "timestamp_column"):
+        _require(getattr(self, name) is None,
+                 f"--{name} applies to --source=csv only, not --source={self.source}")
+    if self.source == "tfds":
+      _require(bool(self.tfds_name), "--source=tfds needs --tfds_name, e.g. "
+               "movielens/100k-ratings")
+    else:
+      _require(self.tfds_name is None, f"--tfds_name applies to --source=tfds only")
+    if (self.rating_min is None) != (self.rating_max is None):
+      raise ConfigError("--rating_min and --rating_max go together")
+    if self.rating_min is not None:
+      _require(self.rating_min <= self.rating_max,
+               f"--rating_min={self.rating_min} is above --rating_max={self.rating_max}")
     _require(self.num_shards >= 1, f"--num_shards={self.num_shards} must be at least 1")
-    _require(0.0 < self.eval_fraction < 1.0,
-             f"--eval_fraction={self.eval_fraction} must be strictly between 0 and 1")
+    _require(self.target_shard_mb is None or self.target_shard_mb > 0,
+             f"--target_shard_mb={self.target_shard_mb} must be positive")
+    _require(self.min_user_interactions >= 1,
+             f"--min_user_interactions={self.min_user_interactions} must be at least 1")
+    _require(self.eval_negatives >= 0,
+             f"--eval_negatives={self.eval_negatives} must not be negative")
+    _require(self.eval_negatives == 0 or self.split == "leave_one_out",
+             f"--eval_negatives={self.eval_negatives} needs --split=leave_one_out")
+    _require(self.temporal_cutoff is None or self.split == "temporal",
+             f"--temporal_cutoff={self.temporal_cutoff} needs --split=temporal")
+    if self.split in ("random", "temporal") and self.temporal_cutoff is None:
+      _require(0.0 < self.eval_fraction < 1.0,
+               f"--eval_fraction={self.eval_fraction} must be strictly between 0 and 1")
     return self
 
 

@@ -3,6 +3,12 @@
 Examples:
   neumf-prepare --source=synthetic --output_dir=/tmp/data
   neumf-prepare --source=movielens --input=ml-100k/u.data --output_dir=gs://bucket/ml-100k
+  neumf-prepare --source=movielens --input=ml-1m/ratings.dat --split=leave_one_out \
+      --min_user_interactions=20 --eval_negatives=99 --output_dir=/tmp/ml-1m-ncf
+  neumf-prepare --source=csv --input='gs://bucket/logs/*.csv' --user_column=user_id \
+      --item_column=sku --timestamp_column=ts --output_dir=gs://bucket/prepared
+  neumf-prepare --source=tfds --tfds_name=movielens/latest-small-ratings \
+      --tfds_manual_dir=/data/archives --output_dir=/tmp/latest-small
 """
 
 import json
@@ -20,34 +26,87 @@ _D = config_lib.PrepareConfig
 
 flags.DEFINE_enum("source", _D.source, config_lib.SOURCES,
                   "synthetic: generated ratings with a planted low-rank structure; movielens: a "
-                  "raw MovieLens ratings file given by --input.")
-flags.DEFINE_string("input", None, "MovieLens u.data, ratings.dat or ratings.csv (local or "
-                    "gs://); the format is detected from the content.")
+                  "raw MovieLens ratings file (--input); csv: any delimited file(s) (--input, "
+                  "--user_column, ...); tfds: a TensorFlow Datasets MovieLens config "
+                  "(--tfds_name).")
+flags.DEFINE_list("input", [], "Input files or globs, local or gs:// (comma-separated). "
+                  "movielens: one u.data, ratings.dat or ratings.csv, told apart by content.")
 flags.DEFINE_string("output_dir", None, "Where the prepared data goes (local or gs://).")
-flags.DEFINE_integer("num_shards", _D.num_shards, "TFRecord files per split.", lower_bound=1)
-flags.DEFINE_enum("split", _D.split, config_lib.SPLITS, "How to hold out evaluation data.")
+flags.DEFINE_string("user_column", None, "csv: the user ID column (name, or 0-based index "
+                    "with --noheader).")
+flags.DEFINE_string("item_column", None, "csv: the item ID column.")
+flags.DEFINE_string("rating_column", None, "csv: the rating column; without it the log is "
+                    "implicit feedback and every row counts as 1.0.")
+flags.DEFINE_string("timestamp_column", None, "csv: the timestamp column (integer); needed by "
+                    "--split=leave_one_out and temporal.")
+flags.DEFINE_string("delimiter", _D.delimiter, "csv: the field delimiter (one character, or "
+                    "'::'); 'tab' for a tab.")
+flags.DEFINE_bool("header", _D.header, "csv: the first line of each file names the columns.")
+flags.DEFINE_float("rating_min", None, "csv: the lowest valid rating (with --rating_max).")
+flags.DEFINE_float("rating_max", None, "csv: the highest valid rating (with --rating_min).")
+flags.DEFINE_string("tfds_name", None, "tfds: e.g. movielens/100k-ratings, movielens/1m-ratings, "
+                    "movielens/20m-ratings, movielens/25m-ratings, "
+                    "movielens/latest-small-ratings.")
+flags.DEFINE_string("tfds_data_dir", None, "tfds: TensorFlow Datasets' data directory.")
+flags.DEFINE_string("tfds_manual_dir", None, "tfds: a folder holding the archive under its "
+                    "registered name (e.g. ml-latest-small.zip), used instead of downloading; "
+                    "TFDS checks its size and sha256.")
+flags.DEFINE_enum("split", _D.split, config_lib.SPLITS,
+                  "random: a hash-random --eval_fraction of the interactions; leave_one_out: "
+                  "each user's latest interaction (ties: the later row of the input), the NCF "
+                  "protocol; temporal: interactions at or after a time cut.")
 flags.DEFINE_float("eval_fraction", _D.eval_fraction,
-                   "Fraction of ratings held out at random for evaluation.")
-flags.DEFINE_integer("seed", _D.seed, "Seeds the split, the shuffles and the synthetic data.")
-flags.DEFINE_integer("num_users", _D.num_users, "Synthetic: number of users.", lower_bound=1)
-flags.DEFINE_integer("num_items", _D.num_items, "Synthetic: number of items.", lower_bound=1)
-flags.DEFINE_integer("num_ratings", _D.num_ratings, "Synthetic: number of ratings.",
+                   "random: fraction held out; temporal: fraction of the latest interactions "
+                   "held out when --temporal_cutoff is not given.")
+flags.DEFINE_integer("temporal_cutoff", None, "temporal: hold out timestamps >= this.")
+flags.DEFINE_integer("min_user_interactions", _D.min_user_interactions,
+                     "Drop users with fewer interactions (the NCF papers use 20).", lower_bound=1)
+flags.DEFINE_integer("eval_negatives", _D.eval_negatives,
+                     "leave_one_out: sample this many items each eval user never interacted "
+                     "with (e.g. 99 or 999), for reproducible sampled HR/NDCG.", lower_bound=0)
+flags.DEFINE_enum("duplicates", _D.duplicates, config_lib.DUPLICATE_POLICIES,
+                  "Repeated (user, item) pairs: error, keep_latest (by timestamp, then input "
+                  "order) or mean (of the ratings).")
+flags.DEFINE_bool("skip_bad_rows", _D.skip_bad_rows,
+                  "Count, report and skip malformed rows instead of failing on the first.")
+flags.DEFINE_integer("num_shards", _D.num_shards, "TFRecord files per split.", lower_bound=1)
+flags.DEFINE_float("target_shard_mb", None, "Size shards to about this many MB (overrides "
+                   "--num_shards).")
+flags.DEFINE_integer("seed", _D.seed, "Seeds the split, the shuffles, the negatives and the "
+                     "synthetic data; same input and seed give identical bytes.")
+flags.DEFINE_integer("num_users", _D.num_users, "synthetic: number of users.", lower_bound=1)
+flags.DEFINE_integer("num_items", _D.num_items, "synthetic: number of items.", lower_bound=1)
+flags.DEFINE_integer("num_ratings", _D.num_ratings, "synthetic: number of ratings.",
                      lower_bound=1)
-flags.DEFINE_integer("rank", _D.rank, "Synthetic: rank of the planted structure.", lower_bound=1)
-flags.DEFINE_float("noise", _D.noise, "Synthetic: rating noise standard deviation.",
+flags.DEFINE_integer("rank", _D.rank, "synthetic: rank of the planted structure.", lower_bound=1)
+flags.DEFINE_float("noise", _D.noise, "synthetic: rating noise standard deviation.",
                    lower_bound=0.0)
+flags.DEFINE_bool("implicit", _D.implicit, "synthetic: implicit feedback (every rating 1.0).")
 flags.mark_flag_as_required("output_dir")
+
+
+def config_from_flags() -> config_lib.PrepareConfig:
+  delimiter = "\t" if FLAGS.delimiter in ("tab", "\\t") else FLAGS.delimiter
+  return config_lib.PrepareConfig(
+      output_dir=FLAGS.output_dir, source=FLAGS.source, input=tuple(FLAGS.input),
+      user_column=FLAGS.user_column, item_column=FLAGS.item_column,
+      rating_column=FLAGS.rating_column, timestamp_column=FLAGS.timestamp_column,
+      delimiter=delimiter, header=FLAGS.header, rating_min=FLAGS.rating_min,
+      rating_max=FLAGS.rating_max, tfds_name=FLAGS.tfds_name, tfds_data_dir=FLAGS.tfds_data_dir,
+      tfds_manual_dir=FLAGS.tfds_manual_dir, split=FLAGS.split,
+      eval_fraction=FLAGS.eval_fraction, temporal_cutoff=FLAGS.temporal_cutoff,
+      min_user_interactions=FLAGS.min_user_interactions, eval_negatives=FLAGS.eval_negatives,
+      duplicates=FLAGS.duplicates, skip_bad_rows=FLAGS.skip_bad_rows,
+      num_shards=FLAGS.num_shards, target_shard_mb=FLAGS.target_shard_mb, seed=FLAGS.seed,
+      num_users=FLAGS.num_users, num_items=FLAGS.num_items, num_ratings=FLAGS.num_ratings,
+      rank=FLAGS.rank, noise=FLAGS.noise, implicit=FLAGS.implicit).validate()
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
-    config = config_lib.PrepareConfig(
-        output_dir=FLAGS.output_dir, source=FLAGS.source, input=FLAGS.input,
-        num_shards=FLAGS.num_shards, split=FLAGS.split, eval_fraction=FLAGS.eval_fraction,
-        seed=FLAGS.seed, num_users=FLAGS.num_users, num_items=FLAGS.num_items,
-        num_ratings=FLAGS.num_ratings, rank=FLAGS.rank, noise=FLAGS.noise).validate()
+    config = config_from_flags()
     from trainer.data import preparation  # TensorFlow loads here, after flag checks
     metadata = preparation.prepare(config)
   except ValueError as e:  # bad flags or bad input: the message names the flag or file line
@@ -56,7 +115,8 @@ def main(argv):
     sys.exit(2)
   print(json.dumps({"output_dir": config.output_dir, "num_users": metadata.num_users,
                     "num_items": metadata.num_items, "num_train": metadata.num_train,
-                    "num_eval": metadata.num_eval}, sort_keys=True))
+                    "num_eval": metadata.num_eval, "split": metadata.split,
+                    "bad_rows_skipped": metadata.bad_rows_skipped}, sort_keys=True))
 
 
 def run():

@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Feature names: the keys of parsed batches and of the model's input dict.
 USER = "user"
@@ -91,7 +91,13 @@ def parse_blocks(serialized: tf.Tensor) -> Dict[str, tf.Tensor]:
 
 @dataclasses.dataclass(frozen=True)
 class Metadata:
-  """What a prepared data directory holds; written last, so its presence marks completion."""
+  """What a prepared data directory holds; written last, so its presence marks completion.
+
+  eval_fraction is the requested hold-out fraction (0 for leave-one-out and for a temporal split
+  at an explicit cutoff); rating_histogram counts each rating value (or 20 bins when there are
+  many values); input_fingerprint identifies the input (files' sha256, TFDS name and version,
+  or the synthetic parameters).
+  """
 
   num_users: int
   num_items: int
@@ -108,6 +114,18 @@ class Metadata:
   inputs: Sequence[str] = ()
   eval_users_unseen_in_train: int = 0
   eval_items_unseen_in_train: int = 0
+  implicit: bool = False  # no ratings in the input: every interaction is 1.0
+  temporal_cutoff: Optional[int] = None  # temporal split: eval = timestamp >= this
+  min_user_interactions: int = 1
+  eval_negatives: int = 0  # leave-one-out: sampled negatives per eval user
+  duplicates_policy: str = "error"
+  duplicates_merged: int = 0
+  rows_read: int = 0
+  bad_rows_skipped: int = 0
+  users_filtered: int = 0
+  density: float = 0.0
+  rating_histogram: Dict[str, int] = dataclasses.field(default_factory=dict)
+  input_fingerprint: Dict[str, Any] = dataclasses.field(default_factory=dict)
   block_size: int = BLOCK_SIZE
   schema_version: int = SCHEMA_VERSION
 

@@ -1,176 +1,486 @@
-"""Sources of rating logs: raw MovieLens files and a synthetic generator.
+"""Sources of interaction logs, read in bounded chunks.
 
-Each source returns a `Ratings` table of raw IDs (kept as strings, as users' systems have them)
-with float ratings and, where known, timestamps. Parsing errors name the file, the line number
-and the offending text.
+A source yields `Chunk`s: aligned columns of raw user and item IDs (kept as strings, as users'
+systems have them), ratings (1.0 for implicit feedback) and timestamps when known, plus where
+each row came from, so that every later error can name the file and line. Memory per chunk is
+bounded (`CHUNK_ROWS`); nothing holds the whole log.
+
+Sources: raw MovieLens files (`u.data`, `ratings.dat`, `ratings.csv`, told apart by content),
+any delimited file(s) (`csv`), TensorFlow Datasets' MovieLens builders (`tfds`), and a
+synthetic generator with a planted low-rank structure.
 """
 
+import csv
 import dataclasses
+import hashlib
+import io
 import math
-from typing import List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
+
+CHUNK_ROWS = 1 << 20
 
 
-@dataclasses.dataclass(frozen=True)
-class Ratings:
-  """A rating log: aligned columns, one row per (user, item) interaction."""
+@dataclasses.dataclass
+class Chunk:
+  """Aligned columns of one chunk of rows."""
 
-  users: np.ndarray  # [n] str (object)
-  items: np.ndarray  # [n] str (object)
+  users: np.ndarray  # [n] str, or int64 codes when `Source.id_format` is set
+  items: np.ndarray  # [n] like users
   ratings: np.ndarray  # [n] float32
-  timestamps: Optional[np.ndarray] = None  # [n] int64, or None when unknown
+  timestamps: Optional[np.ndarray]  # [n] int64, or None when the source has none
+  file_index: int  # index into Source.files
+  lines: np.ndarray  # [n] int64: each row's line number in that file (row number if no file)
 
   def __len__(self) -> int:
     return len(self.ratings)
 
 
-# MovieLens formats, told apart by their first line.
-_FORMATS = {
-    # name: (delimiter, description)
-    "u.data": ("\t", "MovieLens 100K u.data (user TAB item TAB rating TAB timestamp)"),
-    "ratings.dat": ("::", "MovieLens 1M/10M ratings.dat (user::item::rating::timestamp)"),
-    "ratings.csv": (",", "MovieLens ratings.csv (userId,movieId,rating,timestamp, header)"),
-}
-_CSV_HEADER = ["userId", "movieId", "rating", "timestamp"]
+@dataclasses.dataclass
+class BadRows:
+  """Rows skipped under --skip_bad_rows: counted and reported, never silently dropped."""
+
+  count: int = 0
+  examples: List[str] = dataclasses.field(default_factory=list)
+
+  def add(self, message: str) -> None:
+    self.count += 1
+    if len(self.examples) < 10:
+      self.examples.append(message)
+
+
+class Source:
+  """A log to read: `chunks()` yields it; `files` names where rows come from."""
+
+  files: Sequence[str] = ()
+  id_format: Optional[Sequence[str]] = None  # (user, item) formats of int codes, e.g. "u{}"
+  has_ratings: bool = True
+  has_timestamps: bool = True
+
+  def chunks(self) -> Iterator[Chunk]:
+    raise NotImplementedError
+
+  def fingerprint(self) -> Dict[str, object]:
+    """What identifies the input (for the metadata); stable for the same input."""
+    raise NotImplementedError
+
+  def where(self, file_index: int, line: int) -> str:
+    return f"{self.files[file_index]}:{line}" if self.files else f"row {line}"
+
+
+def _to_float(values: Sequence[str], where: Callable[[int], str], rows: Sequence[str],
+              what: str, bad: Optional[BadRows]) -> np.ndarray:
+  """Converts a column to float64 vectorised; on failure, finds and names the first bad row."""
+  try:
+    return np.asarray(values, dtype=np.float64)
+  except ValueError:
+    pass
+  out = np.empty(len(values), np.float64)
+  for k, v in enumerate(values):
+    try:
+      out[k] = float(v)
+    except ValueError:
+      message = f"{where(k)}: {what} {v!r} is not a number: {rows[k]!r}"
+      if bad is None:
+        raise ValueError(message) from None
+      bad.add(message)
+      out[k] = np.nan
+  return out
+
+
+def _to_int(values: Sequence[str], where: Callable[[int], str], rows: Sequence[str],
+            what: str, bad: Optional[BadRows]) -> np.ndarray:
+  try:
+    return np.asarray(values, dtype=np.int64)
+  except (ValueError, OverflowError):
+    pass
+  out = np.empty(len(values), np.int64)
+  valid = np.ones(len(values), bool)
+  for k, v in enumerate(values):
+    try:
+      out[k] = int(v)
+    except (ValueError, OverflowError):
+      message = f"{where(k)}: {what} {v!r} is not an integer: {rows[k]!r}"
+      if bad is None:
+        raise ValueError(message) from None
+      bad.add(message)
+      valid[k] = False
+      out[k] = 0
+  out[~valid] = np.iinfo(np.int64).min  # marks the row bad for the caller
+  return out
+
+
+@dataclasses.dataclass
+class Columns:
+  """Which columns of a delimited file hold what: names (with a header) or 0-based indices."""
+
+  user: str
+  item: str
+  rating: Optional[str] = None  # None: implicit feedback, every row counts as 1.0
+  timestamp: Optional[str] = None
+
+
+class DelimitedSource(Source):
+  """Delimited text files: MovieLens raw formats and any CSV-like log.
+
+  Args:
+    patterns: files or globs, local or `gs://`; read in sorted order.
+    columns: which columns hold user, item, rating and timestamp.
+    delimiter: one character, or "::" (MovieLens 1M/10M).
+    header: the first line of each file names the columns.
+    rating_range: ratings outside [low, high] are errors (None: any finite number).
+    skip_bad_rows: count and report bad rows instead of failing on the first.
+    flag: the flag that named the input, for error messages.
+  """
+
+  def __init__(self, patterns: Sequence[str], columns: Columns, delimiter: str = ",",
+               header: bool = True, rating_range=None, skip_bad_rows: bool = False,
+               flag: str = "--input", description: str = "delimited file"):
+    files: List[str] = []
+    for pattern in patterns:
+      matched = sorted(tf.io.gfile.glob(pattern)) if any(c in pattern for c in "*?[") else (
+          [pattern] if tf.io.gfile.exists(pattern) else [])
+      if not matched:
+        raise ValueError(f"{flag}: no file matches {pattern!r}")
+      files += matched
+    self.files = files
+    self.columns = columns
+    self.delimiter = delimiter
+    self.header = header
+    self.rating_range = rating_range
+    self.bad = BadRows() if skip_bad_rows else None
+    self.description = description
+    self.has_ratings = columns.rating is not None
+    self.has_timestamps = columns.timestamp is not None
+    self._digests: Dict[str, str] = {}
+
+  def fingerprint(self):
+    return {"files": [{"path": f, "sha256": self._digests.get(f)} for f in self.files],
+            "columns": dataclasses.asdict(self.columns), "delimiter": self.delimiter,
+            "header": self.header}
+
+  def _split(self, line: str) -> List[str]:
+    if len(self.delimiter) > 1:
+      return line.split(self.delimiter)
+    return next(csv.reader([line], delimiter=self.delimiter))
+
+  def _positions(self, path: str, header_fields: Optional[List[str]]) -> List[Optional[int]]:
+    wanted = [self.columns.user, self.columns.item, self.columns.rating, self.columns.timestamp]
+    names = ["user", "item", "rating", "timestamp"]
+    out: List[Optional[int]] = []
+    for name, column in zip(names, wanted):
+      if column is None:
+        out.append(None)
+      elif header_fields is not None:
+        if column not in header_fields:
+          raise ValueError(f"{path}:1: no {name} column {column!r} in the header "
+                           f"{self.delimiter.join(header_fields)!r}")
+        out.append(header_fields.index(column))
+      else:
+        try:
+          out.append(int(column))
+        except ValueError:
+          raise ValueError(f"--{name}_column={column!r} must be a 0-based column index when the "
+                           "files have no header (--noheader)") from None
+    return out
+
+  def chunks(self) -> Iterator[Chunk]:
+    for file_index, path in enumerate(self.files):
+      yield from self._file_chunks(file_index, path)
+
+  def _file_chunks(self, file_index: int, path: str) -> Iterator[Chunk]:
+    digest = hashlib.sha256()
+    with tf.io.gfile.GFile(path, "rb") as f:
+      text = io.TextIOWrapper(_HashingReader(f, digest), encoding="utf-8", errors="replace",
+                              newline=None)
+      line_number = 0
+      positions = None
+      if self.header:
+        first = text.readline()
+        line_number = 1
+        if not first.strip():
+          raise ValueError(f"{path}: empty file, no header and no rows")
+        positions = self._positions(path, [c.strip() for c in self._split(first.rstrip("\n"))])
+      else:
+        positions = self._positions(path, None)
+      width = max(p for p in positions if p is not None) + 1
+      rows_seen = 0
+      while True:
+        lines = text.readlines(CHUNK_ROWS * 24)
+        if not lines:
+          break
+        start = line_number + 1
+        line_number += len(lines)
+        chunk = self._parse(path, file_index, start, lines, positions, width)
+        if chunk is not None and len(chunk):
+          rows_seen += len(chunk)
+          yield chunk
+      if rows_seen == 0 and (self.bad is None or self.bad.count == 0):
+        raise ValueError(f"{path}: no rows" + (" after the header" if self.header else ""))
+    self._digests[path] = digest.hexdigest()
+
+  def _parse(self, path, file_index, start, lines, positions, width) -> Optional[Chunk]:
+    lines = [line.rstrip("\r\n") for line in lines]
+    keep_lines = [k for k, line in enumerate(lines) if line.strip()]
+    if len(keep_lines) != len(lines):  # blank lines: keep their numbers for messages
+      lines = [lines[k] for k in keep_lines]
+    numbers = np.asarray(keep_lines, np.int64) + start
+    if len(self.delimiter) > 1:
+      rows = [line.split(self.delimiter) for line in lines]
+    else:
+      rows = list(csv.reader(lines, delimiter=self.delimiter))
+    where = lambda k: f"{path}:{numbers[k]}"  # noqa: E731
+    good = np.ones(len(rows), bool)
+    for k, row in enumerate(rows):
+      if len(row) < width or (len(self.delimiter) > 1 and len(row) != width):
+        message = (f"{where(k)}: expected {width} fields of {self.description}, got "
+                   f"{len(row)}: {lines[k]!r}")
+        if self.bad is None:
+          raise ValueError(message)
+        self.bad.add(message)
+        good[k] = False
+    if not good.all():
+      rows = [r for r, g in zip(rows, good) if g]
+      lines = [x for x, g in zip(lines, good) if g]
+      numbers = numbers[good]
+    if not rows:
+      return None
+    pu, pi, pr, pt = positions
+    users = np.array([r[pu].strip() for r in rows])
+    items = np.array([r[pi].strip() for r in rows])
+    valid = (np.char.str_len(users) > 0) & (np.char.str_len(items) > 0)
+    for k in np.flatnonzero(~valid):
+      message = f"{where(k)}: empty user or item ID: {lines[k]!r}"
+      if self.bad is None:
+        raise ValueError(message)
+      self.bad.add(message)
+    if pr is None:
+      ratings = np.ones(len(rows), np.float64)
+    else:
+      ratings = _to_float([r[pr].strip() for r in rows], where, lines, "rating", self.bad)
+      finite = np.isfinite(ratings)
+      low, high = self.rating_range or (-np.inf, np.inf)
+      in_range = finite & (ratings >= low) & (ratings <= high)
+      for k in np.flatnonzero(finite & ~in_range & valid):
+        message = (f"{where(k)}: rating {rows[k][pr].strip()} is outside the range "
+                   f"[{low}, {high}]: {lines[k]!r}")
+        if self.bad is None:
+          raise ValueError(message)
+        self.bad.add(message)
+      valid &= in_range
+    timestamps = None
+    if pt is not None:
+      timestamps = _to_int([r[pt].strip() for r in rows], where, lines, "timestamp", self.bad)
+      valid &= timestamps != np.iinfo(np.int64).min
+    if not valid.all():
+      users, items, ratings, numbers = users[valid], items[valid], ratings[valid], numbers[valid]
+      timestamps = None if timestamps is None else timestamps[valid]
+    return Chunk(users, items, ratings.astype(np.float32), timestamps, file_index,
+                 numbers) if len(users) else None
+
+
+class _HashingReader(io.RawIOBase):
+  """Feeds every byte read through a digest: input fingerprints at no extra pass."""
+
+  def __init__(self, f, digest):
+    self._f, self._digest = f, digest
+
+  def readable(self):
+    return True
+
+  def readinto(self, buffer):
+    data = self._f.read(len(buffer))
+    self._digest.update(data)
+    buffer[:len(data)] = data
+    return len(data)
+
+
+# MovieLens raw formats, told apart by their first line.
 MOVIELENS_RATING_RANGE = (0.5, 5.0)
+_ML_DESCRIPTIONS = {
+    "u.data": "MovieLens 100K u.data (user TAB item TAB rating TAB timestamp)",
+    "ratings.dat": "MovieLens 1M/10M ratings.dat (user::item::rating::timestamp)",
+    "ratings.csv": "MovieLens ratings.csv (userId,movieId,rating,timestamp, header)",
+}
 
 
 def detect_movielens_format(path: str, first_line: str) -> str:
-  """Returns the `_FORMATS` key of a MovieLens ratings file from its first line."""
+  """Returns the MovieLens format of a ratings file from its first line."""
   if "::" in first_line:
     return "ratings.dat"
   if "\t" in first_line:
     return "u.data"
-  if "," in first_line:
+  if first_line.startswith("userId,movieId,rating"):
     return "ratings.csv"
   raise ValueError(f"{path}:1: not a MovieLens ratings file (expected u.data, ratings.dat or "
-                   f"ratings.csv); first line is {first_line[:80]!r}")
+                   f"ratings.csv with header 'userId,movieId,rating,timestamp'); first line is "
+                   f"{first_line[:80]!r}")
 
 
-def read_movielens(path: str) -> Ratings:
-  """Reads a raw MovieLens ratings file, detecting its format from the content.
-
-  Args:
-    path: a local or `gs://` path to `u.data`, `ratings.dat` or `ratings.csv`.
-
-  Returns:
-    The ratings, with timestamps.
-
-  Raises:
-    ValueError: naming the file, line and text of the first malformed row, or an empty file.
-  """
+def movielens_source(path: str, skip_bad_rows: bool = False) -> DelimitedSource:
+  """A raw MovieLens ratings file, its format detected from the first line."""
   if not tf.io.gfile.exists(path):
     raise ValueError(f"--input: file {path!r} does not exist")
   with tf.io.gfile.GFile(path, "rb") as f:
-    text = f.read().decode("utf-8", errors="replace")
-  lines = text.splitlines()
-  if not lines or not lines[0].strip():
+    first = f.readline().decode("utf-8", errors="replace").rstrip("\r\n")
+  if not first.strip():
     raise ValueError(f"{path}: empty file, no ratings")
-  fmt = detect_movielens_format(path, lines[0])
-  delimiter, description = _FORMATS[fmt]
-  start = 0
+  fmt = detect_movielens_format(path, first)
   if fmt == "ratings.csv":
-    header = lines[0].split(",")
-    if header != _CSV_HEADER:
-      raise ValueError(f"{path}:1: expected header {','.join(_CSV_HEADER)!r} of {description}, "
-                       f"got {lines[0]!r}")
-    start = 1
-  users: List[str] = []
-  items: List[str] = []
-  ratings: List[float] = []
-  stamps: List[int] = []
-  low, high = MOVIELENS_RATING_RANGE
-  for number, line in enumerate(lines[start:], start=start + 1):
-    if not line.strip():
-      continue
-    fields = line.split(delimiter)
-    if len(fields) != 4:
-      raise ValueError(f"{path}:{number}: expected 4 fields of {description}, got "
-                       f"{len(fields)}: {line!r}")
-    user, item, rating_text, stamp_text = (x.strip() for x in fields)
+    columns = Columns("userId", "movieId", "rating", "timestamp")
+    return DelimitedSource([path], columns, ",", True, MOVIELENS_RATING_RANGE, skip_bad_rows,
+                           description=_ML_DESCRIPTIONS[fmt])
+  return DelimitedSource([path], Columns("0", "1", "2", "3"),
+                         "\t" if fmt == "u.data" else "::", False, MOVIELENS_RATING_RANGE,
+                         skip_bad_rows, description=_ML_DESCRIPTIONS[fmt])
+
+
+class TfdsSource(Source):
+  """A MovieLens ratings config of TensorFlow Datasets, through its real builder.
+
+  With `manual_dir`, an archive already there under its registered name (e.g.
+  `ml-latest-small.zip`) is used instead of downloading, after TFDS checks its size and sha256.
+  """
+
+  def __init__(self, name: str, data_dir: Optional[str] = None,
+               manual_dir: Optional[str] = None):
+    if not name.startswith("movielens/") or not name.endswith("-ratings"):
+      raise ValueError(f"--tfds_name={name!r} must be a MovieLens ratings config, e.g. "
+                       "movielens/100k-ratings or movielens/latest-small-ratings")
+    import tensorflow_datasets as tfds  # imported here: slow, and only this source needs it
+    self._tfds = tfds
+    self.name = name
     try:
-      rating = float(rating_text)
-    except ValueError:
-      raise ValueError(f"{path}:{number}: rating {rating_text!r} is not a number: "
-                       f"{line!r}") from None
-    if not (low <= rating <= high) or math.isnan(rating):
-      raise ValueError(f"{path}:{number}: rating {rating_text} is outside the MovieLens "
-                       f"range [{low}, {high}]: {line!r}")
-    try:
-      stamp = int(stamp_text)
-    except ValueError:
-      raise ValueError(f"{path}:{number}: timestamp {stamp_text!r} is not an integer: "
-                       f"{line!r}") from None
-    if not user or not item:
-      raise ValueError(f"{path}:{number}: empty user or item ID: {line!r}")
-    users.append(user)
-    items.append(item)
-    ratings.append(rating)
-    stamps.append(stamp)
-  if not ratings:
-    raise ValueError(f"{path}: no ratings after the header")
-  return Ratings(users=np.array(users, dtype=object), items=np.array(items, dtype=object),
-                 ratings=np.array(ratings, dtype=np.float32),
-                 timestamps=np.array(stamps, dtype=np.int64))
+      self.builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as e:  # tfds raises several types for unknown names/configs
+      raise ValueError(f"--tfds_name={name!r}: {e}") from None
+    self.manual_dir = manual_dir
+    self.files = [f"tfds:{name}"]
+
+  def fingerprint(self):
+    return {"tfds": self.name, "version": str(self.builder.info.version)}
+
+  def chunks(self) -> Iterator[Chunk]:
+    config = self._tfds.download.DownloadConfig(manual_dir=self.manual_dir)
+    logging.info("Preparing %s with TensorFlow Datasets in %s", self.name,
+                 self.builder.data_dir)
+    self.builder.download_and_prepare(download_config=config)
+    ds = self.builder.as_dataset(split="train", shuffle_files=False)
+    ds = ds.map(lambda x: {"user": x["user_id"], "item": x["movie_id"],
+                           "rating": x["user_rating"], "timestamp": x["timestamp"]})
+    line = 1
+    for batch in self._tfds.as_numpy(ds.batch(CHUNK_ROWS)):
+      users = np.array([u.decode() for u in batch["user"]])
+      items = np.array([i.decode() for i in batch["item"]])
+      yield Chunk(users, items, batch["rating"].astype(np.float32),
+                  batch["timestamp"].astype(np.int64), 0,
+                  np.arange(line, line + len(users), dtype=np.int64))
+      line += len(users)
 
 
 SYNTHETIC_RATING_RANGE = (1.0, 5.0)
+# Users are generated in blocks of about this many ratings, each block from its own seeded
+# generator: a constant, so the output never depends on how it is read.
+_GENERATION_BLOCK = 1 << 20
 
 
-def generate_synthetic(num_users: int, num_items: int, num_ratings: int, rank: int = 4,
-                       noise: float = 0.35, seed: int = 0) -> Ratings:
-  """Generates ratings with a planted low-rank structure, so a model can learn them.
+class SyntheticSource(Source):
+  """Ratings with a planted low-rank structure, so a model can learn them.
 
-  rating(u, i) = clip(round_half(3.5 + b_u + b_i + <p_u, q_i> + eps), 1, 5), where p_u, q_i are
-  rank-`rank` factors, b_u, b_i biases and eps ~ N(0, noise^2). Users' activity and items'
-  popularity follow power laws (as in real logs); (user, item) pairs are distinct.
-
-  Args:
-    num_users, num_items: sizes of the ID spaces; raw IDs are `u<n>` and `i<n>`.
-    num_ratings: rows to generate; at most half of num_users * num_items.
-    rank: rank of the planted structure.
-    noise: standard deviation of the rating noise.
-    seed: makes the output deterministic.
-
-  Returns:
-    The ratings, with timestamps increasing in generation order.
+  rating(u, i) = clip(round_half(3.5 + b_u + b_i + <p_u, q_i> + eps), 1, 5), with rank-`rank`
+  factors p_u, q_i, biases b_u, b_i and eps ~ N(0, noise^2). Users' activity and items'
+  popularity follow power laws, as in real logs; a user's items are distinct; timestamps are
+  random per rating. Generated by blocks of users, each from its own seeded generator, so the
+  output depends only on the parameters and memory does not grow with `num_ratings`.
+  Raw IDs are `u<n>` and `i<n>`.
   """
-  if num_users < 1 or num_items < 1 or num_ratings < 1:
-    raise ValueError(f"synthetic sizes must be positive: num_users={num_users}, "
-                     f"num_items={num_items}, num_ratings={num_ratings}")
-  if num_ratings > num_users * num_items // 2:
-    raise ValueError(f"--num_ratings={num_ratings} is more than half of num_users * num_items "
-                     f"= {num_users * num_items}; distinct pairs would be too dense")
-  rng = np.random.default_rng(seed)
-  user_factors = rng.normal(0.0, 1.0 / math.sqrt(rank), (num_users, rank))
-  item_factors = rng.normal(0.0, 1.0 / math.sqrt(rank), (num_items, rank))
-  user_bias = rng.normal(0.0, 0.3, num_users)
-  item_bias = rng.normal(0.0, 0.4, num_items)
 
-  def power_law(n: int, exponent: float) -> np.ndarray:
-    p = (np.arange(n) + 1.0) ** -exponent
-    return rng.permutation(p / p.sum())
+  id_format = ("u{}", "i{}")
+  has_timestamps = True
 
-  user_p = power_law(num_users, 0.5)
-  item_p = power_law(num_items, 0.8)
-  keys = np.empty(0, dtype=np.int64)
-  while len(keys) < num_ratings:
-    want = int((num_ratings - len(keys)) * 1.2) + 16
-    u = rng.choice(num_users, size=want, p=user_p)
-    i = rng.choice(num_items, size=want, p=item_p)
-    candidates = u.astype(np.int64) * num_items + i
-    # Keep first occurrences in generation order, so the output depends only on the seed.
-    merged = np.concatenate([keys, candidates])
-    _, first = np.unique(merged, return_index=True)
-    keys = merged[np.sort(first)]
-  keys = keys[:num_ratings]
-  u, i = keys // num_items, keys % num_items
-  signal = 3.5 + user_bias[u] + item_bias[i] + np.sum(user_factors[u] * item_factors[i], axis=1)
-  raw = signal + rng.normal(0.0, noise, num_ratings)
-  ratings = np.clip(np.round(raw * 2.0) / 2.0, *SYNTHETIC_RATING_RANGE).astype(np.float32)
-  user_ids = np.array([f"u{x}" for x in range(num_users)], dtype=object)
-  item_ids = np.array([f"i{x}" for x in range(num_items)], dtype=object)
-  return Ratings(users=user_ids[u], items=item_ids[i], ratings=ratings,
-                 timestamps=np.arange(num_ratings, dtype=np.int64) + 1_500_000_000)
+  def __init__(self, num_users: int, num_items: int, num_ratings: int, rank: int = 4,
+               noise: float = 0.35, seed: int = 0, implicit: bool = False):
+    if num_users < 1 or num_items < 1 or num_ratings < 1:
+      raise ValueError(f"synthetic sizes must be positive: --num_users={num_users}, "
+                       f"--num_items={num_items}, --num_ratings={num_ratings}")
+    if num_ratings > num_users * num_items // 2:
+      raise ValueError(f"--num_ratings={num_ratings} is more than half of --num_users * "
+                       f"--num_items = {num_users * num_items}; distinct pairs would be too "
+                       "dense")
+    self.num_users, self.num_items, self.num_ratings = num_users, num_items, num_ratings
+    self.rank, self.noise, self.seed, self.implicit = rank, noise, seed, implicit
+    self.has_ratings = not implicit
+    rng = np.random.default_rng([seed, 0])
+    scale = 1.0 / math.sqrt(rank)
+    self._item_factors = rng.normal(0.0, scale, (num_items, rank)).astype(np.float32)
+    self._item_bias = rng.normal(0.0, 0.4, num_items).astype(np.float32)
+    popularity = (np.arange(num_items) + 1.0) ** -0.8
+    self._item_cdf = np.cumsum(rng.permutation(popularity / popularity.sum()))
+    activity = (np.arange(num_users) + 1.0) ** -0.5
+    activity = rng.permutation(activity / activity.sum())
+    counts = rng.multinomial(num_ratings, activity)
+    cap = max(1, num_items // 2)  # a user rates at most half of the items
+    excess = int(np.maximum(counts - cap, 0).sum())
+    counts = np.minimum(counts, cap)
+    while excess:  # hand what the cap removed to users with room, in a seeded order
+      room = np.flatnonzero(counts < cap)
+      take = rng.choice(room, size=min(excess, len(room)), replace=False)
+      counts[take] += 1
+      excess -= len(take)
+    self._counts = counts
+
+  def fingerprint(self):
+    return {"synthetic": {"num_users": self.num_users, "num_items": self.num_items,
+                          "num_ratings": self.num_ratings, "rank": self.rank,
+                          "noise": self.noise, "seed": self.seed, "implicit": self.implicit}}
+
+  def where(self, file_index: int, line: int) -> str:
+    return f"synthetic row {line}"
+
+  def chunks(self) -> Iterator[Chunk]:
+    row = 1
+    ends = np.cumsum(self._counts)
+    user = 0
+    while user < self.num_users:
+      # Users [user, last) hold about _GENERATION_BLOCK ratings.
+      last = int(np.searchsorted(ends, (ends[user - 1] if user else 0) + _GENERATION_BLOCK,
+                                 side="right")) + 1
+      last = min(max(last, user + 1), self.num_users)
+      chunk = self._block(user, last)
+      chunk.lines = np.arange(row, row + len(chunk), dtype=np.int64)
+      row += len(chunk)
+      yield chunk
+      user = last
+
+  def _block(self, first: int, last: int) -> Chunk:
+    rng = np.random.default_rng([self.seed, 1, first])
+    counts = self._counts[first:last]
+    users = np.repeat(np.arange(first, last, dtype=np.int64), counts)
+    # Draw by popularity; a user's repeated items are redrawn uniformly, which converges in a
+    # few rounds even for the heaviest users.
+    items = np.minimum(np.searchsorted(self._item_cdf, rng.random(len(users))),
+                       self.num_items - 1)
+    while True:
+      keys = users * self.num_items + items
+      order = np.argsort(keys)
+      repeated = order[1:][keys[order[1:]] == keys[order[:-1]]]
+      if not len(repeated):
+        break
+      items[repeated] = rng.integers(0, self.num_items, len(repeated))
+    urng = np.random.default_rng([self.seed, 2, first])
+    scale = 1.0 / math.sqrt(self.rank)
+    user_factors = urng.normal(0.0, scale, (last - first, self.rank)).astype(np.float32)
+    user_bias = urng.normal(0.0, 0.3, last - first).astype(np.float32)
+    local = users - first
+    signal = (3.5 + user_bias[local] + self._item_bias[items]
+              + np.einsum("ij,ij->i", user_factors[local], self._item_factors[items]))
+    raw = signal + rng.normal(0.0, self.noise, len(users))
+    if self.implicit:
+      ratings = np.ones(len(users), np.float32)
+    else:
+      ratings = np.clip(np.round(raw * 2.0) / 2.0, *SYNTHETIC_RATING_RANGE).astype(np.float32)
+    timestamps = 1_500_000_000 + rng.integers(0, 10**8, len(users))
+    return Chunk(users, items, ratings, timestamps.astype(np.int64), 0, np.zeros(0, np.int64))
