@@ -65,3 +65,25 @@ def test_metadata_with_unknown_field_is_refused():
 def test_metadata_that_is_not_json_is_refused():
   with pytest.raises(ValueError, match="m.json: not valid JSON"):
     schema.Metadata.from_json("{", where="m.json")
+
+
+@pytest.mark.parametrize("users,items,ratings", [
+    ([0], [0], [1.0]),
+    ([3, 127, 128, 16383, 16384, 2**31 + 5], [1, 2, 3, 4, 5, 2**40], [0.5, 1, 2, 3, 4.5, 5]),
+    (list(range(schema.BLOCK_SIZE)), list(range(schema.BLOCK_SIZE))[::-1],
+     [0.25] * schema.BLOCK_SIZE),
+])
+def test_hand_built_records_equal_the_protobuf_message(users, items, ratings):
+  users, items = np.array(users), np.array(items)
+  ratings = np.array(ratings, np.float32)
+  expected = tf.train.Example(features=tf.train.Features(feature={  # map order is not fixed
+      schema.USER: tf.train.Feature(int64_list=tf.train.Int64List(value=users.tolist())),
+      schema.ITEM: tf.train.Feature(int64_list=tf.train.Int64List(value=items.tolist())),
+      schema.RATING: tf.train.Feature(float_list=tf.train.FloatList(value=ratings.tolist())),
+  }))
+  encoded = schema.encode_block(users, items, ratings)
+  assert tf.train.Example.FromString(encoded) == expected
+  parsed = schema.parse_blocks(tf.constant([encoded]))
+  assert parsed[schema.USER].numpy().tolist() == users.tolist()
+  assert parsed[schema.ITEM].numpy().tolist() == items.tolist()
+  assert parsed[schema.RATING].numpy().tolist() == ratings.tolist()

@@ -48,7 +48,7 @@ from trainer.data import sources
 
 TRAIN_POSITIVES_FILE = "train_positives.npz"
 EVAL_NEGATIVES_FILE = "eval_negatives.npz"
-_BUCKET_ROWS = 2_000_000  # target rows per scratch bucket
+_BUCKET_ROWS = 1_000_000  # target rows per scratch bucket: bounds peak memory
 _HISTOGRAM_MAX_VALUES = 64
 
 
@@ -139,7 +139,7 @@ class _Scratch:
     self._parts = [0] * num_buckets
 
   def append(self, bucket_of_rows: np.ndarray, columns: Dict[str, np.ndarray]) -> None:
-    order = np.argsort(bucket_of_rows, kind="stable")
+    order = np.argsort(bucket_of_rows.astype(np.uint16), kind="stable")  # a radix sort
     bounds = np.searchsorted(bucket_of_rows[order], np.arange(self.num_buckets + 1))
     for b in range(self.num_buckets):
       rows = order[bounds[b]:bounds[b + 1]]
@@ -429,7 +429,7 @@ def _prepare(config, source, user_ids, item_ids, scratch_dir, started) -> schema
   # Pass 1: stream, encode, partition by pair.
   num_buckets = 16
   if isinstance(source, sources.SyntheticSource):
-    num_buckets = max(4, math.ceil(config.num_ratings / _BUCKET_ROWS))
+    num_buckets = max(1, math.ceil(config.num_ratings / _BUCKET_ROWS))
   scratch = _Scratch(scratch_dir, num_buckets)
   progress = _Progress("read")
   total = 0
