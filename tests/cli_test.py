@@ -123,3 +123,18 @@ def test_vertex_ai_directory_variables_are_the_defaults(pipeline_run, tmp_path):
   assert os.path.exists(tmp_path / "model" / "export" / "saved_model.pb")
   assert any(n.startswith("ckpt-1") for n in os.listdir(tmp_path / "ckpt"))
   assert any(n.startswith("events.") for n in os.listdir(tmp_path / "tb"))
+
+
+def test_prepare_cli_reads_csv_with_leave_one_out_and_negatives(tmp_path):
+  log = tmp_path / "events.tsv"
+  log.write_text("".join(f"user{k % 9}\titem{(k * 7) % 23}\t{k}\n" for k in range(120)))
+  out = last_json_line(run_cli(
+      "trainer.prepare", "--source=csv", f"--input={tmp_path}/*.tsv", "--delimiter=tab",
+      "--noheader", "--user_column=0", "--item_column=1", "--timestamp_column=2",
+      "--split=leave_one_out", "--eval_negatives=5", "--duplicates=keep_latest",
+      f"--output_dir={tmp_path}/out", "--num_shards=2").stdout)
+  assert out["split"] == "leave_one_out" and out["num_eval"] == 9
+  with open(tmp_path / "out" / "metadata.json") as f:
+    metadata = json.load(f)
+  assert metadata["implicit"] and metadata["eval_negatives"] == 5
+  assert os.path.exists(tmp_path / "out" / "eval_negatives.npz")
