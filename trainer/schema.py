@@ -13,7 +13,7 @@ thousand examples per second needs.
 
 import dataclasses
 import json
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -52,19 +52,28 @@ def shard_pattern(split: str) -> str:
   return f"{split}-*-of-*.tfrecord"
 
 
-def _varint_bytes(values: np.ndarray) -> bytes:
-  """Protobuf varints of non-negative integers, vectorised: the packed payload of a list."""
-  v = values.astype(np.uint64)
-  if len(v) and (values < 0).any():
+def _varints(values: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+  """Protobuf varints of non-negative integers, vectorised over a whole array.
+
+  Returns:
+    (data, offsets): the concatenated encodings (uint8) and offsets [n + 1], so value k is
+    data[offsets[k]:offsets[k + 1]].
+  """
+  v = np.asarray(values).astype(np.uint64)
+  if len(v) and (np.asarray(values) < 0).any():
     raise ValueError("indices must not be negative")
+  top = int(v.max()) if len(v) else 0
+  groups = max(1, (top.bit_length() + 6) // 7)
   width = np.ones(len(v), np.int64)
-  for k in range(1, 10):
+  for k in range(1, groups):
     width += v >= np.uint64(1 << (7 * k))
-  shifts = np.arange(int(width.max()) if len(v) else 1, dtype=np.uint64) * np.uint64(7)
-  groups = ((v[:, None] >> shifts[None, :]) & np.uint64(0x7F)).astype(np.uint8)
-  more = np.arange(len(shifts))[None, :] < (width[:, None] - 1)
-  groups |= (more * 0x80).astype(np.uint8)
-  return groups[np.arange(len(shifts))[None, :] < width[:, None]].tobytes()
+  shifts = np.arange(groups, dtype=np.uint64) * np.uint64(7)
+  data = ((v[:, None] >> shifts[None, :]) & np.uint64(0x7F)).astype(np.uint8)
+  position = np.arange(groups)[None, :]
+  data |= ((position < (width[:, None] - 1)) * 0x80).astype(np.uint8)
+  offsets = np.zeros(len(v) + 1, np.int64)
+  np.cumsum(width, out=offsets[1:])
+  return data[position < width[:, None]], offsets
 
 
 def _varint(n: int) -> bytes:
@@ -81,33 +90,52 @@ def _field(number: int, payload: bytes) -> bytes:
   return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
-def encode_block(users: np.ndarray, items: np.ndarray, ratings: np.ndarray) -> bytes:
-  """Serializes one block of examples as a `tf.train.Example` of packed lists.
+def encode_blocks(users: np.ndarray, items: np.ndarray, ratings: np.ndarray,
+                  block_size: int = BLOCK_SIZE) -> List[bytes]:
+  """Serializes examples as `tf.train.Example` records of up to `block_size` packed examples.
 
-  The bytes are built directly (as `tf.train.Example(...).SerializeToString()` would lay them
-  out): building the proto from Python lists costs more than everything else of preparation.
+  The bytes are built directly, vectorised over all blocks (what the protobuf library would
+  lay out, field by field): building protos from Python lists costs more than everything else
+  of preparation.
 
   Args:
-    users: int dense user indices, shape [n], 1 <= n <= BLOCK_SIZE.
+    users: int dense user indices, shape [n].
     items: int dense item indices, shape [n].
     ratings: float ratings, shape [n].
+    block_size: examples per record, 1..BLOCK_SIZE.
 
   Returns:
-    The serialized record.
+    ceil(n / block_size) serialized records, in order.
   """
+  n = len(users)
+  if not 0 < block_size <= BLOCK_SIZE or len(items) != n or len(ratings) != n:
+    raise ValueError(f"blocks need 1..{BLOCK_SIZE} aligned examples each, got block_size "
+                     f"{block_size} and {len(users)} users, {len(items)} items, "
+                     f"{len(ratings)} ratings")
+  user_data, user_offsets = _varints(users)
+  item_data, item_offsets = _varints(items)
+  float_data = np.asarray(ratings, "<f4").tobytes()
+  user_key, item_key, rating_key = (_field(1, name.encode()) for name in (USER, ITEM, RATING))
+  records = []
+  for start in range(0, n, block_size):
+    end = min(start + block_size, n)
+    user_list = user_data[user_offsets[start]:user_offsets[end]].tobytes()
+    item_list = item_data[item_offsets[start]:item_offsets[end]].tobytes()
+    features = (_field(1, user_key + _field(2, _field(3, _field(1, user_list))))
+                + _field(1, item_key + _field(2, _field(3, _field(1, item_list))))
+                + _field(1, rating_key + _field(2, _field(2, _field(
+                    1, float_data[4 * start:4 * end])))))
+    records.append(_field(1, features))
+  return records
+
+
+def encode_block(users: np.ndarray, items: np.ndarray, ratings: np.ndarray) -> bytes:
+  """Serializes one block of 1..BLOCK_SIZE examples (see `encode_blocks`)."""
   n = len(users)
   if not 0 < n <= BLOCK_SIZE or len(items) != n or len(ratings) != n:
     raise ValueError(f"a block needs 1..{BLOCK_SIZE} aligned examples, got "
                      f"{len(users)} users, {len(items)} items, {len(ratings)} ratings")
-
-  def entry(name: str, feature: bytes) -> bytes:  # map<string, Feature> entry
-    return _field(1, _field(1, name.encode()) + _field(2, feature))
-
-  int64_list = lambda a: _field(3, _field(1, _varint_bytes(np.asarray(a))))  # noqa: E731
-  float_list = _field(2, _field(1, np.asarray(ratings, "<f4").tobytes()))
-  features = (entry(USER, int64_list(users)) + entry(ITEM, int64_list(items))
-              + entry(RATING, float_list))
-  return _field(1, features)
+  return encode_blocks(users, items, ratings)[0]
 
 
 def parse_blocks(serialized: tf.Tensor) -> Dict[str, tf.Tensor]:

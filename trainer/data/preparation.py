@@ -211,11 +211,10 @@ class _BlockWriter:
       return
     u, i, r = (np.concatenate(c) for c in zip(*self._pending))
     full = len(u) if final else len(u) - len(u) % self.block_size
-    for start in range(0, full, self.block_size):
-      end = min(start + self.block_size, full)
-      self._writers[self._next].write(schema.encode_block(u[start:end], i[start:end],
-                                                          r[start:end]))
-      self._next = (self._next + 1) % len(self._writers)
+    if full:
+      for record in schema.encode_blocks(u[:full], i[:full], r[:full], self.block_size):
+        self._writers[self._next].write(record)
+        self._next = (self._next + 1) % len(self._writers)
     self._pending = [(u[full:], i[full:], r[full:])] if full < len(u) else []
     self._pending_rows = len(u) - full
 

@@ -463,13 +463,15 @@ class SyntheticSource(Source):
     # few rounds even for the heaviest users.
     items = np.minimum(np.searchsorted(self._item_cdf, rng.random(len(users))),
                        self.num_items - 1)
-    while True:
-      keys = users * self.num_items + items
+    check = np.arange(len(users))
+    while len(check):
+      keys = users[check] * self.num_items + items[check]
       order = np.argsort(keys)
-      repeated = order[1:][keys[order[1:]] == keys[order[:-1]]]
+      repeated = check[order[1:][keys[order[1:]] == keys[order[:-1]]]]
       if not len(repeated):
         break
       items[repeated] = rng.integers(0, self.num_items, len(repeated))
+      check = np.flatnonzero(np.isin(users, np.unique(users[repeated])))  # only their users
     urng = np.random.default_rng([self.seed, 2, first])
     scale = 1.0 / math.sqrt(self.rank)
     user_factors = urng.normal(0.0, scale, (last - first, self.rank)).astype(np.float32)
