@@ -1,43 +1,112 @@
 """Recommender models: Keras 3 layers that score (user, item) index pairs.
 
 Every model takes `{"user": int[b], "item": int[b]}` of dense indices (as written by
-preparation) and returns a score of shape [b]. Index `num_users` (resp. `num_items`) is the
-out-of-vocabulary row: the export maps unknown raw IDs there, so serving never fails on them.
+preparation) and returns a score of shape [b]: a rating for explicit feedback, a logit for
+implicit feedback. Index `num_users` (resp. `num_items`) is the out-of-vocabulary row: the
+export maps unknown raw IDs there, so serving never fails on them.
 
-seed_mlp, the classic embedding-concat regressor on explicit ratings:
+With p_u, q_i the user and item embeddings:
 
-  r_hat(u, i) = w2 . relu(W1 [p_u ; q_i] + b1) + b2,  p_u, q_i in R^d
-  minimised: mean over the batch of (r(u, i) - r_hat(u, i))^2
+  seed_mlp  r(u, i) = w2 . relu(W1 [p_u ; q_i] + b1) + b2           (the classic regressor)
+  gmf       s(u, i) = h . (p_u * q_i) + b                              (He et al. 2017, GMF)
+  mlp       s(u, i) = h . MLP([p_u ; q_i]) + b, MLP = ReLU tower `layers` (He et al., MLP)
+  neumf     s(u, i) = h . [p_u^G * q_i^G ; MLP([p_u^M ; q_i^M])] + b   (NeuMF: separate
+            embeddings for the two paths, fused by one output layer)
+  mf        s(u, i) = <p_u, q_i> + b_u + b_i + b                       (Rendle et al. 2020:
+            a well-tuned dot product, the baseline NeuMF must beat)
 
-b2 starts at the training mean rating, so the first steps learn structure, not the offset.
+Objectives (in `trainer.train`): explicit, mean squared error on ratings; implicit, binary
+cross-entropy of s(u, i) against 1 for observed pairs and 0 for sampled negatives. Every model
+adds `l2 * (|p_u|^2 + |q_i|^2 (+ b_u^2 + b_i^2))` per example via `embedding_penalty`: the
+regulariser touches only the rows of the batch, which keeps embedding updates sparse.
+The output bias starts at `output_bias` (the mean rating for explicit feedback).
 """
+
+from typing import Dict, Sequence
 
 import keras
 from keras import layers, ops
 
 from trainer import schema
 
+MODEL_NAMES = ("seed_mlp", "gmf", "mlp", "neumf", "mf")
 
-@keras.saving.register_keras_serializable(package="neumf_trainer")
-class SeedMLP(keras.Model):
-  """User and item embeddings, concatenated, through one ReLU layer to a rating."""
 
-  def __init__(self, num_users: int, num_items: int, embedding_dim: int = 64,
-               hidden_units: int = 256, rating_mean: float = 0.0, **kwargs):
+class Recommender(keras.Model):
+  """Shared plumbing: sizes, the L2 penalty on the gathered embeddings, config."""
+
+  def __init__(self, num_users: int, num_items: int, l2: float = 0.0,
+               output_bias: float = 0.0, **kwargs):
     super().__init__(**kwargs)
     self.num_users = num_users
     self.num_items = num_items
+    self.l2 = l2
+    self.output_bias = output_bias
+
+  def _embedding(self, rows: int, dim: int, name: str) -> layers.Embedding:
+    # +1: the out-of-vocabulary row. Small normal init, as in the NCF reference code.
+    return layers.Embedding(rows + 1, dim, name=name,
+                            embeddings_initializer=keras.initializers.RandomNormal(stddev=0.01))
+
+  def _output(self, name: str = "score") -> layers.Dense:
+    return layers.Dense(1, name=name,
+                        bias_initializer=keras.initializers.Constant(self.output_bias))
+
+  def embedding_tables(self) -> Sequence[layers.Layer]:
+    """(layer, feature) pairs whose gathered rows the L2 penalty covers."""
+    return []
+
+  def embedding_penalty(self, inputs: Dict) -> "keras.KerasTensor":
+    """l2 * sum of squared gathered embedding rows, per example: shape [b]."""
+    total = ops.zeros_like(ops.cast(inputs[schema.USER], "float32"))
+    if not self.l2:
+      return total
+    for layer, feature in self.embedding_tables():
+      rows = layer(inputs[feature])
+      total = total + ops.sum(ops.square(ops.reshape(rows, (ops.shape(rows)[0], -1))), axis=-1)
+    return self.l2 * total
+
+  def get_config(self):
+    config = super().get_config()
+    config.update(num_users=self.num_users, num_items=self.num_items, l2=self.l2,
+                  output_bias=self.output_bias)
+    return config
+
+
+def _tower(units: Sequence[int], dropout: float, prefix: str):
+  out = []
+  for k, n in enumerate(units):
+    out.append(layers.Dense(n, activation="relu", name=f"{prefix}_{k}"))
+    if dropout:
+      out.append(layers.Dropout(dropout, name=f"{prefix}_dropout_{k}"))
+  return out
+
+
+def _run(stack, x, training):
+  for layer in stack:
+    x = layer(x, training=training) if isinstance(layer, layers.Dropout) else layer(x)
+  return x
+
+
+@keras.saving.register_keras_serializable(package="neumf_trainer")
+class SeedMLP(Recommender):
+  """User and item embeddings, concatenated, through one ReLU layer to a score."""
+
+  def __init__(self, num_users: int, num_items: int, embedding_dim: int = 64,
+               hidden_units: int = 256, **kwargs):
+    super().__init__(num_users, num_items, **kwargs)
     self.embedding_dim = embedding_dim
     self.hidden_units = hidden_units
-    self.rating_mean = rating_mean
-    # +1: the out-of-vocabulary row.
+    # Keras's default uniform initialiser here, as in the classic regressor.
     self.user_embedding = layers.Embedding(num_users + 1, embedding_dim, name="user_embedding")
     self.item_embedding = layers.Embedding(num_items + 1, embedding_dim, name="item_embedding")
     self.hidden = layers.Dense(hidden_units, activation="relu", name="hidden")
-    self.rating = layers.Dense(1, bias_initializer=keras.initializers.Constant(rating_mean),
-                               name="rating")
+    self.rating = self._output("rating")
 
-  def call(self, inputs):
+  def embedding_tables(self):
+    return [(self.user_embedding, schema.USER), (self.item_embedding, schema.ITEM)]
+
+  def call(self, inputs, training=False):
     users = self.user_embedding(inputs[schema.USER])  # [b, d]
     items = self.item_embedding(inputs[schema.ITEM])  # [b, d]
     x = ops.concatenate([users, items], axis=-1)  # [b, 2d]
@@ -45,21 +114,190 @@ class SeedMLP(keras.Model):
 
   def get_config(self):
     config = super().get_config()
-    config.update(num_users=self.num_users, num_items=self.num_items,
-                  embedding_dim=self.embedding_dim, hidden_units=self.hidden_units,
-                  rating_mean=self.rating_mean)
+    config.update(embedding_dim=self.embedding_dim, hidden_units=self.hidden_units)
     return config
 
 
-def build_model(name: str, num_users: int, num_items: int, embedding_dim: int,
-                hidden_units: int, rating_mean: float) -> keras.Model:
+@keras.saving.register_keras_serializable(package="neumf_trainer")
+class GMF(Recommender):
+  """Generalized matrix factorization: a learned weighting of p_u * q_i."""
+
+  def __init__(self, num_users: int, num_items: int, embedding_dim: int = 8, **kwargs):
+    super().__init__(num_users, num_items, **kwargs)
+    self.embedding_dim = embedding_dim
+    self.user_embedding = self._embedding(num_users, embedding_dim, "gmf_user_embedding")
+    self.item_embedding = self._embedding(num_items, embedding_dim, "gmf_item_embedding")
+    self.score = self._output()
+
+  def embedding_tables(self):
+    return [(self.user_embedding, schema.USER), (self.item_embedding, schema.ITEM)]
+
+  def vector(self, inputs):
+    return self.user_embedding(inputs[schema.USER]) * self.item_embedding(inputs[schema.ITEM])
+
+  def call(self, inputs, training=False):
+    return ops.squeeze(self.score(self.vector(inputs)), axis=-1)  # [b]
+
+  def get_config(self):
+    config = super().get_config()
+    config.update(embedding_dim=self.embedding_dim)
+    return config
+
+
+@keras.saving.register_keras_serializable(package="neumf_trainer")
+class MLP(Recommender):
+  """Concatenated embeddings through a ReLU tower of `layers` units."""
+
+  def __init__(self, num_users: int, num_items: int, embedding_dim: int = 32,
+               layers: Sequence[int] = (64, 32, 16, 8), dropout: float = 0.0, **kwargs):
+    super().__init__(num_users, num_items, **kwargs)
+    self.embedding_dim = embedding_dim
+    self.layer_sizes = tuple(int(n) for n in layers)
+    self.dropout = dropout
+    self.user_embedding = self._embedding(num_users, embedding_dim, "mlp_user_embedding")
+    self.item_embedding = self._embedding(num_items, embedding_dim, "mlp_item_embedding")
+    self.tower = _tower(self.layer_sizes, dropout, "mlp")
+    self.score = self._output()
+
+  def embedding_tables(self):
+    return [(self.user_embedding, schema.USER), (self.item_embedding, schema.ITEM)]
+
+  def vector(self, inputs, training=False):
+    x = ops.concatenate([self.user_embedding(inputs[schema.USER]),
+                         self.item_embedding(inputs[schema.ITEM])], axis=-1)  # [b, 2d]
+    return _run(self.tower, x, training)  # [b, layers[-1]]
+
+  def call(self, inputs, training=False):
+    return ops.squeeze(self.score(self.vector(inputs, training)), axis=-1)
+
+  def get_config(self):
+    config = super().get_config()
+    config.update(embedding_dim=self.embedding_dim, layers=list(self.layer_sizes),
+                  dropout=self.dropout)
+    return config
+
+
+@keras.saving.register_keras_serializable(package="neumf_trainer")
+class NeuMF(Recommender):
+  """GMF and MLP paths with their own embeddings, fused by one output layer."""
+
+  def __init__(self, num_users: int, num_items: int, embedding_dim: int = 8,
+               mlp_embedding_dim: int = 32, layers: Sequence[int] = (64, 32, 16, 8),
+               dropout: float = 0.0, **kwargs):
+    super().__init__(num_users, num_items, **kwargs)
+    self.embedding_dim = embedding_dim
+    self.mlp_embedding_dim = mlp_embedding_dim
+    self.layer_sizes = tuple(int(n) for n in layers)
+    self.dropout = dropout
+    self.gmf_user_embedding = self._embedding(num_users, embedding_dim, "gmf_user_embedding")
+    self.gmf_item_embedding = self._embedding(num_items, embedding_dim, "gmf_item_embedding")
+    self.mlp_user_embedding = self._embedding(num_users, mlp_embedding_dim,
+                                              "mlp_user_embedding")
+    self.mlp_item_embedding = self._embedding(num_items, mlp_embedding_dim,
+                                              "mlp_item_embedding")
+    self.tower = _tower(self.layer_sizes, dropout, "mlp")
+    self.score = self._output()
+
+  def embedding_tables(self):
+    return [(self.gmf_user_embedding, schema.USER), (self.gmf_item_embedding, schema.ITEM),
+            (self.mlp_user_embedding, schema.USER), (self.mlp_item_embedding, schema.ITEM)]
+
+  def call(self, inputs, training=False):
+    users, items = inputs[schema.USER], inputs[schema.ITEM]
+    gmf = self.gmf_user_embedding(users) * self.gmf_item_embedding(items)  # [b, d]
+    mlp = _run(self.tower, ops.concatenate([self.mlp_user_embedding(users),
+                                            self.mlp_item_embedding(items)], axis=-1),
+               training)  # [b, layers[-1]]
+    return ops.squeeze(self.score(ops.concatenate([gmf, mlp], axis=-1)), axis=-1)
+
+  def load_pretrained(self, gmf: "GMF", mlp: "MLP", alpha: float = 0.5) -> None:
+    """Starts from trained GMF and MLP models (He et al. 2017, section 3.4.1): their
+    embeddings and tower as they are, the output layer [alpha h_GMF ; (1 - alpha) h_MLP]."""
+    pairs = [(gmf.user_embedding, self.gmf_user_embedding),
+             (gmf.item_embedding, self.gmf_item_embedding),
+             (mlp.user_embedding, self.mlp_user_embedding),
+             (mlp.item_embedding, self.mlp_item_embedding)]
+    pairs += [(s, t) for s, t in zip(mlp.tower, self.tower) if s.weights]
+    for source, target in pairs:
+      for s, t in zip(source.weights, target.weights):
+        if tuple(s.shape) != tuple(t.shape):
+          raise ValueError(f"pretrained weight {s.path} has shape {tuple(s.shape)}, NeuMF "
+                           f"expects {tuple(t.shape)}: pretrain with the same sizes")
+        t.assign(s)
+    self.score.kernel.assign(ops.concatenate([alpha * gmf.score.kernel,
+                                              (1 - alpha) * mlp.score.kernel], axis=0))
+    self.score.bias.assign(alpha * gmf.score.bias + (1 - alpha) * mlp.score.bias)
+
+  def get_config(self):
+    config = super().get_config()
+    config.update(embedding_dim=self.embedding_dim, mlp_embedding_dim=self.mlp_embedding_dim,
+                  layers=list(self.layer_sizes), dropout=self.dropout)
+    return config
+
+
+@keras.saving.register_keras_serializable(package="neumf_trainer")
+class MF(Recommender):
+  """Dot product with user, item and global biases."""
+
+  def __init__(self, num_users: int, num_items: int, embedding_dim: int = 64, **kwargs):
+    super().__init__(num_users, num_items, **kwargs)
+    self.embedding_dim = embedding_dim
+    self.user_embedding = self._embedding(num_users, embedding_dim, "user_embedding")
+    self.item_embedding = self._embedding(num_items, embedding_dim, "item_embedding")
+    zeros = keras.initializers.Zeros()
+    self.user_bias = layers.Embedding(num_users + 1, 1, embeddings_initializer=zeros,
+                                      name="user_bias")
+    self.item_bias = layers.Embedding(num_items + 1, 1, embeddings_initializer=zeros,
+                                      name="item_bias")
+    self.global_bias = self.add_weight(
+        shape=(), initializer=keras.initializers.Constant(self.output_bias), name="global_bias")
+
+
+  def embedding_tables(self):
+    return [(self.user_embedding, schema.USER), (self.item_embedding, schema.ITEM),
+            (self.user_bias, schema.USER), (self.item_bias, schema.ITEM)]
+
+  def call(self, inputs, training=False):
+    users, items = inputs[schema.USER], inputs[schema.ITEM]
+    dot = ops.sum(self.user_embedding(users) * self.item_embedding(items), axis=-1)  # [b]
+    bias = ops.squeeze(self.user_bias(users), -1) + ops.squeeze(self.item_bias(items), -1)
+    return dot + bias + self.global_bias
+
+  def get_config(self):
+    config = super().get_config()
+    config.update(embedding_dim=self.embedding_dim)
+    return config
+
+
+def build_model(name: str, num_users: int, num_items: int, embedding_dim: int = 64,
+                hidden_units: int = 256, rating_mean: float = 0.0, *,
+                layers: Sequence[int] = (64, 32, 16, 8), mlp_embedding_dim: int = 32,
+                dropout: float = 0.0, l2: float = 0.0) -> keras.Model:
   """Creates model `name` with its variables built (a custom loop needs them before step 1).
+
+  Args:
+    name: one of MODEL_NAMES.
+    embedding_dim: embedding size (the GMF path's for neumf; the MLP's for mlp).
+    hidden_units: seed_mlp's hidden layer.
+    rating_mean: the output bias's starting value.
+    layers, mlp_embedding_dim, dropout: the MLP tower (mlp, neumf).
+    l2: the embedding penalty's weight.
 
   Raises:
     ValueError: naming --model when `name` is unknown.
   """
+  common = dict(l2=l2, output_bias=rating_mean, name=name)
   if name == "seed_mlp":
-    model = SeedMLP(num_users, num_items, embedding_dim, hidden_units, rating_mean, name=name)
+    model = SeedMLP(num_users, num_items, embedding_dim, hidden_units, **common)
+  elif name == "gmf":
+    model = GMF(num_users, num_items, embedding_dim, **common)
+  elif name == "mlp":
+    model = MLP(num_users, num_items, embedding_dim, layers, dropout, **common)
+  elif name == "neumf":
+    model = NeuMF(num_users, num_items, embedding_dim, mlp_embedding_dim, layers, dropout,
+                  **common)
+  elif name == "mf":
+    model = MF(num_users, num_items, embedding_dim, **common)
   else:
     raise ValueError(f"--model={name!r} is not a known model")
   model({schema.USER: ops.zeros((1,), "int64"), schema.ITEM: ops.zeros((1,), "int64")})

@@ -1,0 +1,67 @@
+"""Tests of LazyAdam against Keras Adam, and of the learning-rate schedule."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer import optimizers
+
+
+def _apply(optimizer, variable, gradients):
+  optimizer.build([variable])
+  for g in gradients:
+    optimizer.apply_gradients([(g, variable)])
+  return variable.numpy()
+
+
+def test_lazy_adam_equals_dense_adam_when_every_row_is_touched():
+  rng = np.random.default_rng(0)
+  init = rng.normal(size=(4, 3)).astype("float32")
+  grads = [rng.normal(size=(4, 3)).astype("float32") for _ in range(3)]
+  dense = _apply(keras.optimizers.Adam(0.1), keras.Variable(init), [tf.constant(g) for g in grads])
+  sparse = [tf.IndexedSlices(tf.constant(g), tf.constant([0, 1, 2, 3])) for g in grads]
+  lazy = _apply(optimizers.LazyAdam(0.1), keras.Variable(init), sparse)
+  np.testing.assert_allclose(lazy, dense, rtol=1e-6, atol=1e-7)
+
+
+def test_lazy_adam_sums_a_repeated_id_before_squaring_and_leaves_other_rows():
+  init = np.ones((3, 2), "float32")
+  # Row 1 appears twice: its gradient is the sum [3, 3]; row 0 and 2 are untouched.
+  sparse = tf.IndexedSlices(tf.constant([[1.0, 1.0], [2.0, 2.0]]), tf.constant([1, 1]))
+  lazy = _apply(optimizers.LazyAdam(0.1), keras.Variable(init), [sparse])
+  dense = _apply(keras.optimizers.Adam(0.1), keras.Variable(init),
+                 [tf.constant([[0.0, 0.0], [3.0, 3.0], [0.0, 0.0]])])
+  np.testing.assert_allclose(lazy, dense, rtol=1e-6)
+  # By hand, step 1: m = 0.1 g, v = 0.001 g^2, alpha = 0.1 sqrt(0.001) / 0.1:
+  # w -= alpha * m / (sqrt(v) + eps) = 0.1 * sign(g) (up to eps).
+  np.testing.assert_allclose(lazy[1], [0.9, 0.9], rtol=1e-5)
+  np.testing.assert_array_equal(lazy[[0, 2]], init[[0, 2]])
+
+
+def test_lazy_adam_does_not_touch_rows_outside_the_batch_later_either():
+  init = np.ones((3, 1), "float32")
+  first = tf.IndexedSlices(tf.constant([[1.0], [1.0]]), tf.constant([0, 2]))
+  second = tf.IndexedSlices(tf.constant([[1.0]]), tf.constant([2]))
+  variable = keras.Variable(init)
+  after = _apply(optimizers.LazyAdam(0.1), variable, [first, second])
+  dense_adam = _apply(keras.optimizers.Adam(0.1), keras.Variable(init),
+                      [tf.constant([[1.0], [0.0], [1.0]]), tf.constant([[0.0], [0.0], [1.0]])])
+  assert after[0, 0] == pytest.approx(0.9, rel=1e-5)  # no momentum drift on step 2
+  assert dense_adam[0, 0] < after[0, 0]  # dense Adam kept moving row 0
+  np.testing.assert_allclose(after[2], dense_adam[2], rtol=1e-6)
+
+
+@pytest.mark.parametrize("decay,step,expected", [
+    ("none", 0, 0.25), ("none", 3, 1.0), ("none", 50, 1.0),
+    ("cosine", 4, 1.0), ("cosine", 54, 0.5), ("cosine", 104, 0.0),
+    ("linear", 54, 0.5),
+])
+def test_warmup_then_decay(decay, step, expected):
+  schedule = optimizers.WarmupDecay(1.0, warmup_steps=4, total_steps=104, decay=decay)
+  assert float(schedule(step)) == pytest.approx(expected, abs=1e-6)
+
+
+def test_unknown_optimizer_names_the_flag():
+  with pytest.raises(ValueError, match="--optimizer='rmsprop' is not one of"):
+    optimizers.make_optimizer("rmsprop", 0.1)
