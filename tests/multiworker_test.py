@@ -88,7 +88,7 @@ def _assert_one_model_written_by_the_chief(results, model_dir, replicas):
     assert "is not the chief" in log
   assert "is not the chief" not in chief_log
   with open(os.path.join(model_dir, "metrics.json")) as f:
-    assert json.load(f)["task"] == chief["task"]
+    assert json.load(f)["task_role"] == chief["task_role"]
   assert tf.saved_model.contains_saved_model(os.path.join(model_dir, "export"))
   leftovers = [os.path.join(d, n) for d, dirs, files in os.walk(model_dir)
                for n in dirs + files if ".workertemp" in n]
@@ -98,7 +98,7 @@ def _assert_one_model_written_by_the_chief(results, model_dir, replicas):
 def test_two_workers_train_in_sync_and_only_the_chief_writes(data_dir, tmp_path):
   model_dir = str(tmp_path / "model")
   results = _finish(_start([("worker", 0), ("worker", 1)], data_dir, model_dir, epochs=2))
-  assert results[0][0]["task"] == "worker:0"
+  assert results[0][0]["task_role"] == "worker:0"
   _assert_one_model_written_by_the_chief(results, model_dir, replicas=2)
 
 
@@ -106,7 +106,7 @@ def test_vertex_cluster_spec_with_chief_and_two_workers(data_dir, tmp_path):
   model_dir = str(tmp_path / "model")
   tasks = [("chief", 0), ("worker", 0), ("worker", 1)]
   results = _finish(_start(tasks, data_dir, model_dir, epochs=1, variable="CLUSTER_SPEC"))
-  assert results[0][0]["task"] == "chief:0"
+  assert results[0][0]["task_role"] == "chief:0"
   _assert_one_model_written_by_the_chief(results, model_dir, replicas=3)
 
 

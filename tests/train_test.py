@@ -35,12 +35,9 @@ def trained(tiny_data_dir, tmp_path_factory, mirrored_strategy):
 
 
 def _restore(config, metadata):
-  model = models.build_model(config.model, metadata.num_users, metadata.num_items,
-                             config.embedding_dim, config.hidden_units,
-                             metadata.train_rating_mean)
-  latest = tf.train.latest_checkpoint(config.resolved_checkpoint_dir)
-  tf.train.Checkpoint(model=model).restore(latest).expect_partial()
-  return model
+  """The model that was exported and reported: the best epoch's."""
+  return train.load_trained_model(config.model_dir, metadata,
+                                  os.path.join(config.resolved_checkpoint_dir, "best"))
 
 
 def test_learns_more_than_the_global_mean(trained, tiny_data_dir):
@@ -142,8 +139,11 @@ def test_export_serves_the_trained_model_in_a_fresh_process(trained, tiny_data_d
   top = served["rec_items"][0]
   assert len(top) == 10 and len(set(top)) == 10 and set(top) <= set(items)
   assert served["rec_scores"][0] == sorted(served["rec_scores"][0], reverse=True)
-  all_scores = np.asarray(model({schema.USER: np.full(len(items), users.index("u3")),
-                                 schema.ITEM: np.arange(len(items))}))
+  user = users.index("u3")
+  all_scores = np.array(model({schema.USER: np.full(len(items), user),
+                               schema.ITEM: np.arange(len(items))}))
+  seen = preparation.load_npz(os.path.join(tiny_data_dir, preparation.TRAIN_POSITIVES_FILE))
+  all_scores[seen["indices"][seen["indptr"][user]:seen["indptr"][user + 1]]] = -np.inf
   assert top == [items[i] for i in np.argsort(-all_scores, kind="stable")[:10]]
   assert served["rec_known"] == [True, False]
 

@@ -6,9 +6,15 @@ a config built in code is checked the same way. Errors name the flag and the off
 """
 
 import dataclasses
+import json
 from typing import Optional, Tuple
 
-MODELS = ("seed_mlp",)
+MODELS = ("seed_mlp", "gmf", "mlp", "neumf", "mf")
+TASKS = ("explicit", "implicit")
+OPTIMIZERS = ("adam", "lazy_adam", "adagrad", "sgd")
+DECAYS = ("none", "cosine", "linear")
+PRECISIONS = ("float32", "bfloat16", "float16")
+METRICS = ("rmse", "mae", "hr_sampled", "ndcg_sampled", "hr_full", "ndcg_full")
 SOURCES = ("synthetic", "movielens", "csv", "tfds")
 SPLITS = ("random", "leave_one_out", "temporal")
 DUPLICATE_POLICIES = ("error", "keep_latest", "mean")
@@ -131,12 +137,32 @@ class TrainConfig:
   checkpoint_dir: Optional[str] = None  # None: <model_dir>/checkpoints
   log_dir: Optional[str] = None  # None: <model_dir>/logs
   model: str = "seed_mlp"
+  task: str = "explicit"
   epochs: int = 3
-  batch_size: int = 1024  # global, across all replicas
+  batch_size: int = 1024  # global, across all replicas (implicit: positives + negatives)
   eval_batch_size: int = 8192
   learning_rate: float = 1e-3
+  optimizer: str = "adam"
+  warmup_steps: int = 0
+  decay: str = "none"
   embedding_dim: int = 64
   hidden_units: int = 256
+  layers: Tuple[int, ...] = (64, 32, 16, 8)
+  mlp_embedding_dim: int = 32
+  dropout: float = 0.0
+  l2: float = 0.0
+  num_negatives: int = 4
+  exclude_positives: bool = True
+  top_k: int = 10
+  pretrained_gmf_dir: Optional[str] = None
+  pretrained_mlp_dir: Optional[str] = None
+  alpha: float = 0.5
+  mixed_precision: str = "float32"
+  jit_compile: bool = False
+  deterministic: bool = False
+  target_metric: Optional[str] = None
+  target_value: Optional[float] = None
+  early_stopping_patience: int = 0  # 0: off
   seed: int = 0
   shuffle_buffer_blocks: int = 256  # records of BLOCK_SIZE examples each
   log_every_steps: int = 100
@@ -159,29 +185,67 @@ class TrainConfig:
     from trainer import fileio
     return self.log_dir or fileio.join(self.model_dir, "logs")
 
+  @property
+  def examples_per_positive(self) -> int:
+    return 1 + self.num_negatives if self.task == "implicit" else 1
+
   def validate(self) -> "TrainConfig":
     _require(bool(self.data_dir), "--data_dir is required")
     _require(bool(self.model_dir), "--model_dir is required")
-    _require(self.model in MODELS, f"--model={self.model!r} is not one of {', '.join(MODELS)}")
-    _require(self.strategy in STRATEGIES,
-             f"--strategy={self.strategy!r} is not one of {', '.join(STRATEGIES)}")
+    for name, allowed in (("model", MODELS), ("strategy", STRATEGIES), ("task", TASKS),
+                          ("optimizer", OPTIMIZERS), ("decay", DECAYS),
+                          ("mixed_precision", PRECISIONS)):
+      value = getattr(self, name)
+      _require(value in allowed, f"--{name}={value!r} is not one of {', '.join(allowed)}")
     for name in ("epochs", "batch_size", "eval_batch_size", "embedding_dim", "hidden_units",
-                 "shuffle_buffer_blocks", "log_every_steps", "max_checkpoints",
-                 "num_cpu_devices"):
+                 "mlp_embedding_dim", "shuffle_buffer_blocks", "log_every_steps",
+                 "max_checkpoints", "num_cpu_devices", "top_k"):
       value = getattr(self, name)
       _require(value >= 1, f"--{name}={value} must be at least 1")
+    for name in ("warmup_steps", "num_negatives", "early_stopping_patience"):
+      value = getattr(self, name)
+      _require(value >= 0, f"--{name}={value} must not be negative")
     _require(self.learning_rate > 0, f"--learning_rate={self.learning_rate} must be positive")
+    _require(0.0 <= self.dropout < 1.0, f"--dropout={self.dropout} must be in [0, 1)")
+    _require(self.l2 >= 0.0, f"--l2={self.l2} must not be negative")
+    _require(0.0 <= self.alpha <= 1.0, f"--alpha={self.alpha} must be in [0, 1]")
+    _require(bool(self.layers) and all(n >= 1 for n in self.layers),
+             f"--layers={','.join(map(str, self.layers))} must be positive layer sizes")
     _require(not (self.strategy == "default" and self.num_cpu_devices > 1),
              f"--strategy=default uses one device but --num_cpu_devices={self.num_cpu_devices}; "
              "use --strategy=mirrored or auto")
+    if self.task == "implicit":
+      _require(self.num_negatives >= 1,
+               f"--num_negatives={self.num_negatives}: --task=implicit needs negatives")
+      _require(self.batch_size % self.examples_per_positive == 0,
+               f"--batch_size={self.batch_size} is not divisible by 1 + --num_negatives = "
+               f"{self.examples_per_positive} (a batch holds positives and their negatives)")
+    pretrained = (self.pretrained_gmf_dir, self.pretrained_mlp_dir)
+    _require(all(p is None for p in pretrained) or self.model == "neumf",
+             "--pretrained_gmf_dir/--pretrained_mlp_dir apply to --model=neumf only")
+    _require(all(p is None for p in pretrained) or all(p is not None for p in pretrained),
+             "--pretrained_gmf_dir and --pretrained_mlp_dir go together")
+    if self.target_metric is not None or self.target_value is not None:
+      _require(self.target_metric in METRICS,
+               f"--target_metric={self.target_metric!r} is not one of {', '.join(METRICS)}")
+      _require(self.target_value is not None,
+               f"--target_metric={self.target_metric} needs --target_value")
+      explicit_metric = self.target_metric in ("rmse", "mae")
+      _require(explicit_metric == (self.task == "explicit"),
+               f"--target_metric={self.target_metric} is not reported by --task={self.task}")
     return self
 
   def check_replicas(self, num_replicas: int) -> None:
     """Cross-checks the global batch size against the strategy's replica count."""
-    _require(self.batch_size % num_replicas == 0,
-             f"--batch_size={self.batch_size} is not divisible by the {num_replicas} replicas")
+    unit = num_replicas * self.examples_per_positive
+    _require(self.batch_size % unit == 0,
+             f"--batch_size={self.batch_size} is not divisible by the {num_replicas} replicas"
+             + (f" x (1 + --num_negatives)" if self.task == "implicit" else ""))
 
   def eval_batch_for(self, num_replicas: int) -> int:
     """The global eval batch: --eval_batch_size rounded down to a multiple of the replicas
     (evaluation sums over examples, so the batch size does not change its result)."""
     return max(num_replicas, self.eval_batch_size - self.eval_batch_size % num_replicas)
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"

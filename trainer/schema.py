@@ -24,6 +24,7 @@ SCHEMA_VERSION = 2
 USER = "user"
 ITEM = "item"
 RATING = "rating"
+LABEL = "label"  # implicit feedback: 1 for an observed pair, 0 for a sampled negative
 
 BLOCK_SIZE = 1024
 

@@ -32,17 +32,56 @@ flags.DEFINE_string("checkpoint_dir", os.environ.get("AIP_CHECKPOINT_DIR"),
 flags.DEFINE_string("tensorboard_dir", os.environ.get("AIP_TENSORBOARD_LOG_DIR"),
                     "Where TensorBoard summaries go. Default: $AIP_TENSORBOARD_LOG_DIR, else "
                     "<model_dir>/logs.")
-flags.DEFINE_enum("model", _D.model, config_lib.MODELS, "Model to train.")
+flags.DEFINE_enum("model", _D.model, config_lib.MODELS,
+                  "seed_mlp: embeddings -> concat -> Dense(hidden_units) -> rating; gmf, mlp, "
+                  "neumf: He et al. 2017; mf: dot product with biases (Rendle et al. 2020).")
+flags.DEFINE_enum("task", _D.task, config_lib.TASKS,
+                  "explicit: regress ratings (MSE; RMSE/MAE); implicit: classify observed pairs "
+                  "against sampled negatives (cross-entropy; HR@K/NDCG@K).")
 flags.DEFINE_integer("epochs", _D.epochs, "Passes over the training data.", lower_bound=1)
-flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size, across all replicas.",
-                     lower_bound=1)
+flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size, across all replicas; "
+                     "implicit: positives plus their negatives.", lower_bound=1)
 flags.DEFINE_integer("eval_batch_size", _D.eval_batch_size, "Global evaluation batch size.",
                      lower_bound=1)
-flags.DEFINE_float("learning_rate", _D.learning_rate, "Adam learning rate.", lower_bound=0.0)
-flags.DEFINE_integer("embedding_dim", _D.embedding_dim, "User and item embedding size.",
-                     lower_bound=1)
+flags.DEFINE_float("learning_rate", _D.learning_rate, "Peak learning rate.", lower_bound=0.0)
+flags.DEFINE_enum("optimizer", _D.optimizer, config_lib.OPTIMIZERS,
+                  "adam; lazy_adam (updates only the embedding rows of the batch: much faster "
+                  "on large tables); adagrad; sgd.")
+flags.DEFINE_integer("warmup_steps", _D.warmup_steps, "Linear learning-rate warm-up steps.",
+                     lower_bound=0)
+flags.DEFINE_enum("decay", _D.decay, config_lib.DECAYS,
+                  "Learning-rate decay to zero at the last step after warm-up.")
+flags.DEFINE_integer("embedding_dim", _D.embedding_dim,
+                     "Embedding size (neumf: of the GMF path; mlp: of the MLP).", lower_bound=1)
 flags.DEFINE_integer("hidden_units", _D.hidden_units, "Width of seed_mlp's hidden layer.",
                      lower_bound=1)
+flags.DEFINE_list("layers", [str(n) for n in _D.layers], "MLP tower sizes (mlp, neumf).")
+flags.DEFINE_integer("mlp_embedding_dim", _D.mlp_embedding_dim,
+                     "neumf: embedding size of the MLP path.", lower_bound=1)
+flags.DEFINE_float("dropout", _D.dropout, "Dropout after each MLP layer.")
+flags.DEFINE_float("l2", _D.l2, "L2 weight on the embedding rows of each batch.")
+flags.DEFINE_integer("num_negatives", _D.num_negatives,
+                     "implicit: sampled negatives per positive, redrawn every epoch.",
+                     lower_bound=0)
+flags.DEFINE_bool("exclude_positives", _D.exclude_positives,
+                  "implicit: never sample a user's training positive as a negative.")
+flags.DEFINE_integer("top_k", _D.top_k, "K of HR@K and NDCG@K.", lower_bound=1)
+flags.DEFINE_string("pretrained_gmf_dir", None, "neumf: model_dir of a trained gmf run.")
+flags.DEFINE_string("pretrained_mlp_dir", None, "neumf: model_dir of a trained mlp run.")
+flags.DEFINE_float("alpha", _D.alpha, "neumf with pretraining: weight of the GMF output.")
+flags.DEFINE_enum("mixed_precision", _D.mixed_precision, config_lib.PRECISIONS,
+                  "Compute dtype: float32, or bfloat16/float16 with float32 variables "
+                  "(float16 with loss scaling).")
+flags.DEFINE_bool("jit_compile", _D.jit_compile, "Compile the training step with XLA.")
+flags.DEFINE_bool("deterministic", _D.deterministic,
+                  "TensorFlow op determinism: identical results run to run.")
+flags.DEFINE_enum("target_metric", None, config_lib.METRICS,
+                  "Stop once this eval metric reaches --target_value; also the metric that "
+                  "picks the best checkpoint (default rmse, or hr_sampled / hr_full).")
+flags.DEFINE_float("target_value", None, "See --target_metric.")
+flags.DEFINE_integer("early_stopping_patience", _D.early_stopping_patience,
+                     "Stop after this many epochs without improvement (0: never).",
+                     lower_bound=0)
 flags.DEFINE_integer("seed", _D.seed, "Seeds initialisation and data order.")
 flags.DEFINE_integer("shuffle_buffer_blocks", _D.shuffle_buffer_blocks,
                      "Shuffle buffer in blocks of 1024 examples.", lower_bound=1)
@@ -59,13 +98,30 @@ flags.DEFINE_integer("num_cpu_devices", _D.num_cpu_devices,
 flags.mark_flags_as_required(["data_dir", "model_dir"])
 
 
+def _layers(values) -> tuple:
+  try:
+    return tuple(int(v) for v in values)
+  except ValueError:
+    raise config_lib.ConfigError(f"--layers={','.join(values)} must be integers, e.g. "
+                                 "64,32,16,8") from None
+
+
 def config_from_flags() -> config_lib.TrainConfig:
   return config_lib.TrainConfig(
       data_dir=FLAGS.data_dir, model_dir=FLAGS.model_dir, export_dir=FLAGS.export_dir,
       checkpoint_dir=FLAGS.checkpoint_dir, log_dir=FLAGS.tensorboard_dir,
-      model=FLAGS.model, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
+      model=FLAGS.model, task=FLAGS.task, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
       eval_batch_size=FLAGS.eval_batch_size, learning_rate=FLAGS.learning_rate,
-      embedding_dim=FLAGS.embedding_dim, hidden_units=FLAGS.hidden_units, seed=FLAGS.seed,
+      optimizer=FLAGS.optimizer, warmup_steps=FLAGS.warmup_steps, decay=FLAGS.decay,
+      embedding_dim=FLAGS.embedding_dim, hidden_units=FLAGS.hidden_units,
+      layers=_layers(FLAGS.layers), mlp_embedding_dim=FLAGS.mlp_embedding_dim,
+      dropout=FLAGS.dropout, l2=FLAGS.l2, num_negatives=FLAGS.num_negatives,
+      exclude_positives=FLAGS.exclude_positives, top_k=FLAGS.top_k,
+      pretrained_gmf_dir=FLAGS.pretrained_gmf_dir, pretrained_mlp_dir=FLAGS.pretrained_mlp_dir,
+      alpha=FLAGS.alpha, mixed_precision=FLAGS.mixed_precision, jit_compile=FLAGS.jit_compile,
+      deterministic=FLAGS.deterministic, target_metric=FLAGS.target_metric,
+      target_value=FLAGS.target_value, early_stopping_patience=FLAGS.early_stopping_patience,
+      seed=FLAGS.seed,
       shuffle_buffer_blocks=FLAGS.shuffle_buffer_blocks, log_every_steps=FLAGS.log_every_steps,
       max_checkpoints=FLAGS.max_checkpoints, strategy=FLAGS.strategy,
       num_cpu_devices=FLAGS.num_cpu_devices).validate()

@@ -7,8 +7,9 @@ stateless (so reproducible) permutation, and re-slices them to the per-replica b
 dropped at epoch ends and a batch never comes out short.
 """
 
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
+import numpy as np
 import tensorflow as tf
 
 from trainer import schema
@@ -33,9 +34,50 @@ def _mix(batch: Dict[str, tf.Tensor], seed: tf.Tensor) -> Dict[str, tf.Tensor]:
   return {name: tf.gather(value, order) for name, value in batch.items()}
 
 
+def negative_sampler(num_items: int, num_negatives: int, seed: int,
+                     train_keys: Optional[np.ndarray] = None, rounds: int = 10) -> Callable:
+  """Returns `add(step, batch)`, which appends sampled negatives to a batch of positives.
+
+  For every positive (u, i), `num_negatives` items drawn uniformly from all items, with label
+  0 (positives get label 1): NCF's training protocol. The draws are stateless, keyed by
+  (seed, batch counter), so they are new every batch and epoch yet reproducible, and they run
+  inside the tf.data graph. With `train_keys` (sorted u * num_items + i of every training
+  pair), a draw that hits one of the user's positives is redrawn, up to `rounds` times (a
+  leftover needs a user who has interacted with most items).
+  """
+  keys = None if train_keys is None else tf.constant(train_keys, tf.int64)
+
+  def draw(shape, seed_pair):
+    return tf.random.stateless_uniform(shape, seed=seed_pair, minval=0, maxval=num_items,
+                                       dtype=tf.int64)
+
+  def add(step, batch):
+    users, items = batch[schema.USER], batch[schema.ITEM]
+    b = tf.shape(users)[0]
+    negative_users = tf.repeat(users, num_negatives)  # [b * k]
+    negatives = draw([b * num_negatives], tf.stack([tf.constant(seed, tf.int64), step]))
+    if keys is not None and len(train_keys):
+      last = tf.cast(tf.size(keys) - 1, tf.int64)
+      for r in range(rounds):
+        candidate = negative_users * num_items + negatives
+        found = tf.gather(keys, tf.minimum(tf.searchsorted(keys, candidate), last)) == candidate
+        redraw = draw([b * num_negatives],
+                      tf.stack([tf.constant(seed * 7919 + r + 1, tf.int64), step]))
+        negatives = tf.where(found, redraw, negatives)
+    ones = tf.ones([b], tf.float32)
+    return {schema.USER: tf.concat([users, negative_users], 0),
+            schema.ITEM: tf.concat([items, negatives], 0),
+            schema.RATING: tf.concat([batch[schema.RATING],
+                                      tf.zeros([b * num_negatives], tf.float32)], 0),
+            schema.LABEL: tf.concat([ones, tf.zeros([b * num_negatives], tf.float32)], 0)}
+
+  return add
+
+
 def make_dataset(file_pattern: str, global_batch_size: int, training: bool,
                  input_context: Optional[tf.distribute.InputContext] = None, seed: int = 0,
-                 shuffle_buffer_blocks: int = 256) -> tf.data.Dataset:
+                 shuffle_buffer_blocks: int = 256,
+                 add_negatives: Optional[Callable] = None) -> tf.data.Dataset:
   """Builds the dataset of one input pipeline.
 
   Training data is an endless sequence of epochs, each a fresh shuffle keyed by (seed, epoch):
@@ -52,6 +94,8 @@ def make_dataset(file_pattern: str, global_batch_size: int, training: bool,
       batch size and shards the files across input pipelines.
     seed: seeds every shuffle, so the order of examples is reproducible.
     shuffle_buffer_blocks: shuffle buffer, in records (blocks of up to BLOCK_SIZE examples).
+    add_negatives: from `negative_sampler`; then `global_batch_size` counts positives and each
+      batch also holds their negatives and a `label`.
 
   Returns:
     A dataset of dicts `{user: int64[b], item: int64[b], rating: float32[b]}`, b = the
@@ -98,4 +142,7 @@ def make_dataset(file_pattern: str, global_batch_size: int, training: bool,
   else:
     ds = parse(records(tf.data.Dataset.from_tensor_slices(files)))
   ds = ds.rebatch(batch_size, drop_remainder=training)
+  if add_negatives is not None:
+    ds = ds.enumerate().map(add_negatives, num_parallel_calls=tf.data.AUTOTUNE,
+                            deterministic=True)
   return ds.prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,132 @@
+"""Ranking metrics, HR@K and NDCG@K, under two protocols, computed under any strategy.
+
+For one held-out (user, item) with model score s+ and competing items' scores s_j:
+
+  rank    = #{j : s_j >= s+}   (ties count against the model: a constant model scores 0)
+  HR@K    = 1 if rank < K
+  NDCG@K  = 1 / log2(rank + 2) if rank < K, else 0
+
+Protocols:
+  sampled  the competitors are the prepared `eval_negatives` of the user (He et al. 2017;
+           reproducible, but optimistic: Krichene and Rendle 2020)
+  full     the competitors are all items except the user's training positives (and the
+           held-out item itself)
+
+Each replica scores its share of the evaluation rows; the sums are reduced across replicas.
+"""
+
+import math
+from typing import Callable, Dict, Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from trainer import schema
+
+SAMPLED = "sampled"
+FULL = "full"
+
+
+def rank_hit_ndcg(positive: tf.Tensor, competitors: tf.Tensor, mask: Optional[tf.Tensor],
+                  k: int):
+  """Ranks of positives among competitors, and their HR@k and NDCG@k terms.
+
+  Args:
+    positive: scores of the held-out items, [b].
+    competitors: scores of the competing items, [b, n].
+    mask: [b, n] bool, True where a competitor counts; None: all count.
+    k: the cut-off.
+
+  Returns:
+    (rank [b] int32, hit [b] float32, ndcg [b] float32).
+  """
+  beats = competitors >= positive[:, None]  # ties against the model
+  if mask is not None:
+    beats = tf.logical_and(beats, mask)
+  rank = tf.reduce_sum(tf.cast(beats, tf.int32), axis=1)
+  hit = tf.cast(rank < k, tf.float32)
+  ndcg = hit * (math.log(2.0) / tf.math.log(tf.cast(rank, tf.float32) + 2.0))
+  return rank, hit, ndcg
+
+
+def sampled_dataset(users: np.ndarray, positives: np.ndarray, negatives: np.ndarray,
+                    global_batch_size: int,
+                    input_context: Optional[tf.distribute.InputContext] = None):
+  """Eval users with their positive and sampled negatives, sharded per input pipeline."""
+  ds = tf.data.Dataset.from_tensor_slices({
+      schema.USER: users.astype(np.int64), schema.ITEM: positives.astype(np.int64),
+      "negatives": negatives.astype(np.int64)})
+  batch = global_batch_size
+  if input_context is not None:
+    ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+    batch = input_context.get_per_replica_batch_size(global_batch_size)
+  return ds.batch(batch).prefetch(tf.data.AUTOTUNE)
+
+
+def make_ranking_evaluation(model: keras.Model, strategy: tf.distribute.Strategy, k: int,
+                            num_items: int, indptr: np.ndarray, indices: np.ndarray,
+                            score_fn: Callable = None) -> Dict[str, Callable]:
+  """Returns {protocol: evaluate(distributed dataset) -> {hr, ndcg, count}}.
+
+  Args:
+    model: scores (user, item) index pairs.
+    k: the cut-off of HR@k and NDCG@k.
+    num_items: items to rank in the full protocol.
+    indptr, indices: each user's training positives (compressed sparse rows), excluded from
+      the full protocol's competitors.
+  """
+  score = score_fn or (lambda batch: model(batch, training=False))
+  positives = tf.RaggedTensor.from_row_splits(tf.constant(indices, tf.int64),
+                                              tf.constant(indptr, tf.int64))
+
+  def sampled_step(batch):
+    users, items, negatives = batch[schema.USER], batch[schema.ITEM], batch["negatives"]
+    n = tf.shape(negatives)[1]
+    positive = score({schema.USER: users, schema.ITEM: items})  # [b]
+    competitors = tf.reshape(score({schema.USER: tf.repeat(users, n),
+                                    schema.ITEM: tf.reshape(negatives, [-1])}), [-1, n])
+    _, hit, ndcg = rank_hit_ndcg(positive, competitors, None, k)
+    return tf.stack([tf.reduce_sum(hit), tf.reduce_sum(ndcg),
+                     tf.cast(tf.size(hit), tf.float32)])
+
+  def full_step(batch):
+    users, items = batch[schema.USER], batch[schema.ITEM]
+    b = tf.shape(users)[0]
+    all_items = tf.range(num_items, dtype=tf.int64)
+    scores = tf.reshape(score({schema.USER: tf.repeat(users, num_items),
+                               schema.ITEM: tf.tile(all_items, [b])}), [b, num_items])
+    seen = tf.gather(positives, users)  # ragged [b, None]
+    coordinates = tf.stack([seen.value_rowids(), seen.flat_values], axis=1)
+    excluded = tf.scatter_nd(coordinates, tf.ones_like(seen.flat_values, tf.bool),
+                             tf.cast(tf.stack([b, num_items]), tf.int64))
+    itself = tf.one_hot(items, num_items, on_value=True, off_value=False, dtype=tf.bool)
+    mask = tf.logical_not(tf.logical_or(excluded, itself))
+    positive = tf.gather(scores, items, batch_dims=1)
+    _, hit, ndcg = rank_hit_ndcg(positive, scores, mask, k)
+    return tf.stack([tf.reduce_sum(hit), tf.reduce_sum(ndcg),
+                     tf.cast(tf.size(hit), tf.float32)])
+
+  def reducer(step_fn):
+    @tf.function
+    def sums(dataset):
+      total = tf.zeros([3])
+      for batch in dataset:
+        total += strategy.reduce(tf.distribute.ReduceOp.SUM,
+                                 strategy.run(step_fn, args=(batch,)), axis=None)
+      return total
+
+    def evaluate(dataset) -> Dict[str, float]:
+      hits, ndcg, count = (float(x) for x in sums(dataset).numpy())
+      if count == 0:
+        raise ValueError("the evaluation data is empty")
+      return {"hr": hits / count, "ndcg": ndcg / count, "count": int(count)}
+
+    return evaluate
+
+  return {SAMPLED: reducer(sampled_step), FULL: reducer(full_step)}
+
+
+def full_batch_size(num_items: int, replicas: int, budget: int = 1 << 22) -> int:
+  """Eval rows per global batch of the full protocol: about `budget` scores per replica."""
+  return replicas * max(1, budget // max(num_items, 1))
