@@ -60,7 +60,8 @@ def negative_sampler(num_items: int, num_negatives: int, seed: int,
       last = tf.cast(tf.size(keys) - 1, tf.int64)
       for r in range(rounds):
         candidate = negative_users * num_items + negatives
-        found = tf.gather(keys, tf.minimum(tf.searchsorted(keys, candidate), last)) == candidate
+        position = tf.searchsorted(keys, candidate, out_type=tf.int64)
+        found = tf.gather(keys, tf.minimum(position, last)) == candidate
         redraw = draw([b * num_negatives],
                       tf.stack([tf.constant(seed * 7919 + r + 1, tf.int64), step]))
         negatives = tf.where(found, redraw, negatives)

@@ -385,6 +385,8 @@ SYNTHETIC_RATING_RANGE = (1.0, 5.0)
 # Users are generated in blocks of about this many ratings, each block from its own seeded
 # generator: a constant, so the output never depends on how it is read.
 _GENERATION_BLOCK = 1 << 20
+_CANDIDATES = 8
+_TEMPERATURE = 0.15
 
 
 class SyntheticSource(Source):
@@ -459,10 +461,21 @@ class SyntheticSource(Source):
     rng = np.random.default_rng([self.seed, 1, first])
     counts = self._counts[first:last]
     users = np.repeat(np.arange(first, last, dtype=np.int64), counts)
-    # Draw by popularity; a user's repeated items are redrawn uniformly, which converges in a
-    # few rounds even for the heaviest users.
-    items = np.minimum(np.searchsorted(self._item_cdf, rng.random(len(users))),
-                       self.num_items - 1)
+    urng = np.random.default_rng([self.seed, 2, first])
+    scale = 1.0 / math.sqrt(self.rank)
+    user_factors = urng.normal(0.0, scale, (last - first, self.rank)).astype(np.float32)
+    user_bias = urng.normal(0.0, 0.3, last - first).astype(np.float32)
+    local = users - first
+    # Which items a user picks carries the structure too (what implicit feedback learns from):
+    # draw _CANDIDATES items by popularity and keep one with probability proportional to
+    # exp(<p_u, q_i> / _TEMPERATURE) (the Gumbel-max trick). A user's repeated items are
+    # redrawn uniformly, which converges in a few rounds even for the heaviest users.
+    candidates = np.minimum(
+        np.searchsorted(self._item_cdf, rng.random((len(users), _CANDIDATES))),
+        self.num_items - 1)
+    affinity = np.einsum("nr,ncr->nc", user_factors[local], self._item_factors[candidates])
+    gumbel = -np.log(-np.log(rng.random(candidates.shape) + 1e-12) + 1e-12)
+    items = candidates[np.arange(len(users)), np.argmax(affinity / _TEMPERATURE + gumbel, 1)]
     check = np.arange(len(users))
     while len(check):
       keys = users[check] * self.num_items + items[check]
@@ -472,11 +485,6 @@ class SyntheticSource(Source):
         break
       items[repeated] = rng.integers(0, self.num_items, len(repeated))
       check = np.flatnonzero(np.isin(users, np.unique(users[repeated])))  # only their users
-    urng = np.random.default_rng([self.seed, 2, first])
-    scale = 1.0 / math.sqrt(self.rank)
-    user_factors = urng.normal(0.0, scale, (last - first, self.rank)).astype(np.float32)
-    user_bias = urng.normal(0.0, 0.3, last - first).astype(np.float32)
-    local = users - first
     signal = (3.5 + user_bias[local] + self._item_bias[items]
               + np.einsum("ij,ij->i", user_factors[local], self._item_factors[items]))
     raw = signal + rng.normal(0.0, self.noise, len(users))
