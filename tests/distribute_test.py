@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import distribute, models, schema, train
+from trainer import distribute, models, optimizers, schema, train
 from trainer.config import ConfigError
 
 GLOBAL_BATCH = 64
@@ -21,31 +21,40 @@ def _data():
   n = GLOBAL_BATCH * STEPS
   users = rng.integers(0, 20, n)
   return {schema.USER: users, schema.ITEM: rng.integers(0, 15, n),
-          schema.RATING: (1.0 + users % 5).astype("float32")}  # learnable from the user
+          schema.RATING: (1.0 + users % 5).astype("float32"),  # learnable from the user
+          schema.LABEL: (users % 2).astype("float32")}
 
 
-def _train(strategy):
+def _train(strategy, name="seed_mlp", task="explicit", optimizer="adam"):
   keras.utils.set_random_seed(0)
   with strategy.scope():
-    model = models.build_model("seed_mlp", 20, 15, embedding_dim=8, hidden_units=16,
-                               rating_mean=3.0)
-    optimizer = keras.optimizers.Adam(learning_rate=0.01)
-    optimizer.build(model.trainable_variables)
+    model = models.build_model(name, 20, 15, embedding_dim=8, hidden_units=16, rating_mean=3.0,
+                               layers=(8, 4), mlp_embedding_dim=4, l2=0.001)
+    opt = optimizers.make_optimizer(optimizer, 0.01)
+    opt.build(model.trainable_variables)
   data = _data()
   dataset = strategy.distribute_datasets_from_function(
       lambda ctx: tf.data.Dataset.from_tensor_slices(data).batch(
           ctx.get_per_replica_batch_size(GLOBAL_BATCH), drop_remainder=True))
   iterator = iter(dataset)
-  train_loop = train.make_train_loop(model, optimizer, strategy, GLOBAL_BATCH)
+  train_loop = train.make_train_loop(model, opt, strategy, GLOBAL_BATCH, task)
   losses = [float(train_loop(iterator, tf.constant(1))) for _ in range(STEPS)]
   return losses, model
 
 
-def test_two_replicas_match_one_device(mirrored_strategy):
-  one_losses, one = _train(tf.distribute.OneDeviceStrategy("/cpu:0"))
+@pytest.mark.parametrize("name,task,optimizer", [
+    ("seed_mlp", "explicit", "adam"),
+    ("gmf", "implicit", "adam"),
+    ("mlp", "implicit", "adagrad"),
+    ("neumf", "implicit", "lazy_adam"),
+    ("mf", "explicit", "lazy_adam"),
+    ("mf", "implicit", "sgd"),
+])
+def test_two_replicas_match_one_device(mirrored_strategy, name, task, optimizer):
+  one_losses, one = _train(tf.distribute.OneDeviceStrategy("/cpu:0"), name, task, optimizer)
   mirrored = mirrored_strategy
   assert mirrored.num_replicas_in_sync == 2
-  two_losses, two = _train(mirrored)
+  two_losses, two = _train(mirrored, name, task, optimizer)
   np.testing.assert_allclose(two_losses, one_losses, rtol=1e-5)
   assert one_losses[-1] < one_losses[0]  # it trained
   for a, b in zip(one.weights, two.weights):

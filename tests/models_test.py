@@ -9,7 +9,7 @@ from trainer import models, schema
 
 def _model(**overrides):
   args = dict(name="seed_mlp", num_users=150, num_items=100, embedding_dim=64, hidden_units=256,
-              rating_mean=3.25)
+              rating_mean=3.25)  # noqa
   args.update(overrides)
   return models.build_model(**args)
 
@@ -42,3 +42,51 @@ def test_seed_mlp_config_round_trips():
 def test_unknown_model_names_the_flag():
   with pytest.raises(ValueError, match="--model='nope' is not a known model"):
     _model(name="nope")
+
+
+@pytest.mark.parametrize("name,params", [
+    # (150 + 1) users, (100 + 1) items, embeddings 8, MLP embeddings 8, layers (16, 8):
+    ("gmf", 252 * 8 + (8 + 1)),                                     # 2025
+    ("mlp", 252 * 8 + (16 * 16 + 16) + (16 * 8 + 8) + (8 + 1)),     # 2433
+    ("neumf", 2 * 252 * 8 + (16 * 16 + 16) + (16 * 8 + 8) + (16 + 1)),  # 4457
+    ("mf", 252 * 8 + 252 + 1),                                      # 2269
+])
+def test_parameter_counts(name, params):
+  model = models.build_model(name, 150, 100, 8, layers=(16, 8), mlp_embedding_dim=8)
+  assert model.count_params() == params
+
+
+@pytest.mark.parametrize("name", models.MODEL_NAMES)
+def test_every_model_round_trips_its_config_and_scores_a_batch(name):
+  model = models.build_model(name, 20, 10, 4, 8, layers=(8, 4), mlp_embedding_dim=4,
+                             dropout=0.1, l2=0.01)
+  clone = type(model).from_config(model.get_config())
+  assert clone.get_config() == model.get_config()
+  out = model({schema.USER: np.array([0, 19, 20]), schema.ITEM: np.array([9, 0, 10])})
+  assert out.shape == (3,)
+
+
+def test_l2_penalty_is_the_squared_norm_of_the_gathered_rows():
+  model = models.build_model("mf", 3, 2, 2, l2=0.5)
+  model.user_embedding.embeddings.assign(np.arange(8, dtype="float32").reshape(4, 2))
+  model.item_embedding.embeddings.assign(np.ones((3, 2), "float32"))
+  model.user_bias.embeddings.assign(np.full((4, 1), 2.0, "float32"))
+  model.item_bias.embeddings.assign(np.zeros((3, 1), "float32"))
+  penalty = model.embedding_penalty({schema.USER: np.array([1]), schema.ITEM: np.array([0])})
+  # user row 1 = [2, 3] -> 13; item row 0 = [1, 1] -> 2; user bias 2 -> 4; item bias 0.
+  np.testing.assert_allclose(np.asarray(penalty), [0.5 * (13 + 2 + 4)])
+
+
+def test_neumf_starts_from_pretrained_gmf_and_mlp():
+  sizes = dict(layers=(8, 4), mlp_embedding_dim=4)
+  gmf = models.build_model("gmf", 20, 10, 4, **sizes)
+  mlp = models.build_model("mlp", 20, 10, 4, **sizes)
+  neumf = models.build_model("neumf", 20, 10, 4, **sizes)
+  neumf.load_pretrained(gmf, mlp, alpha=0.25)
+  batch = {schema.USER: np.array([1, 5]), schema.ITEM: np.array([2, 7])}
+  # The fused output is alpha * GMF's logit + (1 - alpha) * MLP's logit.
+  expected = 0.25 * np.asarray(gmf(batch)) + 0.75 * np.asarray(mlp(batch))
+  np.testing.assert_allclose(np.asarray(neumf(batch)), expected, rtol=1e-5, atol=1e-7)
+  wrong = models.build_model("mlp", 20, 10, 4, layers=(6, 4), mlp_embedding_dim=4)
+  with pytest.raises(ValueError, match="pretrain with the same sizes"):
+    neumf.load_pretrained(gmf, wrong)

@@ -82,3 +82,34 @@ def test_more_pipelines_than_files_is_a_clear_error(tiny_data_dir):
 def test_no_matching_files_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match="no files match"):
     pipeline.make_dataset(str(tmp_path / "train-*"), 8, training=True)
+
+
+def test_negatives_are_fresh_reproducible_and_never_a_known_positive():
+  num_items, k = 6, 3
+  # User 0 has items 0..4: only item 5 is a valid negative for it; user 1 has item 0 only.
+  train_keys = np.array([0, 1, 2, 3, 4, 1 * num_items + 0], np.int64)
+  add = pipeline.negative_sampler(num_items, k, seed=3, train_keys=np.sort(train_keys))
+  positives = {schema.USER: tf.constant([0, 1], tf.int64), schema.ITEM: tf.constant([2, 0],
+                                                                                    tf.int64),
+               schema.RATING: tf.constant([1.0, 1.0])}
+  first = add(tf.constant(0, tf.int64), positives)
+  assert first[schema.USER].numpy().tolist() == [0, 1, 0, 0, 0, 1, 1, 1]
+  assert first[schema.LABEL].numpy().tolist() == [1, 1, 0, 0, 0, 0, 0, 0]
+  negatives = first[schema.ITEM].numpy()[2:]
+  assert negatives[:3].tolist() == [5, 5, 5]
+  assert 0 not in negatives[3:].tolist()
+  again = add(tf.constant(0, tf.int64), positives)
+  assert again[schema.ITEM].numpy().tolist() == first[schema.ITEM].numpy().tolist()
+  draws = {tuple(add(tf.constant(s, tf.int64), positives)[schema.ITEM].numpy()[5:])
+           for s in range(8)}
+  assert len(draws) > 1  # new negatives at every step
+
+
+def test_training_batches_with_negatives_hold_positives_then_negatives(tiny_data_dir):
+  metadata = preparation.load_metadata(tiny_data_dir)
+  add = pipeline.negative_sampler(metadata.num_items, 4, seed=1)
+  ds = pipeline.make_dataset(_pattern(tiny_data_dir, schema.TRAIN), 50, training=True, seed=1,
+                             add_negatives=add)
+  batch = next(iter(ds))
+  assert len(batch[schema.USER]) == 250
+  assert batch[schema.LABEL].numpy().sum() == 50

@@ -1,0 +1,113 @@
+"""Implicit feedback end to end in-process: every model beats popularity; options work."""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer import train
+from trainer.config import ConfigError, PrepareConfig, TrainConfig
+from trainer.data import preparation
+
+pytestmark = pytest.mark.slow  # a few seconds of training each
+
+
+@pytest.fixture(scope="module")
+def implicit_data(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("implicit"))
+  preparation.prepare(PrepareConfig(output_dir=out, num_users=300, num_items=200,
+                                    num_ratings=12000, implicit=True, split="leave_one_out",
+                                    eval_negatives=50, num_shards=2, seed=0))
+  return out
+
+
+def _popularity(data_dir, k=10):
+  """HR@k of ranking by training popularity, sampled protocol, ties against it."""
+  positives = preparation.load_npz(os.path.join(data_dir, preparation.TRAIN_POSITIVES_FILE))
+  sampled = preparation.load_npz(os.path.join(data_dir, preparation.EVAL_NEGATIVES_FILE))
+  counts = np.bincount(positives["indices"], minlength=sampled["negatives"].max() + 1)
+  counts = np.pad(counts, (0, max(0, sampled["positives"].max() + 1 - len(counts))))
+  rank = (counts[sampled["negatives"]] >= counts[sampled["positives"]][:, None]).sum(1)
+  return float(np.mean(rank < k))
+
+
+def _config(data_dir, model_dir, **changes):
+  base = TrainConfig(data_dir=data_dir, model_dir=model_dir, task="implicit", epochs=8,
+                     batch_size=1000, learning_rate=0.01, embedding_dim=16,
+                     mlp_embedding_dim=16, layers=(32, 16), optimizer="lazy_adam",
+                     num_negatives=4, log_every_steps=50, seed=1)
+  return dataclasses.replace(base, **changes)
+
+
+@pytest.mark.parametrize("name", ["gmf", "mlp", "neumf", "mf"])
+def test_every_model_beats_popularity(implicit_data, tmp_path, mirrored_strategy, name):
+  result = train.train_and_evaluate(_config(implicit_data, str(tmp_path), model=name),
+                                    mirrored_strategy)
+  popularity = _popularity(implicit_data)
+  assert result["eval_hr_sampled"] > popularity, (result, popularity)
+  assert result["eval_count_sampled"] == 300 and result["eval_count_full"] == 300
+  assert 0 < result["eval_hr_full"] < result["eval_hr_sampled"]  # 199 competitors, not 50
+  assert result["primary_metric"] == "hr_sampled" and result["top_k"] == 10
+
+
+def test_same_seed_same_metrics_and_weights(implicit_data, tmp_path):
+  config = _config(implicit_data, str(tmp_path / "a"), model="neumf", epochs=2,
+                   deterministic=True, dropout=0.1)
+  a = train.train_and_evaluate(config)
+  b = train.train_and_evaluate(dataclasses.replace(config, model_dir=str(tmp_path / "b")))
+  assert a["weights_sha256"] == b["weights_sha256"]
+  assert a["eval_hr_full"] == b["eval_hr_full"] and a["eval_ndcg_sampled"] == b[
+      "eval_ndcg_sampled"]
+
+
+def test_neumf_pretrained_from_gmf_and_mlp_runs(implicit_data, tmp_path):
+  common = dict(epochs=2)
+  train.train_and_evaluate(_config(implicit_data, str(tmp_path / "gmf"), model="gmf", **common))
+  train.train_and_evaluate(_config(implicit_data, str(tmp_path / "mlp"), model="mlp", **common))
+  pretrained = _config(implicit_data, str(tmp_path / "neumf"), model="neumf", epochs=1,
+                       learning_rate=0.001, optimizer="sgd",
+                       pretrained_gmf_dir=str(tmp_path / "gmf"),
+                       pretrained_mlp_dir=str(tmp_path / "mlp"))
+  result = train.train_and_evaluate(pretrained)
+  assert result["eval_hr_sampled"] > _popularity(implicit_data)
+  with pytest.raises(ConfigError, match="must hold a gmf run"):
+    train.train_and_evaluate(dataclasses.replace(
+        pretrained, model_dir=str(tmp_path / "bad"), pretrained_gmf_dir=str(tmp_path / "mlp")))
+
+
+def test_early_stopping_at_a_target_and_the_best_checkpoint_is_exported(implicit_data,
+                                                                        tmp_path):
+  result = train.train_and_evaluate(_config(
+      implicit_data, str(tmp_path), model="mf", epochs=20, target_metric="hr_full",
+      target_value=0.05))
+  assert result["epochs"] < 20 and "reached --target_value=0.05" in result["stopped_early"]
+  best = tf.train.latest_checkpoint(str(tmp_path / "checkpoints" / "best"))
+  assert best is not None and result["best_epoch"] == int(best.rsplit("-", 1)[1])
+  with open(tmp_path / "metrics.json") as f:
+    assert json.load(f)["stopped_early"] == result["stopped_early"]
+
+
+@pytest.mark.parametrize("changes", [
+    dict(mixed_precision="bfloat16"),
+    dict(mixed_precision="float16", optimizer="adam"),
+    dict(jit_compile=True, optimizer="adam"),
+    dict(warmup_steps=5, decay="cosine", optimizer="adam", learning_rate=0.02),
+])
+def test_precision_xla_and_schedules_train(implicit_data, tmp_path, changes):
+  result = train.train_and_evaluate(_config(implicit_data, str(tmp_path), model="gmf", epochs=3,
+                                            **changes))
+  assert result["eval_hr_sampled"] > _popularity(implicit_data), (changes, result)
+
+
+def test_ranking_target_without_negatives_is_refused(tmp_path):
+  data = str(tmp_path / "data")
+  preparation.prepare(PrepareConfig(output_dir=data, num_users=50, num_items=40,
+                                    num_ratings=600, implicit=True, eval_fraction=0.2))
+  with pytest.raises(ConfigError, match="--target_metric=hr_sampled needs eval negatives"):
+    train.train_and_evaluate(_config(data, str(tmp_path / "m"), target_metric="hr_sampled",
+                                     target_value=0.5, batch_size=100))
+  with pytest.raises(ConfigError, match="holds implicit feedback"):
+    train.train_and_evaluate(_config(data, str(tmp_path / "m"), task="explicit", batch_size=100))
