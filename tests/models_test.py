@@ -90,3 +90,20 @@ def test_neumf_starts_from_pretrained_gmf_and_mlp():
   wrong = models.build_model("mlp", 20, 10, 4, layers=(6, 4), mlp_embedding_dim=4)
   with pytest.raises(ValueError, match="pretrain with the same sizes"):
     neumf.load_pretrained(gmf, wrong)
+
+
+@pytest.mark.parametrize("name", models.MODEL_NAMES)
+def test_every_weight_round_trips_through_a_checkpoint(name, tmp_path):
+  import tensorflow as tf
+  build = lambda: models.build_model(name, 20, 10, 4, 8, layers=(8, 4),  # noqa: E731
+                                     mlp_embedding_dim=4, dropout=0.1)
+  keras.utils.set_random_seed(1)
+  saved = build()
+  path = tf.train.Checkpoint(model=saved).save(str(tmp_path / "ckpt"))
+  stored = [n for n, _ in tf.train.list_variables(path) if n.startswith("model/")]
+  assert len(stored) == len(saved.weights)
+  keras.utils.set_random_seed(2)
+  restored = build()
+  tf.train.Checkpoint(model=restored).restore(path).assert_existing_objects_matched()
+  for a, b in zip(saved.weights, restored.weights):
+    np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)

@@ -73,12 +73,16 @@ class Recommender(keras.Model):
     return config
 
 
-def _tower(units: Sequence[int], dropout: float, prefix: str):
+def _tower(owner: keras.Model, units: Sequence[int], dropout: float, prefix: str):
+  """A ReLU tower whose layers are attributes of `owner`: TensorFlow checkpoints track
+  attributes, not layers held only in a Python list."""
   out = []
   for k, n in enumerate(units):
     out.append(layers.Dense(n, activation="relu", name=f"{prefix}_{k}"))
     if dropout:
       out.append(layers.Dropout(dropout, name=f"{prefix}_dropout_{k}"))
+  for layer in out:
+    setattr(owner, layer.name, layer)
   return out
 
 
@@ -156,7 +160,7 @@ class MLP(Recommender):
     self.dropout = dropout
     self.user_embedding = self._embedding(num_users, embedding_dim, "mlp_user_embedding")
     self.item_embedding = self._embedding(num_items, embedding_dim, "mlp_item_embedding")
-    self.tower = _tower(self.layer_sizes, dropout, "mlp")
+    self.tower = _tower(self, self.layer_sizes, dropout, "mlp")
     self.score = self._output()
 
   def embedding_tables(self):
@@ -195,7 +199,7 @@ class NeuMF(Recommender):
                                               "mlp_user_embedding")
     self.mlp_item_embedding = self._embedding(num_items, mlp_embedding_dim,
                                               "mlp_item_embedding")
-    self.tower = _tower(self.layer_sizes, dropout, "mlp")
+    self.tower = _tower(self, self.layer_sizes, dropout, "mlp")
     self.score = self._output()
 
   def embedding_tables(self):
