@@ -31,7 +31,7 @@ def test_training_cli_beats_the_global_mean_on_two_replicas(pipeline_run):
   assert prepared["num_train"] + prepared["num_eval"] == 8000
   assert metrics["replicas"] == 2
   assert metrics["eval_rmse"] < metrics["eval_rmse_global_mean_baseline"]
-  assert "examples/s" in log and "ETA" in log and "eval rmse" in log
+  assert "examples/s" in log and "ETA" in log and " rmse " in log and "baseline_rmse" in log
   with open(os.path.join(model_dir, "metrics.json")) as f:
     assert json.load(f) == metrics
 
