@@ -385,8 +385,7 @@ SYNTHETIC_RATING_RANGE = (1.0, 5.0)
 # Users are generated in blocks of about this many ratings, each block from its own seeded
 # generator: a constant, so the output never depends on how it is read.
 _GENERATION_BLOCK = 1 << 20
-_CANDIDATES = 8
-_TEMPERATURE = 0.15
+_IN_TASTE = 0.7
 
 
 class SyntheticSource(Source):
@@ -420,7 +419,15 @@ class SyntheticSource(Source):
     self._item_factors = rng.normal(0.0, scale, (num_items, rank)).astype(np.float32)
     self._item_bias = rng.normal(0.0, 0.4, num_items).astype(np.float32)
     popularity = (np.arange(num_items) + 1.0) ** -0.8
-    self._item_cdf = np.cumsum(rng.permutation(popularity / popularity.sum()))
+    popularity = rng.permutation(popularity / popularity.sum())
+    # Items ordered by taste (their largest factor dimension), with the cumulative popularity
+    # in that order: a draw within one taste is a uniform number inside its mass.
+    item_taste = np.argmax(self._item_factors, axis=1)
+    self._by_taste = np.argsort(item_taste, kind="stable")
+    self._taste_cdf = np.cumsum(popularity[self._by_taste])
+    mass = np.bincount(item_taste, weights=popularity, minlength=rank)
+    self._taste_mass = mass
+    self._taste_start = np.concatenate([[0.0], np.cumsum(mass)[:-1]])
     activity = (np.arange(num_users) + 1.0) ** -0.5
     activity = rng.permutation(activity / activity.sum())
     counts = rng.multinomial(num_ratings, activity)
@@ -466,16 +473,17 @@ class SyntheticSource(Source):
     user_factors = urng.normal(0.0, scale, (last - first, self.rank)).astype(np.float32)
     user_bias = urng.normal(0.0, 0.3, last - first).astype(np.float32)
     local = users - first
-    # Which items a user picks carries the structure too (what implicit feedback learns from):
-    # draw _CANDIDATES items by popularity and keep one with probability proportional to
-    # exp(<p_u, q_i> / _TEMPERATURE) (the Gumbel-max trick). A user's repeated items are
-    # redrawn uniformly, which converges in a few rounds even for the heaviest users.
-    candidates = np.minimum(
-        np.searchsorted(self._item_cdf, rng.random((len(users), _CANDIDATES))),
-        self.num_items - 1)
-    affinity = np.einsum("nr,ncr->nc", user_factors[local], self._item_factors[candidates])
-    gumbel = -np.log(-np.log(rng.random(candidates.shape) + 1e-12) + 1e-12)
-    items = candidates[np.arange(len(users)), np.argmax(affinity / _TEMPERATURE + gumbel, 1)]
+    # Which items a user picks carries the structure too (what implicit feedback learns
+    # from): each user and item belongs to the factor dimension where it is largest; with
+    # probability _IN_TASTE a user's item is drawn, by popularity, from its own dimension's
+    # items, otherwise from all items. A user's repeated items are redrawn uniformly, which
+    # converges in a few rounds even for the heaviest users.
+    taste = np.argmax(user_factors[local], axis=1)
+    u = rng.random(len(users))
+    inside = rng.random(len(users)) < _IN_TASTE
+    target = np.where(inside, self._taste_start[taste] + u * self._taste_mass[taste], u)
+    items = self._by_taste[np.minimum(np.searchsorted(self._taste_cdf, target),
+                                      self.num_items - 1)]
     check = np.arange(len(users))
     while len(check):
       keys = users[check] * self.num_items + items[check]
