@@ -408,7 +408,9 @@ def _run(config, strategy, metadata, model, optimizer, epoch, best_value, since_
       logging.info("Stopping early after epoch %d: %s", e + 1, stopped)
       break
 
-  best_checkpoint = tf.train.latest_checkpoint(best_dir)
+  # Each task restores its own copy of the best checkpoint: identical weights (the tasks train
+  # in lockstep), and no task reads a file another task may still be writing.
+  best_checkpoint = tf.train.latest_checkpoint(task_best_dir)
   if best_checkpoint:  # serve and report the best epoch's model
     tf.train.Checkpoint(model=model).restore(best_checkpoint).expect_partial()
     logging.info("Best %s %.4f: %s", primary, float(best_value.numpy()), best_checkpoint)
