@@ -160,3 +160,18 @@ def test_unprepared_data_dir_fails_naming_the_flag(tmp_path):
   config = TrainConfig(data_dir=str(tmp_path / "none"), model_dir=str(tmp_path / "m"))
   with pytest.raises(ConfigError, match=r"--data_dir='.*none' is not a prepared data directory"):
     train.train_and_evaluate(config)
+
+
+def test_a_model_dir_of_another_configuration_is_refused_unless_overwritten(trained, tmp_path):
+  config, _ = trained
+  model_dir = str(tmp_path / "model")
+  subprocess.run(["cp", "-r", config.model_dir, model_dir], check=True)
+  other = dataclasses.replace(config, model_dir=model_dir, export_dir=None, embedding_dim=8,
+                              epochs=1)
+  with pytest.raises(ConfigError, match=r"holds checkpoints of a different run \("
+                     r"embedding_dim=16 there, 8 now\): use another --model_dir, or "
+                     r"--overwrite"):
+    train.train_and_evaluate(other)
+  result = train.train_and_evaluate(dataclasses.replace(other, overwrite=True))
+  assert result["epochs"] == 1  # started afresh, not from epoch 6
+  assert tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")).endswith("ckpt-1")

@@ -163,6 +163,7 @@ class TrainConfig:
   target_metric: Optional[str] = None
   target_value: Optional[float] = None
   early_stopping_patience: int = 0  # 0: off
+  overwrite: bool = False  # discard checkpoints of an earlier run in model_dir
   seed: int = 0
   shuffle_buffer_blocks: int = 256  # records of BLOCK_SIZE examples each
   log_every_steps: int = 100

@@ -79,6 +79,9 @@ flags.DEFINE_enum("target_metric", None, config_lib.METRICS,
                   "Stop once this eval metric reaches --target_value; also the metric that "
                   "picks the best checkpoint (default rmse, or hr_sampled / hr_full).")
 flags.DEFINE_float("target_value", None, "See --target_metric.")
+flags.DEFINE_bool("overwrite", _D.overwrite,
+                  "Discard the checkpoints of an earlier run in --model_dir and start afresh "
+                  "(without it, a model_dir of another configuration is refused).")
 flags.DEFINE_integer("early_stopping_patience", _D.early_stopping_patience,
                      "Stop after this many epochs without improvement (0: never).",
                      lower_bound=0)
@@ -121,6 +124,7 @@ def config_from_flags() -> config_lib.TrainConfig:
       alpha=FLAGS.alpha, mixed_precision=FLAGS.mixed_precision, jit_compile=FLAGS.jit_compile,
       deterministic=FLAGS.deterministic, target_metric=FLAGS.target_metric,
       target_value=FLAGS.target_value, early_stopping_patience=FLAGS.early_stopping_patience,
+      overwrite=FLAGS.overwrite,
       seed=FLAGS.seed,
       shuffle_buffer_blocks=FLAGS.shuffle_buffer_blocks, log_every_steps=FLAGS.log_every_steps,
       max_checkpoints=FLAGS.max_checkpoints, strategy=FLAGS.strategy,

@@ -190,6 +190,39 @@ def _precision(policy: str):
     keras.config.set_dtype_policy(previous)
 
 
+# What a checkpoint's shapes and meaning depend on: a run that differs in any of these cannot
+# continue from it.
+_SHAPING_FIELDS = ("data_dir", "model", "task", "embedding_dim", "hidden_units", "layers",
+                   "mlp_embedding_dim")
+
+
+def _check_compatible(config: TrainConfig) -> bool:
+  """Whether to resume from `model_dir`; refuses a run of another configuration there.
+
+  Returns:
+    False when --overwrite asks to start afresh, else True.
+
+  Raises:
+    ConfigError: `model_dir` holds checkpoints of a run whose model or data differ, naming the
+      fields and both values.
+  """
+  path = fileio.join(config.model_dir, CONFIG_FILE)
+  if config.overwrite:
+    return False
+  if not tf.io.gfile.exists(path) or not tf.train.latest_checkpoint(
+      config.resolved_checkpoint_dir):
+    return True
+  previous = json.loads(fileio.read_text(path))
+  current = json.loads(config.to_json())
+  differ = [f"{name}={previous.get(name)!r} there, {current[name]!r} now"
+            for name in _SHAPING_FIELDS if previous.get(name) != current[name]]
+  if differ:
+    raise ConfigError(f"--model_dir={config.model_dir!r} holds checkpoints of a different run ("
+                      f"{'; '.join(differ)}): use another --model_dir, or --overwrite to "
+                      "discard them")
+  return True
+
+
 def _primary_metric(config: TrainConfig, protocols) -> str:
   if config.target_metric:
     return config.target_metric
@@ -244,7 +277,10 @@ def train_and_evaluate(config: TrainConfig,
     tf.config.experimental.enable_op_determinism()
   keras.utils.set_random_seed(config.seed)
   chief = distribute.is_chief(strategy)
+  resume = _check_compatible(config)
   if chief:
+    if not resume and tf.io.gfile.exists(config.resolved_checkpoint_dir):
+      tf.io.gfile.rmtree(config.resolved_checkpoint_dir)  # --overwrite: start afresh
     fileio.makedirs(config.model_dir)
     fileio.write_text_atomic(fileio.join(config.model_dir, CONFIG_FILE), config.to_json())
 
@@ -277,7 +313,7 @@ def _run(config, strategy, metadata, model, optimizer, epoch, best_value, since_
                                        max_to_keep=config.max_checkpoints)
   best_manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), task_best_dir,
                                             max_to_keep=1)
-  latest = tf.train.latest_checkpoint(checkpoint_dir)  # every task resumes from the chief's
+  latest = None if config.overwrite else tf.train.latest_checkpoint(checkpoint_dir)
   if latest:
     checkpoint.restore(latest).assert_existing_objects_matched()
     logging.info("Resumed from %s (epoch %d of %d done)", latest, int(epoch.numpy()),
