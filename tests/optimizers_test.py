@@ -65,3 +65,15 @@ def test_warmup_then_decay(decay, step, expected):
 def test_unknown_optimizer_names_the_flag():
   with pytest.raises(ValueError, match="--optimizer='rmsprop' is not one of"):
     optimizers.make_optimizer("rmsprop", 0.1)
+
+
+def test_duplicate_rows_are_summed_like_a_segment_sum():
+  rng = np.random.default_rng(3)
+  indices = rng.integers(0, 40, 300)  # many repeats
+  values = rng.normal(size=(300, 5)).astype("float32")
+  summed, rows = optimizers._sum_duplicates(tf.IndexedSlices(tf.constant(values),
+                                                             tf.constant(indices)))
+  expected = {r: values[indices == r].sum(0) for r in np.unique(indices)}
+  assert sorted(rows.numpy().tolist()) == sorted(expected)
+  for row, total in zip(rows.numpy(), summed.numpy()):
+    np.testing.assert_allclose(total, expected[row], rtol=1e-5, atol=1e-6)
