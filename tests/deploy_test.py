@@ -62,7 +62,6 @@ def test_dockerfile_installs_requirements_before_code_and_drops_root():
 
 # --- Offline validation against the real schemas, hadolint, and the scripts. ---
 
-import json  # noqa: E402
 import shutil  # noqa: E402
 
 import jsonschema  # noqa: E402

@@ -18,11 +18,10 @@ from trainer.data import preparation
 
 
 def test_vocab_is_frequency_ordered_with_ties_by_id():
-  ids = np.array(["b", "a", "c", "b", "c", "c", "d"], dtype=object)
-  vocab, index = preparation.build_vocab(ids)
-  # counts: c 3, b 2, a 1, d 1 -> c, b, then a before d
-  assert vocab.tolist() == ["c", "b", "a", "d"]
-  assert index.tolist() == [1, 2, 0, 1, 0, 0, 3]
+  raw = np.array(["b", "a", "c", "d", "e"])
+  counts = np.array([2, 1, 3, 1, 0])  # e never occurs
+  # c 3, b 2, then a before d (ties by ID); e is left out.
+  assert raw[preparation._frequency_order(counts, raw)].tolist() == ["c", "b", "a", "d"]
 
 
 def _read_split(data_dir, split):

@@ -7,12 +7,11 @@ import subprocess
 import sys
 import textwrap
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import models, schema, train
+from trainer import schema, train
 from trainer.config import ConfigError, TrainConfig
 from trainer.data import pipeline, preparation
 

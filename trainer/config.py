@@ -104,7 +104,7 @@ class PrepareConfig:
       _require(bool(self.tfds_name), "--source=tfds needs --tfds_name, e.g. "
                "movielens/100k-ratings")
     else:
-      _require(self.tfds_name is None, f"--tfds_name applies to --source=tfds only")
+      _require(self.tfds_name is None, "--tfds_name applies to --source=tfds only")
     if (self.rating_min is None) != (self.rating_max is None):
       raise ConfigError("--rating_min and --rating_max go together")
     if self.rating_min is not None:
@@ -241,7 +241,7 @@ class TrainConfig:
     unit = num_replicas * self.examples_per_positive
     _require(self.batch_size % unit == 0,
              f"--batch_size={self.batch_size} is not divisible by the {num_replicas} replicas"
-             + (f" x (1 + --num_negatives)" if self.task == "implicit" else ""))
+             + (" x (1 + --num_negatives)" if self.task == "implicit" else ""))
 
   def eval_batch_for(self, num_replicas: int) -> int:
     """The global eval batch: --eval_batch_size rounded down to a multiple of the replicas

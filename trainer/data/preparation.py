@@ -36,7 +36,7 @@ import tempfile
 import time
 import uuid
 import zipfile
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -82,20 +82,6 @@ class IdEncoder:
     if self.fmt is not None:
       return np.array([self.fmt.format(c) for c in range(self._size)])
     return np.array(list(self._index), dtype=str) if self._index else np.array([], str)
-
-
-def build_vocab(ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-  """Builds a frequency-ordered vocabulary of raw IDs (in memory; for small logs and tests).
-
-  Returns:
-    (vocab, index): vocab[k] is the k-th most frequent ID (ties broken by the ID's string order);
-    index[j] is the dense index of ids[j].
-  """
-  uniq, inverse, counts = np.unique(ids.astype(str), return_inverse=True, return_counts=True)
-  order = np.argsort(-counts, kind="stable")  # uniq is sorted, so ties stay in ID order
-  rank = np.empty_like(order)
-  rank[order] = np.arange(len(order))
-  return uniq[order], rank[inverse.reshape(-1)].astype(np.int64)
 
 
 def _frequency_order(counts: np.ndarray, raw: np.ndarray) -> np.ndarray:
