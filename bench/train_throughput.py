@@ -80,10 +80,10 @@ data = strategy.distribute_datasets_from_function(
     lambda ctx: pipeline.make_dataset(pattern, positives, True, ctx, 0, 256, add))
 iterator = iter(data)
 loop = train.make_train_loop(model, opt, strategy, batch, config.task)
-loop(iterator, tf.constant(20))  # trace and warm up
+loop(iterator, tf.constant(20), tf.constant(0))  # trace and warm up
 steps = max(20, int(2e6 // batch))
 start = time.perf_counter()
-loop(iterator, tf.constant(steps))
+loop(iterator, tf.constant(steps), tf.constant(0))
 seconds = time.perf_counter() - start
 print(json.dumps({"examples_per_sec": steps * batch / seconds, "batch": batch}))
 """

@@ -38,7 +38,7 @@ def _train(strategy, name="seed_mlp", task="explicit", optimizer="adam"):
           ctx.get_per_replica_batch_size(GLOBAL_BATCH), drop_remainder=True))
   iterator = iter(dataset)
   train_loop = train.make_train_loop(model, opt, strategy, GLOBAL_BATCH, task)
-  losses = [float(train_loop(iterator, tf.constant(1))) for _ in range(STEPS)]
+  losses = [float(train_loop(iterator, tf.constant(1), tf.constant(0))[0]) for _ in range(STEPS)]
   return losses, model
 
 

@@ -113,3 +113,44 @@ def test_training_batches_with_negatives_hold_positives_then_negatives(tiny_data
   batch = next(iter(ds))
   assert len(batch[schema.USER]) == 250
   assert batch[schema.LABEL].numpy().sum() == 50
+
+
+@pytest.mark.parametrize("start_step", [1, 7, 19, 40])
+def test_a_resumed_dataset_continues_batch_for_batch(tiny_data_dir, start_step):
+  """Starting at step k (mid-epoch, at an epoch boundary or epochs later) yields exactly the
+  batches an uninterrupted dataset yields from its k-th batch: examples and negatives."""
+  metadata = preparation.load_metadata(tiny_data_dir)
+  assert sum(metadata.train_shard_examples) == metadata.num_train
+  pattern = _pattern(tiny_data_dir, schema.TRAIN)
+  batch = 211  # not a divisor of the epoch: batches straddle epoch ends
+  sampler = pipeline.negative_sampler(metadata.num_items, 2, seed=5)
+
+  def batches(start, count):
+    ds = pipeline.make_dataset(pattern, batch, True, seed=9, add_negatives=sampler,
+                               start_step=start, file_examples=metadata.train_shard_examples)
+    return [{k: v.numpy() for k, v in b.items()} for b in ds.take(count)]
+
+  whole = batches(0, start_step + 5)
+  resumed = batches(start_step, 5)
+  for expected, got in zip(whole[start_step:], resumed):
+    for name in expected:
+      np.testing.assert_array_equal(expected[name], got[name])
+
+
+def test_a_resumed_dataset_continues_under_two_replicas(tiny_data_dir, mirrored_strategy):
+  metadata = preparation.load_metadata(tiny_data_dir)
+  pattern = _pattern(tiny_data_dir, schema.TRAIN)
+
+  def steps(start, count):
+    ds = mirrored_strategy.distribute_datasets_from_function(
+        lambda ctx: pipeline.make_dataset(pattern, 300, True, ctx, seed=2, start_step=start,
+                                          file_examples=metadata.train_shard_examples))
+    out, iterator = [], iter(ds)
+    for _ in range(count):
+      values = mirrored_strategy.experimental_local_results(next(iterator)[schema.ITEM])
+      out.append(np.concatenate([v.numpy() for v in values]))
+    return out
+
+  whole, resumed = steps(0, 14), steps(9, 5)
+  for expected, got in zip(whole[9:], resumed):
+    np.testing.assert_array_equal(expected, got)

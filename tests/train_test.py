@@ -67,10 +67,18 @@ def test_metrics_match_a_numpy_evaluation_of_the_checkpoint(trained, tiny_data_d
   assert metrics["eval_mae"] == pytest.approx(np.mean(np.abs(error)), rel=1e-5)
 
 
+def _saved(checkpoint: str, counter: str) -> int:
+  return int(tf.train.load_variable(checkpoint, f"{counter}/.ATTRIBUTES/VARIABLE_VALUE"))
+
+
 def test_writes_checkpoints_and_tensorboard_summaries(trained):
   config, _ = trained
   checkpoints = config.resolved_checkpoint_dir
-  assert tf.train.latest_checkpoint(checkpoints).endswith("ckpt-6")
+  latest = tf.train.latest_checkpoint(checkpoints)
+  assert _saved(latest, "epoch") == 6
+  steps_per_epoch = preparation.load_metadata(config.data_dir).num_train // config.batch_size
+  assert _saved(latest, "step") == 6 * steps_per_epoch  # numbered by step
+  assert latest.endswith(f"ckpt-{6 * steps_per_epoch}")
   assert len(tf.io.gfile.glob(os.path.join(checkpoints, "ckpt-*.index"))) == 3  # max kept
   events = tf.io.gfile.glob(os.path.join(config.resolved_log_dir, "events.*"))
   assert events
@@ -90,7 +98,7 @@ def test_rerun_resumes_from_the_latest_checkpoint(trained, tmp_path):
   assert again["eval_rmse"] == pytest.approx(metrics["eval_rmse"], rel=1e-6)
   more = train.train_and_evaluate(dataclasses.replace(same, epochs=7))
   assert more["epochs"] == 7 and more["train_examples_per_sec"] > 0
-  assert tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")).endswith("ckpt-7")
+  assert _saved(tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")), "epoch") == 7
 
 
 _SERVE = textwrap.dedent("""
@@ -173,4 +181,4 @@ def test_a_model_dir_of_another_configuration_is_refused_unless_overwritten(trai
     train.train_and_evaluate(other)
   result = train.train_and_evaluate(dataclasses.replace(other, overwrite=True))
   assert result["epochs"] == 1  # started afresh, not from epoch 6
-  assert tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")).endswith("ckpt-1")
+  assert _saved(tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")), "epoch") == 1

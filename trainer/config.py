@@ -167,7 +167,11 @@ class TrainConfig:
   seed: int = 0
   shuffle_buffer_blocks: int = 256  # records of BLOCK_SIZE examples each
   log_every_steps: int = 100
-  max_checkpoints: int = 3
+  max_checkpoints: int = 3  # the latest ones; the best by the eval metric is kept apart
+  # Mid-epoch checkpoints (epoch ends always save): every N steps and/or every N seconds; 0: off.
+  checkpoint_every_steps: int = 0
+  checkpoint_every_secs: float = 600.0
+  storage_retries: int = 3  # further attempts of a failed checkpoint/export/metrics write
   strategy: str = "auto"
   num_cpu_devices: int = 1
 
@@ -203,7 +207,8 @@ class TrainConfig:
                  "max_checkpoints", "num_cpu_devices", "top_k"):
       value = getattr(self, name)
       _require(value >= 1, f"--{name}={value} must be at least 1")
-    for name in ("warmup_steps", "num_negatives", "early_stopping_patience"):
+    for name in ("warmup_steps", "num_negatives", "early_stopping_patience",
+                 "checkpoint_every_steps", "checkpoint_every_secs", "storage_retries"):
       value = getattr(self, name)
       _require(value >= 0, f"--{name}={value} must not be negative")
     _require(self.learning_rate > 0, f"--learning_rate={self.learning_rate} must be positive")

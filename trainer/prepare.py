@@ -113,6 +113,13 @@ def main(argv):
     logging.error("%s", e)
     print(f"neumf-prepare: error: {e}", file=sys.stderr)
     sys.exit(2)
+  except RuntimeError as e:  # storage missing or unreachable (fileio.StorageError)
+    from trainer import fileio
+    if not isinstance(e, fileio.StorageError):
+      raise
+    logging.error("%s", e)
+    print(f"neumf-prepare: error: {e}", file=sys.stderr)
+    sys.exit(2 if not e.retryable else 132)
   print(json.dumps({"output_dir": config.output_dir, "num_users": metadata.num_users,
                     "num_items": metadata.num_items, "num_train": metadata.num_train,
                     "num_eval": metadata.num_eval, "split": metadata.split,

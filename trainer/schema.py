@@ -191,6 +191,9 @@ class Metadata:
   rating_histogram: Dict[str, int] = dataclasses.field(default_factory=dict)
   input_fingerprint: Dict[str, Any] = dataclasses.field(default_factory=dict)
   block_size: int = BLOCK_SIZE
+  # Examples in each training shard, in shard order: where an input pipeline's epochs begin,
+  # so a resumed run can continue mid-epoch. Empty in directories of older versions.
+  train_shard_examples: Sequence[int] = ()
   schema_version: int = SCHEMA_VERSION
 
   def to_json(self) -> str:

@@ -19,6 +19,9 @@ _D = config_lib.TrainConfig  # defaults live in the dataclass
 # Exit code when another task of the cluster is lost. Kubeflow's ExitCode restart policy retries
 # 128-255 and treats 1-127 as permanent, so this one restarts the job; bad flags (2) do not.
 LOST_PEER_EXIT_CODE = 131
+# Exit code when storage stays unreachable after retries: retryable too (the run resumes from
+# its latest checkpoint once storage is back).
+STORAGE_EXIT_CODE = 132
 
 flags.DEFINE_string("data_dir", None, "Prepared data directory (local or gs://), the output of "
                     "neumf-prepare.")
@@ -90,7 +93,20 @@ flags.DEFINE_integer("shuffle_buffer_blocks", _D.shuffle_buffer_blocks,
                      "Shuffle buffer in blocks of 1024 examples.", lower_bound=1)
 flags.DEFINE_integer("log_every_steps", _D.log_every_steps,
                      "Steps between progress lines (and per tf.function call).", lower_bound=1)
-flags.DEFINE_integer("max_checkpoints", _D.max_checkpoints, "Checkpoints kept.", lower_bound=1)
+flags.DEFINE_integer("max_checkpoints", _D.max_checkpoints,
+                     "Latest checkpoints kept (the best one is kept apart, in checkpoints/best).",
+                     lower_bound=1)
+flags.DEFINE_integer("checkpoint_every_steps", _D.checkpoint_every_steps,
+                     "Also checkpoint every N training steps (0: off). Epoch ends always "
+                     "checkpoint; a killed run restarted with the same command resumes from the "
+                     "latest checkpoint, mid-epoch included, exactly.", lower_bound=0)
+flags.DEFINE_float("checkpoint_every_secs", _D.checkpoint_every_secs,
+                   "Also checkpoint when this many seconds passed since the last one (0: off): "
+                   "bounds the work a preemption loses.", lower_bound=0.0)
+flags.DEFINE_integer("storage_retries", _D.storage_retries,
+                     "Retries, with exponential backoff from 2 s, of a failed checkpoint, export "
+                     "or metrics write (beyond TensorFlow's own per-request retries).",
+                     lower_bound=0)
 flags.DEFINE_enum("strategy", _D.strategy, config_lib.STRATEGIES,
                   "auto: MultiWorkerMirroredStrategy when TF_CONFIG or CLUSTER_SPEC lists "
                   "several tasks, MirroredStrategy over several GPUs or logical CPUs, else one "
@@ -127,7 +143,10 @@ def config_from_flags() -> config_lib.TrainConfig:
       overwrite=FLAGS.overwrite,
       seed=FLAGS.seed,
       shuffle_buffer_blocks=FLAGS.shuffle_buffer_blocks, log_every_steps=FLAGS.log_every_steps,
-      max_checkpoints=FLAGS.max_checkpoints, strategy=FLAGS.strategy,
+      max_checkpoints=FLAGS.max_checkpoints,
+      checkpoint_every_steps=FLAGS.checkpoint_every_steps,
+      checkpoint_every_secs=FLAGS.checkpoint_every_secs, storage_retries=FLAGS.storage_retries,
+      strategy=FLAGS.strategy,
       num_cpu_devices=FLAGS.num_cpu_devices).validate()
 
 
@@ -143,21 +162,33 @@ def main(argv):
     from trainer import train
     metrics = train.train_and_evaluate(config, strategy)
   except config_lib.ConfigError as e:
-    logging.error("%s", e)
-    print(f"neumf-train: error: {e}", file=sys.stderr)
-    sys.exit(2)
-  except Exception as e:  # a lost peer: say so plainly, then exit non-zero for a restart
+    _fail(str(e), 2)
+  except Exception as e:  # storage or a peer lost: say so plainly, exit for a restart
+    from trainer import fileio
     import tensorflow as tf
+    resume = ("Restart with the same command (every task, in a cluster): training resumes "
+              "from the latest checkpoint.")
+    if isinstance(e, fileio.StorageError):
+      _fail(f"{e}. {resume}" if e.retryable else str(e),
+            STORAGE_EXIT_CODE if e.retryable else 2)
+    if not isinstance(e, tf.errors.OpError):
+      raise
+    first_line = str(e).strip().splitlines()[0][:400] if str(e).strip() else ""
+    if any(mark in str(e) for mark in ("gs://", "googleapis.com")):
+      _fail(f"Cloud Storage failed ({type(e).__name__}: {first_line}). {resume}",
+            STORAGE_EXIT_CODE)
     if not isinstance(e, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
                           tf.errors.CancelledError)):
       raise
-    message = (f"lost contact with another task of the cluster ({type(e).__name__}: "
-               f"{str(e).splitlines()[0][:300]}). Restart every task with the same command: "
-               "training resumes from the latest checkpoint.")
-    logging.error("%s", message)
-    print(f"neumf-train: error: {message}", file=sys.stderr)
-    sys.exit(LOST_PEER_EXIT_CODE)
+    _fail(f"lost contact with another task of the cluster ({type(e).__name__}: {first_line}). "
+          f"{resume}", LOST_PEER_EXIT_CODE)
   print(json.dumps(metrics, sort_keys=True))
+
+
+def _fail(message: str, exit_code: int) -> None:
+  logging.error("%s", message)
+  print(f"neumf-train: error: {message}", file=sys.stderr)
+  sys.exit(exit_code)
 
 
 def run():

@@ -20,6 +20,7 @@ improvement. The export is of the best model.
 """
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -49,8 +50,11 @@ def clipped_prediction(model: keras.Model, batch: Dict[str, tf.Tensor], low: flo
 def make_train_loop(model: keras.Model, optimizer: keras.optimizers.Optimizer,
                     strategy: tf.distribute.Strategy, global_batch_size: int,
                     task: str = "explicit",
-                    jit_compile: bool = False) -> Callable[[object, tf.Tensor], tf.Tensor]:
-  """Returns `train_loop(iterator, num_steps) -> mean loss` running `num_steps` steps.
+                    jit_compile: bool = False) -> Callable:
+  """Returns `train_loop(iterator, num_steps, flag) -> (mean loss, flag)`.
+
+  It runs `num_steps` steps; `flag` (an int32 scalar, 0 or 1) comes back as 1 when it is 1 on
+  any replica of any task.
 
   Args:
     global_batch_size: examples per step across replicas (positives and negatives).
@@ -81,12 +85,16 @@ def make_train_loop(model: keras.Model, optimizer: keras.optimizers.Optimizer,
     return loss
 
   @tf.function
-  def train_loop(iterator, num_steps):
+  def train_loop(iterator, num_steps, flag):
     total = tf.constant(0.0)
     for _ in tf.range(num_steps):
       per_replica = strategy.run(step_fn, args=(next(iterator),))
       total += strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
-    return total / tf.cast(num_steps, tf.float32)
+    # `flag` (e.g. "a checkpoint is due by the clock") raised on any task counts for every
+    # task, so that all tasks take the same decision (ReduceOp has no MAX: sum, then clip).
+    agreed = tf.minimum(strategy.reduce(tf.distribute.ReduceOp.SUM,
+                                        strategy.run(lambda: tf.identity(flag)), axis=None), 1)
+    return total / tf.cast(num_steps, tf.float32), agreed
 
   return train_loop
 
@@ -241,7 +249,9 @@ def train_and_evaluate(config: TrainConfig,
                        strategy: Optional[tf.distribute.Strategy] = None) -> Dict[str, object]:
   """Trains `config.model` on `config.data_dir`, evaluates each epoch, exports and reports.
 
-  Re-running with the same `model_dir` resumes from the latest checkpoint (epoch granularity).
+  Re-running with the same `model_dir` resumes from the latest checkpoint, mid-epoch included:
+  with the same flags it ends exactly as an uninterrupted run would (bit for bit on CPU with
+  --deterministic).
 
   Args:
     config: the training configuration; validated here.
@@ -257,6 +267,7 @@ def train_and_evaluate(config: TrainConfig,
   strategy = strategy or tf.distribute.get_strategy()
   replicas = strategy.num_replicas_in_sync
   config.check_replicas(replicas)
+  check_storage(config)
   metadata = preparation.load_metadata(config.data_dir)
   if config.task == "explicit" and metadata.implicit:
     raise ConfigError(f"--data_dir={config.data_dir} holds implicit feedback (no ratings): "
@@ -281,8 +292,9 @@ def train_and_evaluate(config: TrainConfig,
   if chief:
     if not resume and tf.io.gfile.exists(config.resolved_checkpoint_dir):
       tf.io.gfile.rmtree(config.resolved_checkpoint_dir)  # --overwrite: start afresh
-    fileio.makedirs(config.model_dir)
-    fileio.write_text_atomic(fileio.join(config.model_dir, CONFIG_FILE), config.to_json())
+    fileio.retry(lambda: (fileio.makedirs(config.model_dir), fileio.write_text_atomic(
+        fileio.join(config.model_dir, CONFIG_FILE), config.to_json())),
+        f"writing {CONFIG_FILE} to {config.model_dir}", config.storage_retries)
 
   with _precision(config.mixed_precision):
     with strategy.scope():
@@ -292,18 +304,52 @@ def train_and_evaluate(config: TrainConfig,
           steps_per_epoch * config.epochs, config.decay,
           loss_scale=config.mixed_precision == "float16")
       optimizer.build(model.trainable_variables)
-      epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-      best_value = tf.Variable(float("nan"), dtype=tf.float64, trainable=False, name="best")
-      since_best = tf.Variable(0, dtype=tf.int64, trainable=False, name="since_best")
-    return _run(config, strategy, metadata, model, optimizer, epoch, best_value, since_best,
-                steps_per_epoch, positives_per_step, train_pattern, eval_pattern, chief)
+      counters = _Counters(
+          epoch=tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch"),
+          step=tf.Variable(0, dtype=tf.int64, trainable=False, name="step"),
+          epoch_loss=tf.Variable(0.0, dtype=tf.float64, trainable=False, name="epoch_loss"),
+          best=tf.Variable(float("nan"), dtype=tf.float64, trainable=False, name="best"),
+          since_best=tf.Variable(0, dtype=tf.int64, trainable=False, name="since_best"))
+    return _run(config, strategy, metadata, model, optimizer, counters, steps_per_epoch,
+                positives_per_step, train_pattern, eval_pattern, chief)
 
 
-def _run(config, strategy, metadata, model, optimizer, epoch, best_value, since_best,
-         steps_per_epoch, positives_per_step, train_pattern, eval_pattern, chief):
+def check_storage(config: TrainConfig) -> None:
+  """Fails fast when a gs:// location of the run is missing or not usable (see fileio)."""
+  for flag, path, write in (("data_dir", config.data_dir, False),
+                            ("model_dir", config.model_dir, True),
+                            ("export_dir", config.export_dir, True),
+                            ("checkpoint_dir", config.checkpoint_dir, True),
+                            ("tensorboard_dir", config.log_dir, True),
+                            ("pretrained_gmf_dir", config.pretrained_gmf_dir, False),
+                            ("pretrained_mlp_dir", config.pretrained_mlp_dir, False)):
+    if path:
+      fileio.check_gcs_access(path, flag, write)
+
+
+@dataclasses.dataclass
+class _Counters:
+  """Training state beside the model and optimizer, saved in every checkpoint."""
+  epoch: tf.Variable  # epochs finished (trained and evaluated)
+  step: tf.Variable  # training steps taken, over all epochs
+  epoch_loss: tf.Variable  # sum of the current epoch's step losses so far
+  best: tf.Variable  # best value of the primary metric
+  since_best: tf.Variable  # epochs since it improved
+
+
+def _seed_states(model: keras.Model) -> list:
+  """The states of the model's random generators (dropout): a resumed run draws the same
+  masks as an uninterrupted one. Keras tracks them outside the weights a checkpoint saves."""
+  return [v.value for v in model.variables if "seed_generator_state" in v.path]
+
+
+def _run(config, strategy, metadata, model, optimizer, counters, steps_per_epoch,
+         positives_per_step, train_pattern, eval_pattern, chief):
   replicas = strategy.num_replicas_in_sync
-  checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch,
-                                   best=best_value, since_best=since_best)
+  epoch, best_value, since_best = counters.epoch, counters.best, counters.since_best
+  checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
+                                   random_states=_seed_states(model),
+                                   **vars(counters))  # (asdict would copy the variables)
   # Every task saves (saving may run collectives); only the chief's files are kept.
   checkpoint_dir = config.resolved_checkpoint_dir
   best_dir = fileio.join(checkpoint_dir, "best")
@@ -316,8 +362,8 @@ def _run(config, strategy, metadata, model, optimizer, epoch, best_value, since_
   latest = None if config.overwrite else tf.train.latest_checkpoint(checkpoint_dir)
   if latest:
     checkpoint.restore(latest).assert_existing_objects_matched()
-    logging.info("Resumed from %s (epoch %d of %d done)", latest, int(epoch.numpy()),
-                 config.epochs)
+    logging.info("Resumed from %s (epoch %d of %d done, step %d)", latest,
+                 int(epoch.numpy()), config.epochs, int(counters.step.numpy()))
   elif config.pretrained_gmf_dir:
     _load_pretrained(model, config, metadata)
 
@@ -332,10 +378,15 @@ def _run(config, strategy, metadata, model, optimizer, epoch, best_value, since_
       keys = owners * metadata.num_items + positives["indices"]  # sorted: CSR order
     add_negatives = pipeline.negative_sampler(metadata.num_items, config.num_negatives,
                                               config.seed, keys)
+  start_step = int(counters.step.numpy())
+  if start_step and len(metadata.train_shard_examples) != metadata.num_shards:
+    raise ConfigError(f"--data_dir={config.data_dir} was prepared by an older version (no "
+                      "per-shard example counts): prepare it again to resume mid-run")
   train_data = strategy.distribute_datasets_from_function(
       lambda ctx: pipeline.make_dataset(train_pattern, positives_per_step, True, ctx,
                                         config.seed, config.shuffle_buffer_blocks,
-                                        add_negatives))
+                                        add_negatives, start_step,
+                                        metadata.train_shard_examples))
   train_iterator = iter(train_data)
   train_loop = make_train_loop(model, optimizer, strategy, config.batch_size, config.task,
                                config.jit_compile)
@@ -385,37 +436,63 @@ def _run(config, strategy, metadata, model, optimizer, epoch, best_value, since_
   logging.info("Training %s (%s): %d epochs x %d steps of %d examples on %d replica(s), "
                "task %s", config.model, config.task, config.epochs, steps_per_epoch,
                config.batch_size, replicas, distribute.task_role(strategy))
+  def save(number: int) -> None:
+    fileio.retry(lambda: manager.save(checkpoint_number=number),
+                 f"writing checkpoint {number} to {task_checkpoint_dir}", config.storage_retries)
+
+  every_steps, every_secs = config.checkpoint_every_steps, config.checkpoint_every_secs
+  last_save = time.time()
   train_seconds, trained_steps = 0.0, 0
   eval_metrics: Dict[str, float] = {}
   stopped = None
+  global_step = int(counters.step.numpy())
   for e in range(int(epoch.numpy()), config.epochs):
     epoch_start = time.time()
-    done, loss_sum = 0, 0.0
+    # Non-zero when resuming mid-epoch: the checkpoint holds this epoch's progress.
+    done = global_step - e * steps_per_epoch
+    resumed_at, loss_sum = done, float(counters.epoch_loss.numpy())
     while done < steps_per_epoch:
       n = min(config.log_every_steps, steps_per_epoch - done)
-      loss = float(train_loop(train_iterator, tf.constant(n)))
+      if every_steps:
+        n = min(n, every_steps - global_step % every_steps)
+      due_by_clock = bool(every_secs) and time.time() - last_save >= every_secs
+      loss, due = train_loop(train_iterator, tf.constant(n), tf.constant(int(due_by_clock)))
+      loss = float(loss)
       done += n
+      global_step += n
       loss_sum += loss * n
-      rate = done * config.batch_size / (time.time() - epoch_start)
+      counters.step.assign(global_step)
+      counters.epoch_loss.assign(loss_sum)
+      rate = (done - resumed_at) * config.batch_size / (time.time() - epoch_start)
       remaining = steps_per_epoch - done + (config.epochs - e - 1) * steps_per_epoch
       logging.info("epoch %d/%d step %d/%d loss %.4f %.0f examples/s ETA %s", e + 1,
                    config.epochs, done, steps_per_epoch, loss, rate,
                    _format_eta(remaining * config.batch_size / rate))
+      # Mid-epoch checkpoints (the epoch's end saves after evaluation, just below).
+      if done < steps_per_epoch and (
+          (every_steps and global_step % every_steps == 0) or int(due)):
+        save(global_step)
+        last_save = time.time()
+        logging.info("Saved checkpoint %d (epoch %d, step %d of %d)", global_step, e + 1, done,
+                     steps_per_epoch)
     epoch_seconds = time.time() - epoch_start
     train_seconds += epoch_seconds
-    trained_steps += steps_per_epoch
+    trained_steps += steps_per_epoch - resumed_at
     eval_metrics = evaluate()
     value = eval_metrics[primary]
     improved = _better(primary, value, float(best_value.numpy()))
     if improved:
       best_value.assign(value)
       since_best.assign(0)
-      best_manager.save(checkpoint_number=e + 1)
+      fileio.retry(lambda: best_manager.save(checkpoint_number=e + 1),
+                   f"writing the best checkpoint to {task_best_dir}", config.storage_retries)
     else:
       since_best.assign_add(1)
     epoch.assign(e + 1)
-    manager.save(checkpoint_number=e + 1)
-    examples_per_sec = steps_per_epoch * config.batch_size / epoch_seconds
+    counters.epoch_loss.assign(0.0)
+    save(global_step)
+    last_save = time.time()
+    examples_per_sec = (steps_per_epoch - resumed_at) * config.batch_size / epoch_seconds
     learning_rate = float(optimizer.learning_rate.numpy()
                           if hasattr(optimizer.learning_rate, "numpy")
                           else optimizer.learning_rate)
@@ -431,7 +508,11 @@ def _run(config, strategy, metadata, model, optimizer, epoch, best_value, since_
       for name, v in eval_metrics.items():
         if not name.startswith("count"):
           tf.summary.scalar(f"eval/{name}", v)
-    writer.flush()
+    try:
+      writer.flush()
+    except tf.errors.OpError as err:  # TensorBoard is not worth failing a run for
+      logging.warning("Could not write TensorBoard summaries to %s: %s", config.resolved_log_dir,
+                      str(err).splitlines()[0])
     if config.target_value is not None and (
         value <= config.target_value if primary in _LOWER_IS_BETTER
         else value >= config.target_value):
@@ -454,7 +535,9 @@ def _run(config, strategy, metadata, model, optimizer, epoch, best_value, since_
 
   export_dir = config.resolved_export_dir
   task_export_dir = distribute.write_dir(export_dir, strategy)
-  export.export_saved_model(model, task_export_dir, config.data_dir, metadata, config.task)
+  fileio.retry(lambda: export.export_saved_model(model, task_export_dir, config.data_dir,
+                                                 metadata, config.task),
+               f"exporting the SavedModel to {task_export_dir}", config.storage_retries)
   for directory in (task_export_dir, task_best_dir, task_checkpoint_dir):
     distribute.remove_write_dir(directory, strategy)
   if not chief:
@@ -484,8 +567,10 @@ def _run(config, strategy, metadata, model, optimizer, epoch, best_value, since_
     for name, v in eval_metrics.items():
       result[f"eval_{name}"] = v
   if chief:
-    fileio.write_text_atomic(fileio.join(config.model_dir, METRICS_FILE),
-                             json.dumps(result, indent=2, sort_keys=True) + "\n")
+    fileio.retry(lambda: fileio.write_text_atomic(
+        fileio.join(config.model_dir, METRICS_FILE),
+        json.dumps(result, indent=2, sort_keys=True) + "\n"),
+        f"writing {METRICS_FILE} to {config.model_dir}", config.storage_retries)
   logging.info("Final eval %s; exported to %s",
                " ".join(f"{k} {v:.4f}" for k, v in sorted(eval_metrics.items())
                         if not k.startswith("count")), export_dir)

@@ -7,7 +7,7 @@ stateless (so reproducible) permutation, and re-slices them to the per-replica b
 dropped at epoch ends and a batch never comes out short.
 """
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -32,6 +32,18 @@ def _mix(batch: Dict[str, tf.Tensor], seed: tf.Tensor) -> Dict[str, tf.Tensor]:
   n = tf.shape(batch[schema.USER])[0]
   order = tf.random.experimental.stateless_shuffle(tf.range(n), seed=seed)
   return {name: tf.gather(value, order) for name, value in batch.items()}
+
+
+def _skip_examples(groups: tf.data.Dataset, count: int) -> tf.data.Dataset:
+  """Drops the first `count` examples of a dataset of example groups (dicts of [n] tensors)."""
+
+  def drop(remaining, group):
+    n = tf.shape(group[schema.USER], out_type=tf.int64)[0]
+    dropped = tf.minimum(remaining, n)
+    return remaining - dropped, {name: value[dropped:] for name, value in group.items()}
+
+  return groups.scan(tf.constant(count, tf.int64), drop).filter(
+      lambda group: tf.size(group[schema.USER]) > 0)
 
 
 def negative_sampler(num_items: int, num_negatives: int, seed: int,
@@ -78,7 +90,8 @@ def negative_sampler(num_items: int, num_negatives: int, seed: int,
 def make_dataset(file_pattern: str, global_batch_size: int, training: bool,
                  input_context: Optional[tf.distribute.InputContext] = None, seed: int = 0,
                  shuffle_buffer_blocks: int = 256,
-                 add_negatives: Optional[Callable] = None) -> tf.data.Dataset:
+                 add_negatives: Optional[Callable] = None, start_step: int = 0,
+                 file_examples: Optional[Sequence[int]] = None) -> tf.data.Dataset:
   """Builds the dataset of one input pipeline.
 
   Training data is an endless sequence of epochs, each a fresh shuffle keyed by (seed, epoch):
@@ -97,6 +110,11 @@ def make_dataset(file_pattern: str, global_batch_size: int, training: bool,
     shuffle_buffer_blocks: shuffle buffer, in records (blocks of up to BLOCK_SIZE examples).
     add_negatives: from `negative_sampler`; then `global_batch_size` counts positives and each
       batch also holds their negatives and a `label`.
+    start_step: training only: the training steps already taken. The dataset then starts where
+      an uninterrupted one would be after that many steps, batch for batch (the same examples
+      in the same order, the same negatives): exact resume in the middle of an epoch. The
+      skipped part of the current epoch is read and discarded; earlier epochs are not read.
+    file_examples: the examples in each file (in sorted file order); required with start_step.
 
   Returns:
     A dataset of dicts `{user: int64[b], item: int64[b], rating: float32[b]}`, b = the
@@ -106,15 +124,25 @@ def make_dataset(file_pattern: str, global_batch_size: int, training: bool,
     ValueError: no file matches, or fewer files than input pipelines.
   """
   files = list_shards(file_pattern)
+  if file_examples is not None and len(file_examples) != len(files):
+    raise ValueError(f"{file_pattern!r} matches {len(files)} files but {len(file_examples)} "
+                     "example counts were given")
   batch_size = global_batch_size
+  batches_per_step = 1  # this pipeline's batches consumed by one training step
   if input_context is not None:
     batch_size = input_context.get_per_replica_batch_size(global_batch_size)
+    batches_per_step = (input_context.num_replicas_in_sync
+                        // input_context.num_input_pipelines)
     if input_context.num_input_pipelines > 1:
       if len(files) < input_context.num_input_pipelines:
         raise ValueError(f"{file_pattern!r} has {len(files)} files but there are "
                          f"{input_context.num_input_pipelines} input pipelines; prepare the data "
                          "with --num_shards at least the number of workers")
       files = files[input_context.input_pipeline_id::input_context.num_input_pipelines]
+      if file_examples is not None:
+        file_examples = file_examples[
+            input_context.input_pipeline_id::input_context.num_input_pipelines]
+  start_batch = start_step * batches_per_step
 
   def records(file_names: tf.data.Dataset) -> tf.data.Dataset:
     return file_names.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 4),
@@ -139,11 +167,21 @@ def make_dataset(file_pattern: str, global_batch_size: int, training: bool,
           lambda group, batch: _mix(batch, tf.stack([epoch_seed[0] * 1_000_003 + index, group])),
           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
-    ds = tf.data.Dataset.range(2**62).flat_map(epoch)
+    first_epoch, skip = 0, 0
+    if start_batch:
+      if file_examples is None:
+        raise ValueError("start_step needs file_examples")
+      epoch_size = int(sum(file_examples))
+      first_epoch, skip = divmod(start_batch * batch_size, epoch_size)
+    if skip:  # resume mid-epoch: the rest of this epoch, then whole epochs
+      ds = _skip_examples(epoch(tf.constant(first_epoch, tf.int64)), skip).concatenate(
+          tf.data.Dataset.range(first_epoch + 1, 2**62).flat_map(epoch))
+    else:
+      ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch)
   else:
     ds = parse(records(tf.data.Dataset.from_tensor_slices(files)))
   ds = ds.rebatch(batch_size, drop_remainder=training)
   if add_negatives is not None:
-    ds = ds.enumerate().map(add_negatives, num_parallel_calls=tf.data.AUTOTUNE,
-                            deterministic=True)
+    ds = ds.enumerate(start=start_batch).map(add_negatives, num_parallel_calls=tf.data.AUTOTUNE,
+                                             deterministic=True)
   return ds.prefetch(tf.data.AUTOTUNE)

@@ -197,6 +197,7 @@ class _BlockWriter:
     self._pending_rows = 0
     self._next = 0
     self.rows = 0
+    self.shard_rows = [0] * num_shards
 
   def add(self, users: np.ndarray, items: np.ndarray, ratings: np.ndarray) -> None:
     self._pending.append((users, items, ratings))
@@ -211,8 +212,10 @@ class _BlockWriter:
     u, i, r = (np.concatenate(c) for c in zip(*self._pending))
     full = len(u) if final else len(u) - len(u) % self.block_size
     if full:
-      for record in schema.encode_blocks(u[:full], i[:full], r[:full], self.block_size):
+      records = schema.encode_blocks(u[:full], i[:full], r[:full], self.block_size)
+      for b, record in enumerate(records):
         self._writers[self._next].write(record)
+        self.shard_rows[self._next] += min(self.block_size, full - b * self.block_size)
         self._next = (self._next + 1) % len(self._writers)
     self._pending = [(u[full:], i[full:], r[full:])] if full < len(u) else []
     self._pending_rows = len(u) - full
@@ -409,6 +412,9 @@ def prepare(config: PrepareConfig) -> schema.Metadata:
     ValueError: bad input, naming the file, line and offending text.
   """
   config.validate()
+  fileio.check_gcs_access(config.output_dir, "output_dir", write=True)
+  for pattern in config.input:
+    fileio.check_gcs_access(pattern, "input", write=False)
   source = make_source(config)
   if config.split in ("leave_one_out", "temporal") and not source.has_timestamps:
     raise ConfigError(f"--split={config.split} needs timestamps, and the input has none "
@@ -587,7 +593,8 @@ def _prepare(config, source, user_ids, item_ids, scratch_dir, started) -> schema
       bad_rows_skipped=bad.count if bad is not None else 0,
       users_filtered=int((~kept_user & (stats.user_count > 0)).sum()),
       density=(num_train + num_eval) / float(num_users * num_items),
-      rating_histogram=_histogram(histogram), input_fingerprint=source.fingerprint())
+      rating_histogram=_histogram(histogram), input_fingerprint=source.fingerprint(),
+      train_shard_examples=list(writers[schema.TRAIN].shard_rows))
   fileio.write_text_atomic(fileio.join(tmp_dir, schema.METADATA_FILE), metadata.to_json())
   _publish(tmp_dir, config.output_dir, names)
   elapsed = time.time() - started
