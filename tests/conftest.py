@@ -76,3 +76,21 @@ def mirrored_strategy() -> tf.distribute.MirroredStrategy:
   creates one strategy per process, and so do the tests.
   """
   return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
+@pytest.fixture(scope="session")
+def resume_data(tmp_path_factory) -> str:
+  """The data of the exact-resume tests (local; gcs_test prepares the same to gs://)."""
+  from resumable import DATA_FLAGS
+  data_dir = str(tmp_path_factory.mktemp("resume") / "data")
+  run_cli("trainer.prepare", f"--output_dir={data_dir}", *DATA_FLAGS)
+  return data_dir
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(resume_data, tmp_path_factory):
+  """metrics.json of the reference run: never killed, checkpointing every 5 steps."""
+  from resumable import train_command
+  model_dir = str(tmp_path_factory.mktemp("uninterrupted"))
+  result = run_cli("trainer.task", *train_command(resume_data, model_dir)[3:])
+  return last_json_line(result.stdout)
