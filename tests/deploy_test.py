@@ -34,6 +34,13 @@ def test_job_renders_to_a_hardened_gpu_job():
   assert pod["nodeSelector"]["cloud.google.com/gke-accelerator"]
   assert any(v.get("emptyDir", {}).get("medium") == "Memory" for v in pod["volumes"])
   assert job["spec"]["backoffLimit"] >= 1
+  # Exit codes the trainer documents: 2 (bad flags/data) is final; preemption is not a failure.
+  assert pod["restartPolicy"] == "Never"  # required by podFailurePolicy
+  rules = job["spec"]["podFailurePolicy"]["rules"]
+  assert {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In",
+                                               "values": [2]}} in rules
+  assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget",
+                                                                "status": "True"}]} in rules
 
 
 def test_missing_values_are_named_and_nothing_is_printed():

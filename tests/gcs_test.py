@@ -136,3 +136,21 @@ def test_the_bucket_check_reads_and_writes_through_google_cloud_storage(storage_
   with pytest.raises(fileio.StorageError, match="bucket gs://missing-b does not exist") as e:
     fileio.check_gcs_access("gs://missing-b/x", "data_dir", write=False)
   assert not e.value.retryable
+
+
+def test_prepare_reads_a_csv_glob_from_gcs(gcs, storage_client):
+  bucket = storage_client.bucket(BUCKET)
+  rows = [f"u{n % 40},i{n % 23},{1 + n % 5},{1000 + n}" for n in range(900)]
+  for part in range(3):
+    bucket.blob(f"raw/part-{part}.csv").upload_from_string(
+        "user,item,rating,ts\n" + "\n".join(rows[part * 300:(part + 1) * 300]) + "\n")
+  result = run_cli("trainer.prepare", "--source=csv", f"--input=gs://{BUCKET}/raw/part-*.csv",
+                   "--user_column=user", "--item_column=item", "--rating_column=rating",
+                   "--timestamp_column=ts", "--split=temporal", "--eval_fraction=0.2",
+                   "--duplicates=keep_latest", f"--output_dir=gs://{BUCKET}/csvdata",
+                   "--num_shards=2", env=gcs.env())
+  metadata = json.loads(bucket.blob("csvdata/metadata.json").download_as_text())
+  assert metadata["rows_read"] == 900
+  assert metadata["inputs"] == [f"gs://{BUCKET}/raw/part-{p}.csv" for p in range(3)]
+  assert metadata["num_users"] == 40 and metadata["num_items"] == 23
+  assert json.loads(result.stdout.strip().splitlines()[-1])["num_train"] == metadata["num_train"]
