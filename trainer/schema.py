@@ -193,7 +193,7 @@ class Metadata:
   block_size: int = BLOCK_SIZE
   # Examples in each training shard, in shard order: where an input pipeline's epochs begin,
   # so a resumed run can continue mid-epoch. Empty in directories of older versions.
-  train_shard_examples: Sequence[int] = ()
+  train_shard_examples: Sequence[int] = dataclasses.field(default_factory=list)
   schema_version: int = SCHEMA_VERSION
 
   def to_json(self) -> str:
