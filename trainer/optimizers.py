@@ -66,6 +66,11 @@ def _sum_duplicates(gradient: tf.IndexedSlices):
   return summed, rows
 
 
+def _resource(variable):
+  """The tf.Variable of a Keras variable (gathers from it read only the rows they need)."""
+  return variable.value if isinstance(variable, keras.Variable) else variable
+
+
 @keras.saving.register_keras_serializable(package="neumf_trainer")
 class LazyAdam(keras.optimizers.Optimizer):
   """Adam that updates only the rows present in a sparse gradient.
@@ -98,13 +103,15 @@ class LazyAdam(keras.optimizers.Optimizer):
     if isinstance(gradient, tf.IndexedSlices):
       g, rows = _sum_duplicates(gradient)
       # The same operations, in the same order, as Keras Adam's dense update.
-      m_old, v_old = tf.gather(m.value, rows), tf.gather(v.value, rows)
+      m_old, v_old = tf.gather(_resource(m), rows), tf.gather(_resource(v), rows)
       m_rows = m_old + (g - m_old) * (1 - self.beta_1)
       v_rows = v_old + (tf.square(g) - v_old) * (1 - self.beta_2)
-      self.assign(m, tf.IndexedSlices(m_rows, rows))
-      self.assign(v, tf.IndexedSlices(v_rows, rows))
-      self.assign_sub(variable, tf.IndexedSlices(
-          (m_rows * alpha) / (tf.sqrt(v_rows) + self.epsilon), rows))
+      w_rows = tf.gather(_resource(variable), rows) - (m_rows * alpha) / (tf.sqrt(v_rows)
+                                                                     + self.epsilon)
+      # Gather-compute-scatter_update: ResourceScatterSub costs ~1.6x the gather plus
+      # ResourceScatterUpdate here (8192 rows of 64), with the same arithmetic.
+      for slot, new_rows in ((m, m_rows), (v, v_rows), (variable, w_rows)):
+        self.assign(slot, tf.IndexedSlices(new_rows, rows))
       return
     self.assign_add(m, ops.multiply(ops.subtract(gradient, m), 1 - self.beta_1))
     self.assign_add(v, ops.multiply(ops.subtract(ops.square(gradient), v), 1 - self.beta_2))
