@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from trainer import models, schema
 
@@ -107,3 +108,23 @@ def test_every_weight_round_trips_through_a_checkpoint(name, tmp_path):
   tf.train.Checkpoint(model=restored).restore(path).assert_existing_objects_matched()
   for a, b in zip(saved.weights, restored.weights):
     np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+
+
+def test_score_layer_matches_dense_output_and_gradients():
+  rng = np.random.default_rng(4)
+  x = tf.constant(rng.normal(size=(7, 5)).astype("float32"))
+  score, dense = models.Score(name="s"), keras.layers.Dense(1, name="d")
+  score.build((None, 5))
+  dense.build((None, 5))
+  dense.set_weights([rng.normal(size=(5, 1)).astype("float32"), np.array([0.3], "float32")])
+  score.set_weights(dense.get_weights())
+  with tf.GradientTape(persistent=True) as tape:
+    tape.watch(x)
+    upstream = tf.constant(rng.normal(size=(7, 1)).astype("float32"))
+    a = tf.reduce_sum(score(x) * upstream)
+    b = tf.reduce_sum(dense(x) * upstream)
+  np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6)
+  for ga, gb in zip(tape.gradient(a, [x, score.kernel.value, score.bias.value]),
+                    tape.gradient(b, [x, dense.kernel.value, dense.bias.value])):
+    np.testing.assert_allclose(ga.numpy(), gb.numpy(), rtol=1e-5, atol=1e-6)
+  assert models.Score.from_config(score.get_config()).units == 1

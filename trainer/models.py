@@ -52,6 +52,31 @@ class Embedding(layers.Embedding):
     return ops.cast(tf.gather(self.embeddings.value, inputs), self.compute_dtype)
 
 
+@tf.custom_gradient
+def _matvec(x, w):
+  """x [b, d] . w [d] -> [b], with a backward pass of a broadcast product and a [1, b] x [b, d]
+  matmul: TensorFlow's own gradient of a [b, d] x [d, 1] matmul runs two matmuls with an inner
+  size of 1, which took 6 of seed_mlp's 57 thread-ms per step (batch 8192) in the profiler."""
+
+  def grad(dy):  # dy [b]
+    return dy[:, None] * w[None, :], tf.matmul(dy[None, :], x)[0]
+
+  return tf.linalg.matvec(x, w), grad
+
+
+@keras.saving.register_keras_serializable(package="neumf_trainer")
+class Score(layers.Dense):
+  """Dense(1): the same weights and result, a cheaper backward pass (see `_matvec`)."""
+
+  def __init__(self, units: int = 1, **kwargs):
+    if units != 1:
+      raise ValueError(f"Score has one unit, not {units}")
+    super().__init__(1, **kwargs)
+
+  def call(self, inputs):
+    return (_matvec(inputs, self.kernel[:, 0]) + self.bias[0])[:, None]  # [b, 1]
+
+
 class Recommender(keras.Model):
   """Shared plumbing: sizes, the L2 penalty on the gathered embeddings, config."""
 
@@ -66,11 +91,10 @@ class Recommender(keras.Model):
   def _embedding(self, rows: int, dim: int, name: str) -> Embedding:
     # +1: the out-of-vocabulary row. Small normal init, as in the NCF reference code.
     return Embedding(rows + 1, dim, name=name,
-                            embeddings_initializer=keras.initializers.RandomNormal(stddev=0.01))
+                     embeddings_initializer=keras.initializers.RandomNormal(stddev=0.01))
 
   def _output(self, name: str = "score") -> layers.Dense:
-    return layers.Dense(1, name=name,
-                        bias_initializer=keras.initializers.Constant(self.output_bias))
+    return Score(name=name, bias_initializer=keras.initializers.Constant(self.output_bias))
 
   def embedding_tables(self) -> Sequence[layers.Layer]:
     """(layer, feature) pairs whose gathered rows the L2 penalty covers."""
