@@ -60,21 +60,22 @@ def _varints(values: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     (data, offsets): the concatenated encodings (uint8) and offsets [n + 1], so value k is
     data[offsets[k]:offsets[k + 1]].
   """
-  v = np.asarray(values).astype(np.uint64)
-  if len(v) and (np.asarray(values) < 0).any():
+  values = np.asarray(values)
+  if len(values) and values.min() < 0:
     raise ValueError("indices must not be negative")
-  top = int(v.max()) if len(v) else 0
+  top = int(values.max()) if len(values) else 0
+  v = values.astype(np.uint32 if top < 2**32 else np.uint64)  # narrow: less memory to touch
   groups = max(1, (top.bit_length() + 6) // 7)
-  width = np.ones(len(v), np.int64)
+  width = np.ones(len(v), np.uint8)  # bytes per value
   for k in range(1, groups):
-    width += v >= np.uint64(1 << (7 * k))
-  shifts = np.arange(groups, dtype=np.uint64) * np.uint64(7)
-  data = ((v[:, None] >> shifts[None, :]) & np.uint64(0x7F)).astype(np.uint8)
-  position = np.arange(groups)[None, :]
-  data |= ((position < (width[:, None] - 1)) * 0x80).astype(np.uint8)
+    width += v >= (1 << (7 * k))
+  data = np.empty((len(v), groups), np.uint8)
+  for k in range(groups):  # byte k: 7 bits, with the continuation bit when more follow
+    data[:, k] = ((v >> (7 * k)) & 0x7F).astype(np.uint8) | ((width > k + 1).view(np.uint8)
+                                                            << 7)
   offsets = np.zeros(len(v) + 1, np.int64)
   np.cumsum(width, out=offsets[1:])
-  return data[position < width[:, None]], offsets
+  return data[np.arange(groups, dtype=np.uint8)[None, :] < width[:, None]], offsets
 
 
 def _varint(n: int) -> bytes:

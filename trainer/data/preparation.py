@@ -27,16 +27,20 @@ Everything is written to a temporary folder first and published at the end, so a
 or failed run never leaves a directory that looks complete, nor damages an earlier one.
 """
 
+import concurrent.futures
+import ctypes
 import dataclasses
 import io
 import math
 import os
+import queue
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 import zipfile
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 import tensorflow as tf
@@ -45,6 +49,8 @@ from absl import logging
 from trainer import fileio, schema
 from trainer.config import ConfigError, PrepareConfig
 from trainer.data import sources
+
+T = TypeVar("T")
 
 TRAIN_POSITIVES_FILE = "train_positives.npz"
 EVAL_NEGATIVES_FILE = "eval_negatives.npz"
@@ -152,8 +158,18 @@ class _Scratch:
       return None
     out = {}
     for name in self._columns:
-      values = [np.load(self._path(bucket, p, name)) for p in range(parts)]
-      out[name] = values[0] if parts == 1 else np.concatenate(values)
+      if parts == 1:
+        out[name] = np.load(self._path(bucket, 0, name))
+        continue
+      # Filled part by part (memory-mapped reads): never the parts and the whole at once.
+      pieces = [np.load(self._path(bucket, p, name), mmap_mode="r") for p in range(parts)]
+      values = np.empty(sum(len(x) for x in pieces), pieces[0].dtype)
+      start = 0
+      for piece in pieces:
+        values[start:start + len(piece)] = piece
+        start += len(piece)
+      del pieces
+      out[name] = values
     return out
 
   def replace(self, bucket: int, columns: Dict[str, np.ndarray]) -> None:
@@ -183,8 +199,64 @@ class _Progress:
       logging.info("%s: %d rows, %.0f rows/s%s", self.what, self.done, rate, eta)
 
 
+def _return_freed_memory() -> None:
+  """Asks glibc to serve large allocations with mmap, so freed NumPy temporaries go back to the
+  system at once instead of lingering in heap arenas (one per thread): the peak RSS of a
+  streaming pass stays one bucket's worth. No-op where glibc's mallopt is unavailable."""
+  try:
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD: 4 MiB, fixed (no dynamic raise)
+    libc.mallopt(-8, 2)  # M_ARENA_MAX
+  except (OSError, AttributeError):
+    pass
+
+
+def _prefetched(iterable: Iterable[T]) -> Iterator[T]:
+  """Yields the items of `iterable`, producing the next one in a background thread meanwhile.
+
+  NumPy releases the GIL in its heavy loops, so producing (parsing, generating) overlaps with
+  consuming on a second core. One item in flight: memory grows by one item, not with the data.
+  """
+  slots: "queue.Queue" = queue.Queue(maxsize=1)
+  done = object()
+  stop = threading.Event()
+
+  def produce():
+    try:
+      for item in iterable:
+        while not stop.is_set():
+          try:
+            slots.put((item, None), timeout=0.1)
+            break
+          except queue.Full:
+            continue
+        if stop.is_set():
+          return
+      slots.put((done, None))
+    except BaseException as e:  # handed to the consumer, raised there
+      slots.put((done, e))
+
+  thread = threading.Thread(target=produce, name="prepare-prefetch", daemon=True)
+  thread.start()
+  try:
+    while True:
+      item, error = slots.get()
+      if item is done:
+        if error is not None:
+          raise error
+        return
+      yield item
+  finally:
+    stop.set()
+    thread.join()
+
+
 class _BlockWriter:
-  """Deals full blocks of examples round-robin to a split's shards."""
+  """Deals full blocks of examples round-robin to a split's shards.
+
+  Encoding and writing run in a background thread (one batch of blocks in flight, in order),
+  overlapping the caller's next bucket; `close` waits for them.
+  """
 
   def __init__(self, directory: str, split: str, num_shards: int, expected_rows: float):
     self.paths = [fileio.join(directory, schema.shard_file_name(split, s, num_shards))
@@ -198,6 +270,8 @@ class _BlockWriter:
     self._next = 0
     self.rows = 0
     self.shard_rows = [0] * num_shards
+    self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prepare-write")
+    self._in_flight: Optional[concurrent.futures.Future] = None
 
   def add(self, users: np.ndarray, items: np.ndarray, ratings: np.ndarray) -> None:
     self._pending.append((users, items, ratings))
@@ -212,34 +286,49 @@ class _BlockWriter:
     u, i, r = (np.concatenate(c) for c in zip(*self._pending))
     full = len(u) if final else len(u) - len(u) % self.block_size
     if full:
-      records = schema.encode_blocks(u[:full], i[:full], r[:full], self.block_size)
-      for b, record in enumerate(records):
-        self._writers[self._next].write(record)
-        self.shard_rows[self._next] += min(self.block_size, full - b * self.block_size)
-        self._next = (self._next + 1) % len(self._writers)
+      self._wait()
+      self._in_flight = self._executor.submit(self._write, u[:full], i[:full], r[:full])
     self._pending = [(u[full:], i[full:], r[full:])] if full < len(u) else []
     self._pending_rows = len(u) - full
 
+  def _write(self, users: np.ndarray, items: np.ndarray, ratings: np.ndarray) -> None:
+    records = schema.encode_blocks(users, items, ratings, self.block_size)
+    for b, record in enumerate(records):
+      self._writers[self._next].write(record)
+      self.shard_rows[self._next] += min(self.block_size, len(users) - b * self.block_size)
+      self._next = (self._next + 1) % len(self._writers)
+
+  def _wait(self) -> None:
+    if self._in_flight is not None:
+      self._in_flight.result()  # raises the writer thread's error here
+      self._in_flight = None
+
   def close(self) -> None:
-    self._flush(final=True)
+    try:
+      self._flush(final=True)
+      self._wait()
+    finally:
+      self._executor.shutdown(wait=True)
     for w in self._writers:
       w.close()
 
 
-def _npz_bytes(**arrays) -> bytes:
-  """An `.npz` whose bytes depend only on the arrays (np.savez stamps the current time)."""
-  buffer = io.BytesIO()
-  with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as z:
-    for name, value in arrays.items():
-      info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
-      with z.open(info, "w", force_zip64=True) as f:
-        np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
-  return buffer.getvalue()
+def _write_npz(path: str, scratch_dir: str, **arrays) -> None:
+  """Writes an `.npz` whose bytes depend only on the arrays (np.savez stamps the current time).
 
-
-def _write_bytes(path: str, data: bytes) -> None:
-  with tf.io.gfile.GFile(path, "wb") as f:
-    f.write(data)
+  Streamed to a local scratch file, then copied to `path` (local or gs://): no in-memory copy
+  of the arrays, which for the training positives is 4 bytes per training row.
+  """
+  local = os.path.join(scratch_dir, f"npz-{uuid.uuid4().hex}.npz")
+  try:
+    with zipfile.ZipFile(local, "w", zipfile.ZIP_STORED) as z:
+      for name, value in arrays.items():
+        info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+        with z.open(info, "w", force_zip64=True) as f:
+          np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
+    tf.io.gfile.copy(local, path, overwrite=True)
+  finally:
+    os.remove(local)
 
 
 def load_npz(path: str) -> Dict[str, np.ndarray]:
@@ -412,6 +501,7 @@ def prepare(config: PrepareConfig) -> schema.Metadata:
     ValueError: bad input, naming the file, line and offending text.
   """
   config.validate()
+  _return_freed_memory()
   fileio.check_gcs_access(config.output_dir, "output_dir", write=True)
   for pattern in config.input:
     fileio.check_gcs_access(pattern, "input", write=False)
@@ -437,7 +527,7 @@ def _prepare(config, source, user_ids, item_ids, scratch_dir, started) -> schema
   scratch = _Scratch(scratch_dir, num_buckets)
   progress = _Progress("read")
   total = 0
-  for chunk in source.chunks():
+  for chunk in _prefetched(source.chunks()):
     users, items = user_ids.encode(chunk.users), item_ids.encode(chunk.items)
     n = len(users)
     columns = {"user": users, "item": items, "rating": chunk.ratings,
@@ -541,6 +631,8 @@ def _prepare(config, source, user_ids, item_ids, scratch_dir, started) -> schema
     if len(ratings):
       rating_min, rating_max = min(rating_min, ratings.min()), max(rating_max, ratings.max())
     progress.add(len(users))
+    # Release this bucket before the next one is read: peak memory is one bucket, not two.
+    rows = keep = users = items = ratings = held_out = idx = mask = None
   for w in writers.values():
     w.close()
   num_train, num_eval = writers[schema.TRAIN].rows, writers[schema.EVAL].rows
@@ -553,8 +645,8 @@ def _prepare(config, source, user_ids, item_ids, scratch_dir, started) -> schema
   train_items = np.bincount(indices, minlength=num_items)
   names = [schema.USER_VOCAB_FILE, schema.ITEM_VOCAB_FILE, TRAIN_POSITIVES_FILE]
   names += [os.path.basename(p) for w in writers.values() for p in w.paths]
-  _write_bytes(fileio.join(tmp_dir, TRAIN_POSITIVES_FILE), _npz_bytes(indptr=indptr,
-                                                                      indices=indices))
+  _write_npz(fileio.join(tmp_dir, TRAIN_POSITIVES_FILE), scratch_dir, indptr=indptr,
+             indices=indices)
   fileio.write_lines(fileio.join(tmp_dir, schema.USER_VOCAB_FILE),
                      raw_users[user_order].tolist())
   fileio.write_lines(fileio.join(tmp_dir, schema.ITEM_VOCAB_FILE),
@@ -568,9 +660,9 @@ def _prepare(config, source, user_ids, item_ids, scratch_dir, started) -> schema
     negatives = _sample_negatives(indptr, indices, eval_rows_for_users[:, 0],
                                   eval_rows_for_users[:, 1], num_items, config.eval_negatives,
                                   config.seed, raw_users[user_order])
-    _write_bytes(fileio.join(tmp_dir, EVAL_NEGATIVES_FILE), _npz_bytes(
-        users=eval_rows_for_users[:, 0], positives=eval_rows_for_users[:, 1],
-        negatives=negatives))
+    _write_npz(fileio.join(tmp_dir, EVAL_NEGATIVES_FILE), scratch_dir,
+               users=eval_rows_for_users[:, 0], positives=eval_rows_for_users[:, 1],
+               negatives=negatives)
     names.append(EVAL_NEGATIVES_FILE)
   eval_users, eval_items = _eval_users_items(tmp_dir, writers[schema.EVAL].paths)
   eval_users_unseen = int(np.sum(np.diff(indptr)[eval_users] == 0))

@@ -386,6 +386,7 @@ SYNTHETIC_RATING_RANGE = (1.0, 5.0)
 # generator: a constant, so the output never depends on how it is read.
 _GENERATION_BLOCK = 1 << 20
 _IN_TASTE = 0.7
+_LUT_SIZE = 1 << 16  # bins of the inverse-CDF lookup table
 
 
 class SyntheticSource(Source):
@@ -425,6 +426,9 @@ class SyntheticSource(Source):
     item_taste = np.argmax(self._item_factors, axis=1)
     self._by_taste = np.argsort(item_taste, kind="stable")
     self._taste_cdf = np.cumsum(popularity[self._by_taste])
+    # Inverse-CDF lookup: _taste_lut[j] = searchsorted(cdf, j / L), where sampling starts.
+    self._taste_lut = np.searchsorted(self._taste_cdf,
+                                      np.arange(_LUT_SIZE + 1) / _LUT_SIZE).astype(np.int64)
     mass = np.bincount(item_taste, weights=popularity, minlength=rank)
     self._taste_mass = mass
     self._taste_start = np.concatenate([[0.0], np.cumsum(mass)[:-1]])
@@ -464,6 +468,19 @@ class SyntheticSource(Source):
       yield chunk
       user = last
 
+  def _inverse_cdf(self, target: np.ndarray) -> np.ndarray:
+    """np.searchsorted(self._taste_cdf, target), exactly, several times faster: start at the
+    lookup table's entry for the target's bin, then step over the few items inside the bin."""
+    cdf = self._taste_cdf
+    index = self._taste_lut[np.minimum((target * _LUT_SIZE).astype(np.int64), _LUT_SIZE)]
+    last = len(cdf) - 1
+    behind = np.flatnonzero(cdf[np.minimum(index, last)] < target)
+    while len(behind):
+      index[behind] += 1
+      behind = behind[(index[behind] <= last)
+                      & (cdf[np.minimum(index[behind], last)] < target[behind])]
+    return index
+
   def _block(self, first: int, last: int) -> Chunk:
     rng = np.random.default_rng([self.seed, 1, first])
     counts = self._counts[first:last]
@@ -482,8 +499,7 @@ class SyntheticSource(Source):
     u = rng.random(len(users))
     inside = rng.random(len(users)) < _IN_TASTE
     target = np.where(inside, self._taste_start[taste] + u * self._taste_mass[taste], u)
-    items = self._by_taste[np.minimum(np.searchsorted(self._taste_cdf, target),
-                                      self.num_items - 1)]
+    items = self._by_taste[np.minimum(self._inverse_cdf(target), self.num_items - 1)]
     check = np.arange(len(users))
     while len(check):
       keys = users[check] * self.num_items + items[check]
