@@ -598,6 +598,8 @@ def _prepare(config, source, user_ids, item_ids, scratch_dir, started) -> schema
              schema.EVAL: _BlockWriter(tmp_dir, schema.EVAL, num_shards, expected_eval)}
   histogram: Dict[float, int] = {}
   train_user_count = np.zeros(num_users, np.int64)
+  eval_user_seen = np.zeros(num_users, bool)  # which users and items the eval split holds
+  eval_item_seen = np.zeros(num_items, bool)
   train_rating_sum = 0.0
   rating_min, rating_max = np.inf, -np.inf
   eval_user_item: List[np.ndarray] = []
@@ -624,6 +626,8 @@ def _prepare(config, source, user_ids, item_ids, scratch_dir, started) -> schema
     np.save(os.path.join(scratch.directory, f"train-pairs-{b}.npy"),
             np.stack([users[~held_out], items[~held_out]]).astype(np.int32))
     train_user_count += np.bincount(users[~held_out], minlength=num_users)
+    eval_user_seen[users[held_out]] = True
+    eval_item_seen[items[held_out]] = True
     train_rating_sum += float(ratings[~held_out].sum(dtype=np.float64))
     values, counts = np.unique(ratings, return_counts=True)
     for v, c in zip(values.tolist(), counts.tolist()):
@@ -664,9 +668,8 @@ def _prepare(config, source, user_ids, item_ids, scratch_dir, started) -> schema
                users=eval_rows_for_users[:, 0], positives=eval_rows_for_users[:, 1],
                negatives=negatives)
     names.append(EVAL_NEGATIVES_FILE)
-  eval_users, eval_items = _eval_users_items(tmp_dir, writers[schema.EVAL].paths)
-  eval_users_unseen = int(np.sum(np.diff(indptr)[eval_users] == 0))
-  eval_items_unseen = int(np.sum(train_items[eval_items] == 0))
+  eval_users_unseen = int(np.sum(eval_user_seen & (np.diff(indptr) == 0)))
+  eval_items_unseen = int(np.sum(eval_item_seen & (train_items == 0)))
 
   metadata = schema.Metadata(
       num_users=num_users, num_items=num_items, num_train=num_train, num_eval=num_eval,
@@ -729,18 +732,6 @@ def _train_positives(scratch: _Scratch, num_buckets: int, user_count: np.ndarray
     segment[:] = segment[np.argsort(owner * num_items + segment)]
     first = last
   return indptr, indices
-
-
-def _eval_users_items(directory: str, paths: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
-  """Users and items of the eval shards just written (small: the held-out part)."""
-  users, items = [], []
-  for path in paths:
-    for record in tf.data.TFRecordDataset(path).batch(256):
-      parsed = schema.parse_blocks(record)
-      users.append(parsed[schema.USER].numpy())
-      items.append(parsed[schema.ITEM].numpy())
-  return (np.unique(np.concatenate(users)) if users else np.zeros(0, np.int64),
-          np.unique(np.concatenate(items)) if items else np.zeros(0, np.int64))
 
 
 _OUTPUT_PATTERNS = [schema.shard_pattern(s) for s in schema.SPLITS] + [

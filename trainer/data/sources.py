@@ -384,7 +384,7 @@ class TfdsSource(Source):
 SYNTHETIC_RATING_RANGE = (1.0, 5.0)
 # Users are generated in blocks of about this many ratings, each block from its own seeded
 # generator: a constant, so the output never depends on how it is read.
-_GENERATION_BLOCK = 1 << 20
+_GENERATION_BLOCK = 1 << 19
 _IN_TASTE = 0.7
 _LUT_SIZE = 1 << 16  # bins of the inverse-CDF lookup table
 
@@ -456,10 +456,13 @@ class SyntheticSource(Source):
   def chunks(self) -> Iterator[Chunk]:
     row = 1
     ends = np.cumsum(self._counts)
+    # At most _GENERATION_BLOCK ratings per block, and at least 8 blocks when that leaves
+    # them above 64K: small runs overlap generation with the consumer too.
+    block = min(_GENERATION_BLOCK, max(1 << 16, self.num_ratings // 8))
     user = 0
     while user < self.num_users:
-      # Users [user, last) hold about _GENERATION_BLOCK ratings.
-      last = int(np.searchsorted(ends, (ends[user - 1] if user else 0) + _GENERATION_BLOCK,
+      # Users [user, last) hold about `block` ratings.
+      last = int(np.searchsorted(ends, (ends[user - 1] if user else 0) + block,
                                  side="right")) + 1
       last = min(max(last, user + 1), self.num_users)
       chunk = self._block(user, last)
