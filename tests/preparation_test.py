@@ -133,6 +133,16 @@ def test_temporal_split_at_a_cutoff_and_by_fraction(tmp_path):
   assert metadata.num_eval == 10
 
 
+def test_eval_users_and_items_unseen_in_training_are_counted(tmp_path):
+  # After the cutoff at 10: u3 and item i9 appear only in the eval split (u3 twice).
+  rows = [("u1", "i1", 3, 1), ("u2", "i2", 3, 2), ("u1", "i2", 3, 3), ("u2", "i1", 3, 4),
+          ("u2", "i3", 3, 5), ("u1", "i9", 3, 11), ("u3", "i1", 3, 12), ("u3", "i2", 3, 13)]
+  _, metadata = _csv(tmp_path, rows, split="temporal", temporal_cutoff=10)
+  assert metadata.num_eval == 3
+  assert metadata.eval_users_unseen_in_train == 1  # u3
+  assert metadata.eval_items_unseen_in_train == 1  # i9
+
+
 def test_min_user_interactions_drops_users_and_their_orphan_items(tmp_path):
   out, metadata = _csv(tmp_path, _LOG, min_user_interactions=3, split="leave_one_out")
   assert _vocab(out, schema.USER_VOCAB_FILE) == ["a", "d"]
