@@ -70,13 +70,23 @@ def negative_sampler(num_items: int, num_negatives: int, seed: int,
     negatives = draw([b * num_negatives], tf.stack([tf.constant(seed, tf.int64), step]))
     if keys is not None and len(train_keys):
       last = tf.cast(tf.size(keys) - 1, tf.int64)
-      for r in range(rounds):
-        candidate = negative_users * num_items + negatives
+
+      def hits(candidates):
+        candidate = negative_users * num_items + candidates
         position = tf.searchsorted(keys, candidate, out_type=tf.int64)
-        found = tf.gather(keys, tf.minimum(position, last)) == candidate
-        redraw = draw([b * num_negatives],
-                      tf.stack([tf.constant(seed * 7919 + r + 1, tf.int64), step]))
-        negatives = tf.where(found, redraw, negatives)
+        return tf.gather(keys, tf.minimum(position, last)) == candidate
+
+      def redraw(r, candidates, found):
+        fresh = draw([b * num_negatives],
+                     tf.stack([tf.constant(seed * 7919, tf.int64) + r + 1, step]))
+        candidates = tf.where(found, fresh, candidates)
+        return r + 1, candidates, hits(candidates)
+
+      # Round r redraws what still hits a positive; it stops as soon as nothing does (usually
+      # after one round): the same negatives as always running `rounds` rounds.
+      _, negatives, _ = tf.while_loop(
+          lambda r, candidates, found: tf.logical_and(r < rounds, tf.reduce_any(found)),
+          redraw, (tf.constant(0, tf.int64), negatives, hits(negatives)))
     ones = tf.ones([b], tf.float32)
     return {schema.USER: tf.concat([users, negative_users], 0),
             schema.ITEM: tf.concat([items, negatives], 0),
