@@ -56,6 +56,11 @@ def exists(path: str) -> bool:
   return tf.io.gfile.exists(path)
 
 
+# Exit code of the command lines when storage stays unreachable after retries: retryable, like
+# every code >= 128 under Kubeflow's ExitCode policy (the run resumes once storage is back).
+STORAGE_EXIT_CODE = 132
+
+
 class StorageError(RuntimeError):
   """Storage failed after retries, or a bucket is missing or not usable; says what and where.
 
@@ -67,12 +72,18 @@ class StorageError(RuntimeError):
     super().__init__(message)
     self.retryable = retryable
 
+  @property
+  def exit_code(self) -> int:
+    """What a command line exits with: STORAGE_EXIT_CODE, or 2 (fix the command) if final."""
+    return STORAGE_EXIT_CODE if self.retryable else 2
+
 
 def is_gcs(path: Optional[str]) -> bool:
   return bool(path) and path.startswith("gs://")
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+  """The first line of an error's message (at most 400 characters), for one-line reports."""
   text = str(error).strip().splitlines()
   return text[0][:400] if text else type(error).__name__
 
@@ -103,10 +114,10 @@ def retry(operation: Callable[[], T], what: str, retries: int = 3,
     except TRANSIENT_ERRORS as e:
       if attempt == retries:
         raise StorageError(f"{what} failed {retries + 1} time(s); last error: "
-                           f"{type(e).__name__}: {_first_line(e)}") from e
+                           f"{type(e).__name__}: {first_line(e)}") from e
       delay = first_delay * 2**attempt
       logging.warning("%s failed (%s: %s); retrying in %.0f s (%d of %d)", what,
-                      type(e).__name__, _first_line(e), delay, attempt + 1, retries)
+                      type(e).__name__, first_line(e), delay, attempt + 1, retries)
       time.sleep(delay)
   raise AssertionError("unreachable")
 
@@ -146,7 +157,7 @@ def check_gcs_access(path: str, flag: str, write: bool) -> None:
       list(client.list_blobs(bucket_name, prefix=prefix.strip("/"), max_results=1,
                              retry=policy, timeout=30))
   except auth_errors.DefaultCredentialsError as e:
-    raise StorageError(f"{where}: no Google Cloud credentials ({_first_line(e)}). Run `gcloud "
+    raise StorageError(f"{where}: no Google Cloud credentials ({first_line(e)}). Run `gcloud "
                        "auth application-default login`, set GOOGLE_APPLICATION_CREDENTIALS, or "
                        "run under a service account (Workload Identity on GKE)", False) from e
   except api_errors.NotFound as e:
@@ -156,7 +167,7 @@ def check_gcs_access(path: str, flag: str, write: bool) -> None:
     needed = "storage.objects.create and delete" if write else "storage.objects.list and get"
     raise StorageError(f"{where}: the credentials may not {'write' if write else 'read'} "
                        f"gs://{bucket_name} ({needed} needed; e.g. roles/storage.objectAdmin): "
-                       f"{_first_line(e)}", False) from e
+                       f"{first_line(e)}", False) from e
   except (api_errors.GoogleAPIError, OSError) as e:
     raise StorageError(f"{where}: cannot reach Cloud Storage: {type(e).__name__}: "
-                       f"{_first_line(e)}") from e
+                       f"{first_line(e)}") from e

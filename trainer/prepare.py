@@ -119,7 +119,7 @@ def main(argv):
       raise
     logging.error("%s", e)
     print(f"neumf-prepare: error: {e}", file=sys.stderr)
-    sys.exit(2 if not e.retryable else 132)
+    sys.exit(e.exit_code)
   print(json.dumps({"output_dir": config.output_dir, "num_users": metadata.num_users,
                     "num_items": metadata.num_items, "num_train": metadata.num_train,
                     "num_eval": metadata.num_eval, "split": metadata.split,

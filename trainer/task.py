@@ -19,9 +19,6 @@ _D = config_lib.TrainConfig  # defaults live in the dataclass
 # Exit code when another task of the cluster is lost. Kubeflow's ExitCode restart policy retries
 # 128-255 and treats 1-127 as permanent, so this one restarts the job; bad flags (2) do not.
 LOST_PEER_EXIT_CODE = 131
-# Exit code when storage stays unreachable after retries: retryable too (the run resumes from
-# its latest checkpoint once storage is back).
-STORAGE_EXIT_CODE = 132
 
 flags.DEFINE_string("data_dir", None, "Prepared data directory (local or gs://), the output of "
                     "neumf-prepare.")
@@ -169,19 +166,17 @@ def main(argv):
     resume = ("Restart with the same command (every task, in a cluster): training resumes "
               "from the latest checkpoint.")
     if isinstance(e, fileio.StorageError):
-      _fail(f"{e}. {resume}" if e.retryable else str(e),
-            STORAGE_EXIT_CODE if e.retryable else 2)
+      _fail(f"{e}. {resume}" if e.retryable else str(e), e.exit_code)
     if not isinstance(e, tf.errors.OpError):
       raise
-    first_line = str(e).strip().splitlines()[0][:400] if str(e).strip() else ""
+    cause = f"{type(e).__name__}: {fileio.first_line(e)}"
     if any(mark in str(e) for mark in ("gs://", "googleapis.com")):
-      _fail(f"Cloud Storage failed ({type(e).__name__}: {first_line}). {resume}",
-            STORAGE_EXIT_CODE)
+      _fail(f"Cloud Storage failed ({cause}). {resume}", fileio.STORAGE_EXIT_CODE)
     if not isinstance(e, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
                           tf.errors.CancelledError)):
       raise
-    _fail(f"lost contact with another task of the cluster ({type(e).__name__}: {first_line}). "
-          f"{resume}", LOST_PEER_EXIT_CODE)
+    _fail(f"lost contact with another task of the cluster ({cause}). {resume}",
+          LOST_PEER_EXIT_CODE)
   print(json.dumps(metrics, sort_keys=True))
 
 

@@ -445,7 +445,7 @@ def _run(config, strategy, metadata, model, optimizer, counters, steps_per_epoch
   train_seconds, trained_steps = 0.0, 0
   eval_metrics: Dict[str, float] = {}
   stopped = None
-  global_step = int(counters.step.numpy())
+  global_step = start_step
   for e in range(int(epoch.numpy()), config.epochs):
     epoch_start = time.time()
     # Non-zero when resuming mid-epoch: the checkpoint holds this epoch's progress.

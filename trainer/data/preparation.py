@@ -33,10 +33,8 @@ import dataclasses
 import io
 import math
 import os
-import queue
 import shutil
 import tempfile
-import threading
 import time
 import uuid
 import zipfile
@@ -161,15 +159,9 @@ class _Scratch:
       if parts == 1:
         out[name] = np.load(self._path(bucket, 0, name))
         continue
-      # Filled part by part (memory-mapped reads): never the parts and the whole at once.
+      # Concatenated from memory-mapped parts: never the parts and the whole in memory at once.
       pieces = [np.load(self._path(bucket, p, name), mmap_mode="r") for p in range(parts)]
-      values = np.empty(sum(len(x) for x in pieces), pieces[0].dtype)
-      start = 0
-      for piece in pieces:
-        values[start:start + len(piece)] = piece
-        start += len(piece)
-      del pieces
-      out[name] = values
+      out[name] = np.concatenate(pieces, out=np.empty(sum(map(len, pieces)), pieces[0].dtype))
     return out
 
   def replace(self, bucket: int, columns: Dict[str, np.ndarray]) -> None:
@@ -216,39 +208,17 @@ def _prefetched(iterable: Iterable[T]) -> Iterator[T]:
 
   NumPy releases the GIL in its heavy loops, so producing (parsing, generating) overlaps with
   consuming on a second core. One item in flight: memory grows by one item, not with the data.
+  The producer's errors are raised here, in order.
   """
-  slots: "queue.Queue" = queue.Queue(maxsize=1)
-  done = object()
-  stop = threading.Event()
-
-  def produce():
-    try:
-      for item in iterable:
-        while not stop.is_set():
-          try:
-            slots.put((item, None), timeout=0.1)
-            break
-          except queue.Full:
-            continue
-        if stop.is_set():
-          return
-      slots.put((done, None))
-    except BaseException as e:  # handed to the consumer, raised there
-      slots.put((done, e))
-
-  thread = threading.Thread(target=produce, name="prepare-prefetch", daemon=True)
-  thread.start()
-  try:
+  items, done = iter(iterable), object()
+  with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prepare-read") as executor:
+    pending = executor.submit(next, items, done)
     while True:
-      item, error = slots.get()
+      item = pending.result()
       if item is done:
-        if error is not None:
-          raise error
         return
+      pending = executor.submit(next, items, done)
       yield item
-  finally:
-    stop.set()
-    thread.join()
 
 
 class _BlockWriter:
