@@ -84,6 +84,19 @@ def test_no_matching_files_is_a_clear_error(tmp_path):
     pipeline.make_dataset(str(tmp_path / "train-*"), 8, training=True)
 
 
+@pytest.mark.parametrize("num_keys,space", [(0, 100), (1, 100), (7, 10), (3000, 4000),
+                                             (20000, 10**15)])
+def test_key_set_is_exact_membership(num_keys, space):
+  """The bit-array filter may let through non-members, never answer for them: the result is
+  np.isin's, on sparse and dense key spaces (dense: most candidates pass the filter)."""
+  rng = np.random.default_rng(num_keys)
+  keys = np.sort(rng.choice(space, num_keys, replace=False)).astype(np.int64)
+  candidates = rng.integers(0, space, 30000)
+  candidates[:len(keys)] = keys[:30000]  # every member at least once
+  got = pipeline.key_set(keys)(tf.constant(candidates, tf.int64)).numpy()
+  np.testing.assert_array_equal(got, np.isin(candidates, keys))
+
+
 def test_negatives_are_fresh_reproducible_and_never_a_known_positive():
   num_items, k = 6, 3
   # User 0 has items 0..4: only item 5 is a valid negative for it; user 1 has item 0 only.
