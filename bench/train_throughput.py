@@ -5,7 +5,8 @@
 
 Prepares synthetic data once (100K users, 20K items, 2M ratings), then runs each configuration
 in a fresh process (logical CPU devices are fixed at start-up): the real input pipeline and the
-real training loop of `trainer.train`, timed after warm-up. Prints examples/s next to the
+real training loop of `trainer.train`, timed after warm-up over several windows of ~1M
+examples (`--windows`): prints the median examples/s, the lowest and highest window, and the
 fraction of a FLOP roofline: 130 GFLOP/s (this machine's measured fp32 matmul rate) divided by
 3 x the forward FLOPs of one example's dense layers (forward + two backward matmuls); embedding
 lookups and the optimizer are not counted, so the roofline is an upper bound.
@@ -17,6 +18,7 @@ factor-8 configuration >= 1.2M examples/s.
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,7 +62,7 @@ from trainer import optimizers, schema, train
 from trainer.config import TrainConfig
 from trainer.data import pipeline, preparation
 data_dir, name, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
-flags = json.loads(sys.argv[5])
+flags, windows = json.loads(sys.argv[5]), int(sys.argv[6])
 unit = devices * ((1 + flags.get("num_negatives", 0)) if flags["task"] == "implicit" else 1)
 batch -= batch % unit  # divisible by the replicas and by 1 + negatives
 config = TrainConfig(data_dir=data_dir, model_dir="unused", model=name, batch_size=batch,
@@ -86,11 +88,13 @@ data = strategy.distribute_datasets_from_function(
 iterator = iter(data)
 loop = train.make_train_loop(model, opt, strategy, batch, config.task)
 loop(iterator, tf.constant(20), tf.constant(0))  # trace and warm up
-steps = max(20, int(2e6 // batch))
-start = time.perf_counter()
-loop(iterator, tf.constant(steps), tf.constant(0))
-seconds = time.perf_counter() - start
-print(json.dumps({"examples_per_sec": steps * batch / seconds, "batch": batch}))
+steps = max(10, int(1e6 // batch))  # per window: ~1M examples
+rates = []
+for _ in range(windows):
+  start = time.perf_counter()
+  loop(iterator, tf.constant(steps), tf.constant(0))
+  rates.append(steps * batch / (time.perf_counter() - start))
+print(json.dumps({"rates": rates, "batch": batch}))
 """
 
 
@@ -101,6 +105,9 @@ def main():
                       choices=sorted(MODEL_FLAGS))
   parser.add_argument("--batch_sizes", nargs="+", type=int, default=[8192, 65536])
   parser.add_argument("--devices", nargs="+", type=int, default=[1, 2])
+  parser.add_argument("--windows", type=int, default=5,
+                      help="timed windows of ~1M examples each; the median is reported (this "
+                      "machine's speed varies by ~20%% from minute to minute)")
   args = parser.parse_args()
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=root)
@@ -115,20 +122,24 @@ def main():
         for devices in args.devices:
           flags = json.dumps(MODEL_FLAGS[name])
           done = subprocess.run([sys.executable, "-c", _CHILD, data_dir, name, str(batch),
-                                 str(devices), flags], cwd=root, env=env, capture_output=True,
-                                text=True)
+                                 str(devices), flags, str(args.windows)], cwd=root, env=env,
+                                capture_output=True, text=True)
           if done.returncode:
             sys.exit(f"{name} batch {batch} devices {devices} failed:\n{done.stderr[-3000:]}")
           result = json.loads(done.stdout.strip().splitlines()[-1])
-          rate, batch_used = result["examples_per_sec"], result["batch"]
+          rates, batch_used = sorted(result["rates"]), result["batch"]
+          rate = statistics.median(rates)
           roofline = MATMUL_FLOPS / (3 * forward_flops(name))
-          rows.append((name, batch_used, devices, rate, roofline))
+          rows.append((name, batch_used, devices, rate, rates[0], rates[-1], roofline))
           print(f"{name:>9} batch {batch_used:>6} devices {devices}: {rate:>12,.0f} examples/s "
-                f"({rate / roofline:.1%} of {roofline:,.0f} FLOP roofline)", flush=True)
+                f"(median of {len(rates)} windows, {rates[0]:,.0f}-{rates[-1]:,.0f}; "
+                f"{rate / roofline:.1%} of {roofline:,.0f} FLOP roofline)", flush=True)
   print()
-  print(f"{'model':>9} {'batch':>7} {'devices':>7} {'examples/s':>12} {'of roofline':>11}")
-  for name, batch, devices, rate, roofline in rows:
-    print(f"{name:>9} {batch:>7} {devices:>7} {rate:>12,.0f} {rate / roofline:>11.1%}")
+  print(f"{'model':>9} {'batch':>7} {'devices':>7} {'examples/s':>12} {'lowest':>10} "
+        f"{'highest':>10} {'of roofline':>11}")
+  for name, batch, devices, rate, low, high, roofline in rows:
+    print(f"{name:>9} {batch:>7} {devices:>7} {rate:>12,.0f} {low:>10,.0f} {high:>10,.0f} "
+          f"{rate / roofline:>11.1%}")
 
 
 if __name__ == "__main__":

