@@ -64,6 +64,43 @@ def test_two_replicas_match_one_device(mirrored_strategy, name, task, optimizer)
     np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-6, err_msg=b.path)
 
 
+def _whole_reads(graph_def):
+  """GatherV2 nodes fed by a ReadVariableOp in the traced functions: a read of a whole
+  variable (a table or an optimizer slot) before taking rows."""
+  found = []
+  for function in graph_def.library.function:
+    reads = {node.name for node in function.node_def if node.op == "ReadVariableOp"}
+    for node in function.node_def:
+      if node.op == "GatherV2" and node.input[0].split(":")[0] in reads:
+        found.append(f"{function.signature.name}/{node.name}")
+  return found
+
+
+@pytest.mark.parametrize("name", ["neumf", "mf"])
+def test_replicas_gather_rows_not_whole_tables(mirrored_strategy, name):
+  """Under MirroredStrategy, tf.gather on a distributed variable reads the whole table first;
+  the model's lookups and lazy Adam's row updates must gather from the local copy
+  (ResourceGather) instead."""
+  strategy = mirrored_strategy
+  with strategy.scope():
+    model = models.build_model(name, 20, 15, embedding_dim=8, layers=(8, 4),
+                               mlp_embedding_dim=4)
+    opt = optimizers.make_optimizer("lazy_adam", 0.01)
+    opt.build(model.trainable_variables)
+  data = _data()
+  dataset = strategy.distribute_datasets_from_function(
+      lambda ctx: tf.data.Dataset.from_tensor_slices(data).batch(
+          ctx.get_per_replica_batch_size(GLOBAL_BATCH), drop_remainder=True).repeat())
+  train_loop = train.make_train_loop(model, opt, strategy, GLOBAL_BATCH, "implicit")
+  iterator = iter(dataset)
+  train_loop(iterator, tf.constant(1), tf.constant(0))
+  graph_def = train_loop.get_concrete_function(
+      iterator, tf.constant(1), tf.constant(0)).graph.as_graph_def()
+  ops = {node.op for f in graph_def.library.function for node in f.node_def}
+  assert "ResourceGather" in ops
+  assert _whole_reads(graph_def) == []
+
+
 @pytest.mark.parametrize("name,devices,replicas,kind", [
     ("auto", 1, 1, "_DefaultDistributionStrategy"),
     ("auto", 2, 2, "MirroredStrategy"),

@@ -28,7 +28,7 @@ import keras
 import tensorflow as tf
 from keras import layers, ops
 
-from trainer import schema
+from trainer import distribute, schema
 
 MODEL_NAMES = ("seed_mlp", "gmf", "mlp", "neumf", "mf")
 
@@ -49,8 +49,9 @@ class Embedding(layers.Embedding):
     if inputs.dtype not in ("int32", "int64"):
       inputs = ops.cast(inputs, "int32")
     # `autocast` is off for embeddings, so `.value` is the variable itself (a distributed
-    # variable under a strategy: its replica-local copy is gathered).
-    return ops.cast(tf.gather(self.embeddings.value, inputs), self.compute_dtype)
+    # variable under a strategy, whose replica-local copy is gathered).
+    table = distribute.local_variable(self.embeddings.value)
+    return ops.cast(tf.gather(table, inputs), self.compute_dtype)
 
 
 @tf.custom_gradient

@@ -15,6 +15,8 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from trainer import distribute
+
 OPTIMIZERS = ("adam", "lazy_adam", "adagrad", "sgd")
 DECAYS = ("none", "cosine", "linear")
 
@@ -67,8 +69,10 @@ def _sum_duplicates(gradient: tf.IndexedSlices):
 
 
 def _resource(variable):
-  """The tf.Variable of a Keras variable (gathers from it read only the rows they need)."""
-  return variable.value if isinstance(variable, keras.Variable) else variable
+  """The tf.Variable of a Keras variable, the local copy under a strategy (gathers from it read
+  only the rows they need)."""
+  return distribute.local_variable(variable.value if isinstance(variable, keras.Variable)
+                                   else variable)
 
 
 class _RowBuffers:
@@ -133,7 +137,7 @@ class LazyAdam(keras.optimizers.Optimizer):
                                    v=_resource(v).handle, grad=gradient, **hyper)
       return
     g, rows = _sum_duplicates(gradient)
-    buffers = self._rows.buffers[index]
+    buffers = [_resource(buffer) for buffer in self._rows.buffers[index]]
     for buffer, source in zip(buffers, (variable, m, v)):
       buffer.assign(tf.gather(_resource(source), rows))
     w_rows, m_rows, v_rows = buffers
