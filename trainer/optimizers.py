@@ -125,11 +125,10 @@ class LazyAdam(keras.optimizers.Optimizer):
   def update_step(self, gradient, variable, learning_rate):
     dtype = variable.dtype
     step = ops.cast(self.iterations + 1, dtype)
-    constant = lambda x: ops.cast(x, dtype)  # noqa: E731
-    hyper = dict(beta1_power=ops.power(constant(self.beta_1), step),
-                 beta2_power=ops.power(constant(self.beta_2), step),
-                 lr=constant(learning_rate), beta1=constant(self.beta_1),
-                 beta2=constant(self.beta_2), epsilon=constant(self.epsilon))
+    b1, b2 = ops.cast(self.beta_1, dtype), ops.cast(self.beta_2, dtype)
+    hyper = dict(beta1_power=ops.power(b1, step), beta2_power=ops.power(b2, step),
+                 lr=ops.cast(learning_rate, dtype), beta1=b1, beta2=b2,
+                 epsilon=ops.cast(self.epsilon, dtype))
     index = self._get_variable_index(variable)
     m, v = self._momentums[index], self._velocities[index]
     if not isinstance(gradient, tf.IndexedSlices):
