@@ -73,9 +73,29 @@ def test_l2_penalty_is_the_squared_norm_of_the_gathered_rows():
   model.item_embedding.embeddings.assign(np.ones((3, 2), "float32"))
   model.user_bias.embeddings.assign(np.full((4, 1), 2.0, "float32"))
   model.item_bias.embeddings.assign(np.zeros((3, 1), "float32"))
-  penalty = model.embedding_penalty({schema.USER: np.array([1]), schema.ITEM: np.array([0])})
+  scores, penalty = model.scores_and_penalty({schema.USER: np.array([1]),
+                                               schema.ITEM: np.array([0])})
+  np.testing.assert_allclose(np.asarray(scores), np.asarray(model(
+      {schema.USER: np.array([1]), schema.ITEM: np.array([0])})))
   # user row 1 = [2, 3] -> 13; item row 0 = [1, 1] -> 2; user bias 2 -> 4; item bias 0.
   np.testing.assert_allclose(np.asarray(penalty), [0.5 * (13 + 2 + 4)])
+
+
+@pytest.mark.parametrize("name", models.MODEL_NAMES)
+def test_the_penalty_reuses_the_rows_the_scores_gathered(name):
+  """One lookup per table and batch: each table's gradient holds one row per example (a
+  penalty that gathered the rows again would double them, and the optimizer's work)."""
+  model = models.build_model(name, 20, 10, 4, 8, layers=(8, 4), mlp_embedding_dim=4, l2=0.1)
+  batch = {schema.USER: tf.constant([0, 3, 3, 7]), schema.ITEM: tf.constant([1, 1, 2, 9])}
+  with tf.GradientTape() as tape:
+    scores, penalty = model.scores_and_penalty(batch, training=True)
+    loss = tf.reduce_sum(scores) + tf.reduce_sum(penalty)
+  tables = [w for w in model.trainable_variables if len(w.shape) == 2 and w.shape[0] in (11, 21)]
+  assert len(tables) >= 2
+  for table, gradient in zip(tables, tape.gradient(loss, tables)):
+    assert isinstance(gradient, tf.IndexedSlices), table.path
+    assert gradient.indices.shape[0] == 4, table.path
+  assert float(tf.reduce_min(penalty)) > 0
 
 
 def test_neumf_starts_from_pretrained_gmf_and_mlp():

@@ -17,12 +17,13 @@ With p_u, q_i the user and item embeddings:
 
 Objectives (in `trainer.train`): explicit, mean squared error on ratings; implicit, binary
 cross-entropy of s(u, i) against 1 for observed pairs and 0 for sampled negatives. Every model
-adds `l2 * (|p_u|^2 + |q_i|^2 (+ b_u^2 + b_i^2))` per example via `embedding_penalty`: the
-regulariser touches only the rows of the batch, which keeps embedding updates sparse.
+adds `l2 * (|p_u|^2 + |q_i|^2 (+ b_u^2 + b_i^2))` per example (`scores_and_penalty`, from the
+rows the scores were computed with): the regulariser touches only the rows of the batch, which
+keeps embedding updates sparse.
 The output bias starts at `output_bias` (the mean rating for explicit feedback).
 """
 
-from typing import Dict, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import keras
 import tensorflow as tf
@@ -98,19 +99,24 @@ class Recommender(keras.Model):
   def _output(self, name: str = "score") -> layers.Dense:
     return Score(name=name, bias_initializer=keras.initializers.Constant(self.output_bias))
 
-  def embedding_tables(self) -> Sequence[layers.Layer]:
-    """(layer, feature) pairs whose gathered rows the L2 penalty covers."""
-    return []
+  def forward(self, inputs: Dict, training: bool = False) -> Tuple[tf.Tensor, List[tf.Tensor]]:
+    """(scores [b], the embedding rows gathered for them: [b, ...] tensors)."""
+    raise NotImplementedError
 
-  def embedding_penalty(self, inputs: Dict) -> "keras.KerasTensor":
-    """l2 * sum of squared gathered embedding rows, per example: shape [b]."""
-    total = ops.zeros_like(ops.cast(inputs[schema.USER], "float32"))
+  def call(self, inputs, training=False):
+    return self.forward(inputs, training)[0]
+
+  def scores_and_penalty(self, inputs: Dict, training: bool = False):
+    """(scores [b], l2 * the squared norm of the example's embedding rows [b]), from one lookup
+    of the rows (a separate penalty would gather them, and back-propagate into them, twice)."""
+    scores, rows = self.forward(inputs, training)
     if not self.l2:
-      return total
-    for layer, feature in self.embedding_tables():
-      rows = layer(inputs[feature])
-      total = total + ops.sum(ops.square(ops.reshape(rows, (ops.shape(rows)[0], -1))), axis=-1)
-    return self.l2 * total
+      return scores, ops.zeros_like(ops.cast(scores, "float32"))
+    total = 0.0
+    for r in rows:
+      r = ops.cast(r, "float32")
+      total = total + ops.sum(ops.square(ops.reshape(r, (ops.shape(r)[0], -1))), axis=-1)
+    return scores, self.l2 * total
 
   def get_config(self):
     config = super().get_config()
@@ -153,14 +159,11 @@ class SeedMLP(Recommender):
     self.hidden = layers.Dense(hidden_units, activation="relu", name="hidden")
     self.rating = self._output("rating")
 
-  def embedding_tables(self):
-    return [(self.user_embedding, schema.USER), (self.item_embedding, schema.ITEM)]
-
-  def call(self, inputs, training=False):
+  def forward(self, inputs, training=False):
     users = self.user_embedding(inputs[schema.USER])  # [b, d]
     items = self.item_embedding(inputs[schema.ITEM])  # [b, d]
     x = ops.concatenate([users, items], axis=-1)  # [b, 2d]
-    return ops.squeeze(self.rating(self.hidden(x)), axis=-1)  # [b]
+    return ops.squeeze(self.rating(self.hidden(x)), axis=-1), [users, items]  # [b]
 
   def get_config(self):
     config = super().get_config()
@@ -179,14 +182,10 @@ class GMF(Recommender):
     self.item_embedding = self._embedding(num_items, embedding_dim, "gmf_item_embedding")
     self.score = self._output()
 
-  def embedding_tables(self):
-    return [(self.user_embedding, schema.USER), (self.item_embedding, schema.ITEM)]
-
-  def vector(self, inputs):
-    return self.user_embedding(inputs[schema.USER]) * self.item_embedding(inputs[schema.ITEM])
-
-  def call(self, inputs, training=False):
-    return ops.squeeze(self.score(self.vector(inputs)), axis=-1)  # [b]
+  def forward(self, inputs, training=False):
+    users = self.user_embedding(inputs[schema.USER])
+    items = self.item_embedding(inputs[schema.ITEM])
+    return ops.squeeze(self.score(users * items), axis=-1), [users, items]  # [b]
 
   def get_config(self):
     config = super().get_config()
@@ -209,16 +208,11 @@ class MLP(Recommender):
     self.tower = _tower(self, self.layer_sizes, dropout, "mlp")
     self.score = self._output()
 
-  def embedding_tables(self):
-    return [(self.user_embedding, schema.USER), (self.item_embedding, schema.ITEM)]
-
-  def vector(self, inputs, training=False):
-    x = ops.concatenate([self.user_embedding(inputs[schema.USER]),
-                         self.item_embedding(inputs[schema.ITEM])], axis=-1)  # [b, 2d]
-    return _run(self.tower, x, training)  # [b, layers[-1]]
-
-  def call(self, inputs, training=False):
-    return ops.squeeze(self.score(self.vector(inputs, training)), axis=-1)
+  def forward(self, inputs, training=False):
+    users = self.user_embedding(inputs[schema.USER])
+    items = self.item_embedding(inputs[schema.ITEM])
+    x = _run(self.tower, ops.concatenate([users, items], axis=-1), training)  # [b, layers[-1]]
+    return ops.squeeze(self.score(x), axis=-1), [users, items]
 
   def get_config(self):
     config = super().get_config()
@@ -248,17 +242,13 @@ class NeuMF(Recommender):
     self.tower = _tower(self, self.layer_sizes, dropout, "mlp")
     self.score = self._output()
 
-  def embedding_tables(self):
-    return [(self.gmf_user_embedding, schema.USER), (self.gmf_item_embedding, schema.ITEM),
-            (self.mlp_user_embedding, schema.USER), (self.mlp_item_embedding, schema.ITEM)]
-
-  def call(self, inputs, training=False):
+  def forward(self, inputs, training=False):
     users, items = inputs[schema.USER], inputs[schema.ITEM]
-    gmf = self.gmf_user_embedding(users) * self.gmf_item_embedding(items)  # [b, d]
-    mlp = _run(self.tower, ops.concatenate([self.mlp_user_embedding(users),
-                                            self.mlp_item_embedding(items)], axis=-1),
-               training)  # [b, layers[-1]]
-    return ops.squeeze(self.score(ops.concatenate([gmf, mlp], axis=-1)), axis=-1)
+    rows = [self.gmf_user_embedding(users), self.gmf_item_embedding(items),
+            self.mlp_user_embedding(users), self.mlp_item_embedding(items)]
+    gmf = rows[0] * rows[1]  # [b, d]
+    mlp = _run(self.tower, ops.concatenate(rows[2:], axis=-1), training)  # [b, layers[-1]]
+    return ops.squeeze(self.score(ops.concatenate([gmf, mlp], axis=-1)), axis=-1), rows
 
   def load_pretrained(self, gmf: "GMF", mlp: "MLP", alpha: float = 0.5) -> None:
     """Starts from trained GMF and MLP models (He et al. 2017, section 3.4.1): their
@@ -300,16 +290,13 @@ class MF(Recommender):
     self.global_bias = self.add_weight(
         shape=(), initializer=keras.initializers.Constant(self.output_bias), name="global_bias")
 
-
-  def embedding_tables(self):
-    return [(self.user_embedding, schema.USER), (self.item_embedding, schema.ITEM),
-            (self.user_bias, schema.USER), (self.item_bias, schema.ITEM)]
-
-  def call(self, inputs, training=False):
+  def forward(self, inputs, training=False):
     users, items = inputs[schema.USER], inputs[schema.ITEM]
-    dot = ops.sum(self.user_embedding(users) * self.item_embedding(items), axis=-1)  # [b]
-    bias = ops.squeeze(self.user_bias(users), -1) + ops.squeeze(self.item_bias(items), -1)
-    return dot + bias + self.global_bias
+    rows = [self.user_embedding(users), self.item_embedding(items), self.user_bias(users),
+            self.item_bias(items)]
+    dot = ops.sum(rows[0] * rows[1], axis=-1)  # [b]
+    bias = ops.squeeze(rows[2], -1) + ops.squeeze(rows[3], -1)
+    return dot + bias + self.global_bias, rows
 
   def get_config(self):
     config = super().get_config()

@@ -66,12 +66,13 @@ def make_train_loop(model: keras.Model, optimizer: keras.optimizers.Optimizer,
 
   def loss_and_gradients(batch):
     with tf.GradientTape() as tape:
-      outputs = tf.cast(model(batch, training=True), tf.float32)  # [b]
+      outputs, penalty = model.scores_and_penalty(batch, training=True)
+      outputs = tf.cast(outputs, tf.float32)  # [b]
       if task == "implicit":
         per_example = tf.nn.sigmoid_cross_entropy_with_logits(batch[schema.LABEL], outputs)
       else:
         per_example = tf.square(batch[schema.RATING] - outputs)
-      per_example += tf.cast(model.embedding_penalty(batch), tf.float32)
+      per_example += tf.cast(penalty, tf.float32)
       loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch_size)
       scaled = optimizer.scale_loss(loss) if scales_loss else loss
     return loss, tape.gradient(scaled, model.trainable_variables)
