@@ -98,6 +98,22 @@ def test_the_penalty_reuses_the_rows_the_scores_gathered(name):
   assert float(tf.reduce_min(penalty)) > 0
 
 
+@pytest.mark.parametrize("name", models.MODEL_NAMES)
+def test_training_scores_equal_the_model_call_under_mixed_precision(name):
+  """`scores_and_penalty` skips Keras's `__call__` (and its autocast): the scores must still
+  come out as the model's own call gives them, in the compute dtype."""
+  keras.mixed_precision.set_global_policy("mixed_bfloat16")
+  try:
+    model = models.build_model(name, 20, 10, 4, 8, layers=(8, 4), mlp_embedding_dim=4, l2=0.1)
+    batch = {schema.USER: tf.constant([0, 3, 20]), schema.ITEM: tf.constant([1, 9, 10])}
+    scores, penalty = model.scores_and_penalty(batch)
+  finally:
+    keras.mixed_precision.set_global_policy("float32")
+  assert scores.dtype == tf.bfloat16 and penalty.dtype == tf.float32
+  np.testing.assert_array_equal(np.asarray(tf.cast(scores, tf.float32)),
+                                np.asarray(tf.cast(model(batch), tf.float32)))
+
+
 def test_neumf_starts_from_pretrained_gmf_and_mlp():
   sizes = dict(layers=(8, 4), mlp_embedding_dim=4)
   gmf = models.build_model("gmf", 20, 10, 4, **sizes)

@@ -296,7 +296,8 @@ class MF(Recommender):
             self.item_bias(items)]
     dot = ops.sum(rows[0] * rows[1], axis=-1)  # [b]
     bias = ops.squeeze(rows[2], -1) + ops.squeeze(rows[3], -1)
-    return dot + bias + self.global_bias, rows
+    # Read in the compute dtype, as Keras's call would under a mixed-precision policy.
+    return dot + bias + ops.cast(self.global_bias, dot.dtype), rows
 
   def get_config(self):
     config = super().get_config()
