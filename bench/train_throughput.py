@@ -50,7 +50,6 @@ def forward_flops(name: str) -> float:
 
 _CHILD = """
 import json, sys, time
-import numpy as np
 devices = int(sys.argv[4])
 import tensorflow as tf
 from trainer import distribute
@@ -78,9 +77,8 @@ add = None
 if config.task == "implicit":
   # As the trainer does by default (--exclude_positives): never a user's training positive.
   positives = preparation.load_npz(data_dir + "/" + preparation.TRAIN_POSITIVES_FILE)
-  owners = np.repeat(np.arange(metadata.num_users, dtype=np.int64), np.diff(positives["indptr"]))
   add = pipeline.negative_sampler(metadata.num_items, config.num_negatives, 0,
-                                  owners * metadata.num_items + positives["indices"])
+                                  preparation.pair_keys(positives, metadata.num_items))
 positives = batch // config.examples_per_positive
 pattern = data_dir + "/" + schema.shard_pattern(schema.TRAIN)
 data = strategy.distribute_datasets_from_function(

@@ -66,13 +66,13 @@ def make_train_loop(model: keras.Model, optimizer: keras.optimizers.Optimizer,
 
   def loss_and_gradients(batch):
     with tf.GradientTape() as tape:
-      outputs, penalty = model.scores_and_penalty(batch, training=True)
+      outputs, penalty = model.scores_and_penalty(batch, training=True)  # penalty: float32
       outputs = tf.cast(outputs, tf.float32)  # [b]
       if task == "implicit":
         per_example = tf.nn.sigmoid_cross_entropy_with_logits(batch[schema.LABEL], outputs)
       else:
         per_example = tf.square(batch[schema.RATING] - outputs)
-      per_example += tf.cast(penalty, tf.float32)
+      per_example += penalty
       loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch_size)
       scaled = optimizer.scale_loss(loss) if scales_loss else loss
     return loss, tape.gradient(scaled, model.trainable_variables)
@@ -374,9 +374,7 @@ def _run(config, strategy, metadata, model, optimizer, counters, steps_per_epoch
   if config.task == "implicit":
     keys = None
     if config.exclude_positives:
-      owners = np.repeat(np.arange(metadata.num_users, dtype=np.int64),
-                         np.diff(positives["indptr"]))
-      keys = owners * metadata.num_items + positives["indices"]  # sorted: CSR order
+      keys = preparation.pair_keys(positives, metadata.num_items)
     add_negatives = pipeline.negative_sampler(metadata.num_items, config.num_negatives,
                                               config.seed, keys)
   start_step = int(counters.step.numpy())

@@ -100,7 +100,7 @@ def negative_sampler(num_items: int, num_negatives: int, seed: int,
   pair), a draw that hits one of the user's positives is redrawn, up to `rounds` times (a
   leftover needs a user who has interacted with most items).
   """
-  is_positive = None if train_keys is None or not len(train_keys) else key_set(train_keys)
+  is_positive = None if train_keys is None else key_set(train_keys)
 
   def draw(shape, seed_pair):
     return tf.random.stateless_uniform(shape, seed=seed_pair, minval=0, maxval=num_items,

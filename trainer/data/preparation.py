@@ -308,6 +308,14 @@ def load_npz(path: str) -> Dict[str, np.ndarray]:
       return {k: z[k] for k in z.files}
 
 
+def pair_keys(positives: Dict[str, np.ndarray], num_items: int) -> np.ndarray:
+  """u * num_items + i of every training pair, from the train_positives CSR: sorted (CSR
+  order), as `pipeline.negative_sampler` takes them."""
+  indptr = positives["indptr"]
+  owners = np.repeat(np.arange(len(indptr) - 1, dtype=np.int64), np.diff(indptr))
+  return owners * num_items + positives["indices"]
+
+
 # ----------------------------------------------------------------------------- the source
 
 
