@@ -77,10 +77,18 @@ def test_unknown_optimizer_names_the_flag():
     optimizers.make_optimizer("rmsprop", 0.1)
 
 
-def test_duplicate_rows_are_summed_like_a_segment_sum():
+@pytest.mark.parametrize("layout", ["scattered", "runs"])
+def test_duplicate_rows_are_summed_like_a_segment_sum(layout):
   rng = np.random.default_rng(3)
-  indices = rng.integers(0, 40, 300)  # many repeats
+  if layout == "runs":  # as implicit batches' users: runs of 5, and IDs repeated across runs
+    indices = np.repeat(rng.integers(0, 40, 60), 5)
+  else:
+    indices = rng.integers(0, 40, 300)  # many repeats, few adjacent
   values = rng.normal(size=(300, 5)).astype("float32")
+  merged_values, merged = optimizers._merge_runs(tf.constant(values), tf.constant(indices))
+  # Runs are summed when that at least halves the rows, else left alone.
+  assert len(merged) == (60 if layout == "runs" else 300)
+  np.testing.assert_allclose(merged_values.numpy().sum(0), values.sum(0), rtol=1e-5, atol=1e-5)
   summed, rows = optimizers._sum_duplicates(tf.IndexedSlices(tf.constant(values),
                                                              tf.constant(indices)))
   expected = {r: values[indices == r].sum(0) for r in np.unique(indices)}

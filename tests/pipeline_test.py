@@ -106,11 +106,14 @@ def test_negatives_are_fresh_reproducible_and_never_a_known_positive():
                                                                                     tf.int64),
                schema.RATING: tf.constant([1.0, 1.0])}
   first = add(tf.constant(0, tf.int64), positives)
-  assert first[schema.USER].numpy().tolist() == [0, 1, 0, 0, 0, 1, 1, 1]
-  assert first[schema.LABEL].numpy().tolist() == [1, 1, 0, 0, 0, 0, 0, 0]
-  negatives = first[schema.ITEM].numpy()[2:]
-  assert negatives[:3].tolist() == [5, 5, 5]
-  assert 0 not in negatives[3:].tolist()
+  # Each positive, then its negatives.
+  assert first[schema.USER].numpy().tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+  assert first[schema.LABEL].numpy().tolist() == [1, 0, 0, 0, 1, 0, 0, 0]
+  assert first[schema.RATING].numpy().tolist() == [1, 0, 0, 0, 1, 0, 0, 0]
+  items = first[schema.ITEM].numpy()
+  assert items[[0, 4]].tolist() == [2, 0]
+  assert items[1:4].tolist() == [5, 5, 5]
+  assert 0 not in items[5:].tolist()
   again = add(tf.constant(0, tf.int64), positives)
   assert again[schema.ITEM].numpy().tolist() == first[schema.ITEM].numpy().tolist()
   draws = {tuple(add(tf.constant(s, tf.int64), positives)[schema.ITEM].numpy()[5:])
@@ -118,14 +121,17 @@ def test_negatives_are_fresh_reproducible_and_never_a_known_positive():
   assert len(draws) > 1  # new negatives at every step
 
 
-def test_training_batches_with_negatives_hold_positives_then_negatives(tiny_data_dir):
+def test_training_batches_hold_each_positive_then_its_negatives(tiny_data_dir):
   metadata = preparation.load_metadata(tiny_data_dir)
   add = pipeline.negative_sampler(metadata.num_items, 4, seed=1)
   ds = pipeline.make_dataset(_pattern(tiny_data_dir, schema.TRAIN), 50, training=True, seed=1,
                              add_negatives=add)
   batch = next(iter(ds))
   assert len(batch[schema.USER]) == 250
-  assert batch[schema.LABEL].numpy().sum() == 50
+  labels = batch[schema.LABEL].numpy().reshape(50, 5)
+  assert labels[:, 0].tolist() == [1] * 50 and labels[:, 1:].sum() == 0
+  users = batch[schema.USER].numpy().reshape(50, 5)
+  assert (users == users[:, :1]).all()  # the positive's user for its negatives
 
 
 @pytest.mark.parametrize("start_step", [1, 7, 19, 40])

@@ -91,14 +91,15 @@ def key_set(keys: np.ndarray) -> Callable[[tf.Tensor], tf.Tensor]:
 
 def negative_sampler(num_items: int, num_negatives: int, seed: int,
                      train_keys: Optional[np.ndarray] = None, rounds: int = 10) -> Callable:
-  """Returns `add(step, batch)`, which appends sampled negatives to a batch of positives.
+  """Returns `add(step, batch)`, which adds sampled negatives to a batch of positives.
 
   For every positive (u, i), `num_negatives` items drawn uniformly from all items, with label
-  0 (positives get label 1): NCF's training protocol. The draws are stateless, keyed by
-  (seed, batch counter), so they are new every batch and epoch yet reproducible, and they run
-  inside the tf.data graph. With `train_keys` (sorted u * num_items + i of every training
-  pair), a draw that hits one of the user's positives is redrawn, up to `rounds` times (a
-  leftover needs a user who has interacted with most items).
+  0 (positives get label 1): NCF's training protocol. The batch holds each positive followed
+  by its negatives (the order within a batch does not change the loss). The draws are
+  stateless, keyed by (seed, batch counter), so they are new every batch and epoch yet
+  reproducible, and they run inside the tf.data graph. With `train_keys` (sorted
+  u * num_items + i of every training pair), a draw that hits one of the user's positives is
+  redrawn, up to `rounds` times (a leftover needs a user who has interacted with most items).
   """
   is_positive = None if train_keys is None else key_set(train_keys)
 
@@ -129,12 +130,17 @@ def negative_sampler(num_items: int, num_negatives: int, seed: int,
           lambda r, candidates, found: tf.logical_and(r < rounds, tf.reduce_any(found)),
           redraw, (tf.constant(0, tf.int64), negatives,
                    is_positive(negative_users * num_items + negatives)))
-    ones = tf.ones([b], tf.float32)
-    return {schema.USER: tf.concat([users, negative_users], 0),
-            schema.ITEM: tf.concat([items, negatives], 0),
-            schema.RATING: tf.concat([batch[schema.RATING],
-                                      tf.zeros([b * num_negatives], tf.float32)], 0),
-            schema.LABEL: tf.concat([ones, tf.zeros([b * num_negatives], tf.float32)], 0)}
+    # Each positive followed by its negatives: one run of k + 1 equal user IDs per positive,
+    # which the embedding gathers read from cache and LazyAdam sums cheaply (`_merge_runs`).
+    def interleave(first, rest):  # [b], [b * k] -> [b * (k + 1)]
+      return tf.reshape(tf.concat([first[:, None], tf.reshape(rest, [b, num_negatives])], 1),
+                        [-1])
+
+    zeros = tf.zeros([b * num_negatives], tf.float32)
+    return {schema.USER: tf.repeat(users, num_negatives + 1),
+            schema.ITEM: interleave(items, negatives),
+            schema.RATING: interleave(batch[schema.RATING], zeros),
+            schema.LABEL: interleave(tf.ones([b], tf.float32), zeros)}
 
   return add
 
