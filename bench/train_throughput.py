@@ -51,6 +51,8 @@ def forward_flops(name: str) -> float:
 _CHILD = """
 import json, sys, time
 devices = int(sys.argv[4])
+from trainer import malloc
+malloc.keep_freed_memory()  # as the trainer does
 import tensorflow as tf
 from trainer import distribute
 distribute.configure_cpu_devices(devices)

@@ -28,7 +28,6 @@ or failed run never leaves a directory that looks complete, nor damages an earli
 """
 
 import concurrent.futures
-import ctypes
 import dataclasses
 import io
 import math
@@ -44,7 +43,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import fileio, schema
+from trainer import fileio, malloc, schema
 from trainer.config import ConfigError, PrepareConfig
 from trainer.data import sources
 
@@ -189,18 +188,6 @@ class _Progress:
       eta = (f", ETA {((self.total - self.done) / max(rate, 1e-9)):.0f}s"
              if self.total else "")
       logging.info("%s: %d rows, %.0f rows/s%s", self.what, self.done, rate, eta)
-
-
-def _return_freed_memory() -> None:
-  """Asks glibc to serve large allocations with mmap, so freed NumPy temporaries go back to the
-  system at once instead of lingering in heap arenas (one per thread): the peak RSS of a
-  streaming pass stays one bucket's worth. No-op where glibc's mallopt is unavailable."""
-  try:
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD: 4 MiB, fixed (no dynamic raise)
-    libc.mallopt(-8, 2)  # M_ARENA_MAX
-  except (OSError, AttributeError):
-    pass
 
 
 def _prefetched(iterable: Iterable[T]) -> Iterator[T]:
@@ -479,7 +466,7 @@ def prepare(config: PrepareConfig) -> schema.Metadata:
     ValueError: bad input, naming the file, line and offending text.
   """
   config.validate()
-  _return_freed_memory()
+  malloc.return_freed_memory()
   fileio.check_gcs_access(config.output_dir, "output_dir", write=True)
   for pattern in config.input:
     fileio.check_gcs_access(pattern, "input", write=False)
