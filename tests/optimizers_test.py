@@ -77,8 +77,9 @@ def test_unknown_optimizer_names_the_flag():
     optimizers.make_optimizer("rmsprop", 0.1)
 
 
+@pytest.mark.parametrize("num_rows", [40, 1000])  # batch larger / smaller than the table
 @pytest.mark.parametrize("layout", ["scattered", "runs"])
-def test_duplicate_rows_are_summed_like_a_segment_sum(layout):
+def test_duplicate_rows_are_summed_like_a_segment_sum(layout, num_rows):
   rng = np.random.default_rng(3)
   if layout == "runs":  # as implicit batches' users: runs of 5, and IDs repeated across runs
     indices = np.repeat(rng.integers(0, 40, 60), 5)
@@ -89,8 +90,8 @@ def test_duplicate_rows_are_summed_like_a_segment_sum(layout):
   # Runs are summed when that at least halves the rows, else left alone.
   assert len(merged) == (60 if layout == "runs" else 300)
   np.testing.assert_allclose(merged_values.numpy().sum(0), values.sum(0), rtol=1e-5, atol=1e-5)
-  summed, rows = optimizers._sum_duplicates(tf.IndexedSlices(tf.constant(values),
-                                                             tf.constant(indices)))
+  summed, rows = optimizers._sum_duplicates(
+      tf.IndexedSlices(tf.constant(values), tf.constant(indices)), num_rows)
   expected = {r: values[indices == r].sum(0) for r in np.unique(indices)}
   assert sorted(rows.numpy().tolist()) == sorted(expected)
   for row, total in zip(rows.numpy(), summed.numpy()):

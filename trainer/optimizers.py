@@ -66,24 +66,39 @@ def _merge_runs(values, indices):
                  lambda: (values, indices))
 
 
-def _sum_duplicates(gradient: tf.IndexedSlices):
-  """(per-row summed values [u, d], unique rows [u]) of a sparse gradient.
+def _sum_duplicates(gradient: tf.IndexedSlices, num_rows: int):
+  """(per-row summed values [u, d], unique rows [u]) of a sparse gradient of a table of
+  `num_rows` rows.
 
-  Runs of one ID are merged first (`_merge_runs`); then each row's first occurrence is
-  gathered, and only the repeated occurrences (few, in a batch of random IDs) are added: a
-  segment sum over the whole batch costs several times more.
+  Runs of one ID are merged first (`_merge_runs`). When the batch has at least as many rows as
+  the table (a small vocabulary, as items at a large batch), the rows are summed straight into
+  a zeroed table-sized buffer and the touched rows read back in order. Otherwise each row's
+  first occurrence is gathered, and only the repeated occurrences (few, in a batch of random
+  IDs) are added: a segment sum over the whole batch costs several times more.
   """
   values, indices = _merge_runs(gradient.values, gradient.indices)
-  rows, position = tf.unique(indices)
-  n = tf.shape(indices, out_type=position.dtype)[0]
-  occurrence = tf.range(n)
-  first = tf.math.unsorted_segment_min(occurrence, position, tf.shape(rows)[0])  # [u]
-  summed = tf.gather(values, first)
-  repeated = tf.not_equal(occurrence, tf.gather(first, position))  # [n]
-  summed = tf.tensor_scatter_nd_add(
-      summed, tf.boolean_mask(position, repeated)[:, None],
-      tf.boolean_mask(values, repeated))
-  return summed, rows
+
+  def into_table():
+    table = tf.tensor_scatter_nd_add(
+        tf.zeros(tf.concat([[num_rows], tf.shape(values)[1:]], 0), values.dtype),
+        indices[:, None], values)
+    count = tf.math.unsorted_segment_sum(tf.ones_like(indices, tf.int32), indices, num_rows)
+    rows = tf.cast(tf.where(count > 0)[:, 0], indices.dtype)
+    return tf.gather(table, rows), rows
+
+  def first_then_repeats():
+    rows, position = tf.unique(indices)
+    n = tf.shape(indices, out_type=position.dtype)[0]
+    occurrence = tf.range(n)
+    first = tf.math.unsorted_segment_min(occurrence, position, tf.shape(rows)[0])  # [u]
+    summed = tf.gather(values, first)
+    repeated = tf.not_equal(occurrence, tf.gather(first, position))  # [n]
+    summed = tf.tensor_scatter_nd_add(
+        summed, tf.boolean_mask(position, repeated)[:, None],
+        tf.boolean_mask(values, repeated))
+    return summed, rows
+
+  return tf.cond(tf.size(indices) >= num_rows, into_table, first_then_repeats)
 
 
 def _resource(variable):
@@ -153,7 +168,7 @@ class LazyAdam(keras.optimizers.Optimizer):
       tf.raw_ops.ResourceApplyAdam(var=_resource(variable).handle, m=_resource(m).handle,
                                    v=_resource(v).handle, grad=gradient, **hyper)
       return
-    g, rows = _sum_duplicates(gradient)
+    g, rows = _sum_duplicates(gradient, variable.shape[0])
     buffers = [_resource(buffer) for buffer in self._rows.buffers[index]]
     for buffer, source in zip(buffers, (variable, m, v)):
       buffer.assign(tf.gather(_resource(source), rows))
