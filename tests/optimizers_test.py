@@ -91,7 +91,7 @@ def test_duplicate_rows_are_summed_like_a_segment_sum(layout, num_rows):
   assert len(merged) == (60 if layout == "runs" else 300)
   np.testing.assert_allclose(merged_values.numpy().sum(0), values.sum(0), rtol=1e-5, atol=1e-5)
   summed, rows = optimizers._sum_duplicates(
-      tf.IndexedSlices(tf.constant(values), tf.constant(indices)), num_rows)
+      tf.IndexedSlices(tf.constant(values), tf.constant(indices)), tf.TensorShape([num_rows, 5]))
   expected = {r: values[indices == r].sum(0) for r in np.unique(indices)}
   assert sorted(rows.numpy().tolist()) == sorted(expected)
   for row, total in zip(rows.numpy(), summed.numpy()):
