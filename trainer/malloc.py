@@ -36,4 +36,4 @@ def keep_freed_memory() -> bool:
   each): neumf batch 65535 882K/909K -> 1,033K/963K examples/s, seed_mlp 65536 242K/227K ->
   278K/256K, no change at batch 8192."""
   return _mallopt((_M_MMAP_THRESHOLD, _MAX_MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, 1 << 30),
-           (_M_TOP_PAD, 64 << 20))
+                  (_M_TOP_PAD, 64 << 20))

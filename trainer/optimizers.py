@@ -50,6 +50,8 @@ class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
             "total_steps": self.total_steps, "decay": self.decay}
 
 
+# Columns per sparse-dense matmul in `_sum_duplicates`. In isolation here (65535 rows of 32
+# into 20K, one thread): 16 columns at a time 3.3 ms, all 32 at once 6-11 ms, 8 at a time 5 ms.
 _BLOCK_COLUMNS = 16
 
 
