@@ -52,7 +52,7 @@ _CHILD = """
 import json, sys, time
 devices = int(sys.argv[4])
 from trainer import malloc
-malloc.keep_freed_memory()  # as the trainer does
+malloc.keep_freed_memory()  # as train.train_and_evaluate does
 import tensorflow as tf
 from trainer import distribute
 distribute.configure_cpu_devices(devices)

@@ -12,7 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # before TensorFlow loads: h
 
 from absl import app, flags, logging  # noqa: E402
 
-from trainer import config as config_lib, malloc  # noqa: E402
+from trainer import config as config_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 _D = config_lib.TrainConfig  # defaults live in the dataclass
@@ -152,7 +152,6 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
     config = config_from_flags()
-    malloc.keep_freed_memory()
     from trainer import distribute  # TensorFlow loads here, after flag checks
     distribute.configure_cpu_devices(config.num_cpu_devices)
     # The strategy comes first: MultiWorkerMirroredStrategy must exist before other ops run.

@@ -32,7 +32,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import distribute, export, fileio, metrics as ranking, models, optimizers, schema
+from trainer import (distribute, export, fileio, malloc, metrics as ranking, models, optimizers,
+                     schema)
 from trainer.config import ConfigError, TrainConfig
 from trainer.data import pipeline, preparation
 
@@ -265,6 +266,7 @@ def train_and_evaluate(config: TrainConfig,
     ConfigError / ValueError: a bad flag value or data directory, before any training.
   """
   config.validate()
+  malloc.keep_freed_memory()  # as preparation sets its own (the opposite) for its work
   strategy = strategy or tf.distribute.get_strategy()
   replicas = strategy.num_replicas_in_sync
   config.check_replicas(replicas)

@@ -110,9 +110,9 @@ def negative_sampler(num_items: int, num_negatives: int, seed: int,
   def add(step, batch):
     users, items = batch[schema.USER], batch[schema.ITEM]
     b = tf.shape(users)[0]
-    negative_users = tf.repeat(users, num_negatives)  # [b * k]
     negatives = draw([b * num_negatives], tf.stack([tf.constant(seed, tf.int64), step]))
     if is_positive is not None:
+      negative_users = tf.repeat(users, num_negatives)  # [b * k]
 
       def redraw(r, candidates, found):
         fresh = draw([b * num_negatives],
