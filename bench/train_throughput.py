@@ -7,9 +7,10 @@ Prepares synthetic data once (100K users, 20K items, 2M ratings), then runs each
 in a fresh process (logical CPU devices are fixed at start-up): the real input pipeline and the
 real training loop of `trainer.train`, timed after warm-up over several windows of ~1M
 examples (`--windows`): prints the median examples/s, the lowest and highest window, and the
-fraction of a FLOP roofline: 130 GFLOP/s (this machine's measured fp32 matmul rate) divided by
-3 x the forward FLOPs of one example's dense layers (forward + two backward matmuls); embedding
-lookups and the optimizer are not counted, so the roofline is an upper bound.
+fraction of a FLOP roofline: this machine's fp32 matmul rate, measured first (TensorFlow, a
+2048 x 2048 product, best of 3, in a fresh process like the runs), divided by 3 x the forward
+FLOPs of one example's dense layers (forward + two backward matmuls); embedding lookups and the
+optimizer are not counted, so the roofline is an upper bound.
 
 Targets on the 2-core CI machine: seed_mlp >= 400K examples/s; neumf with the NCF paper's
 factor-8 configuration >= 1.2M examples/s.
@@ -23,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 
-MATMUL_FLOPS = 130e9
 # Per-model flags: seed_mlp as specified; neumf as the NCF paper's factor 8 (GMF 8, MLP
 # embeddings 32, tower 32-16-8).
 MODEL_FLAGS = {
@@ -47,6 +47,21 @@ def forward_flops(name: str) -> float:
     return 3 * f["embedding_dim"]
   return 2 * f["embedding_dim"]
 
+
+# This machine's fp32 matmul rate in FLOP/s, as the runs see it (the same environment).
+_MATMUL = """
+import json, time
+import tensorflow as tf
+n = 2048
+a, b = tf.random.normal([n, n]), tf.random.normal([n, n])
+float(tf.matmul(a, b)[0, 0])  # warm-up
+rates = []
+for _ in range(3):
+  start = time.perf_counter()
+  float(sum(tf.matmul(a, b)[0, 0] for _ in range(4)))  # eager: each product runs
+  rates.append(4 * 2 * n ** 3 / (time.perf_counter() - start))
+print(json.dumps(max(rates)))
+"""
 
 _CHILD = """
 import json, sys, time
@@ -98,6 +113,15 @@ print(json.dumps({"rates": rates, "batch": batch}))
 """
 
 
+def cpu_name() -> str:
+  """The CPU's model name where Linux tells it (figures differ by machine)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    return "CPU model unknown"
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -112,6 +136,11 @@ def main():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=root)
   rows = []
+  done = subprocess.run([sys.executable, "-c", _MATMUL], env=env, capture_output=True, text=True,
+                        check=True)
+  matmul_flops = json.loads(done.stdout.strip().splitlines()[-1])
+  print(f"{cpu_name()}, {os.cpu_count()} CPUs; fp32 matmul (TensorFlow, 2048 x 2048): "
+        f"{matmul_flops / 1e9:,.0f} GFLOP/s", flush=True)
   with tempfile.TemporaryDirectory() as data_dir:
     prepare = [sys.executable, "-m", "trainer.prepare", f"--output_dir={data_dir}",
                "--num_users=100000", "--num_items=20000", "--num_ratings=2000000",
@@ -129,7 +158,7 @@ def main():
           result = json.loads(done.stdout.strip().splitlines()[-1])
           rates, batch_used = sorted(result["rates"]), result["batch"]
           rate = statistics.median(rates)
-          roofline = MATMUL_FLOPS / (3 * forward_flops(name))
+          roofline = matmul_flops / (3 * forward_flops(name))
           rows.append((name, batch_used, devices, rate, rates[0], rates[-1], roofline))
           print(f"{name:>9} batch {batch_used:>6} devices {devices}: {rate:>12,.0f} examples/s "
                 f"(median of {len(rates)} windows, {rates[0]:,.0f}-{rates[-1]:,.0f}; "
