@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import schema
+from trainer import optimizers, schema
 from trainer.data import pipeline, preparation
 
 
@@ -132,6 +132,10 @@ def test_training_batches_hold_each_positive_then_its_negatives(tiny_data_dir):
   assert labels[:, 0].tolist() == [1] * 50 and labels[:, 1:].sum() == 0
   users = batch[schema.USER].numpy().reshape(50, 5)
   assert (users == users[:, :1]).all()  # the positive's user for its negatives
+  # The layout is for LazyAdam, which sums runs of one ID first: the users' gradient rows
+  # merge into at most one per positive.
+  summed, rows = optimizers._merge_runs(tf.ones([250, 1]), batch[schema.USER])
+  assert len(rows) <= 50 and summed.numpy().sum() == 250
 
 
 @pytest.mark.parametrize("start_step", [1, 7, 19, 40])

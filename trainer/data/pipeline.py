@@ -131,7 +131,8 @@ def negative_sampler(num_items: int, num_negatives: int, seed: int,
           redraw, (tf.constant(0, tf.int64), negatives,
                    is_positive(negative_users * num_items + negatives)))
     # Each positive followed by its negatives: one run of k + 1 equal user IDs per positive,
-    # which the embedding gathers read from cache and LazyAdam sums cheaply (`_merge_runs`).
+    # which the embedding gathers read from cache and LazyAdam sums cheaply
+    # (`optimizers._merge_runs`; the layout's test in pipeline_test checks the two together).
     def interleave(first, rest):  # [b], [b * k] -> [b * (k + 1)]
       return tf.reshape(tf.concat([first[:, None], tf.reshape(rest, [b, num_negatives])], 1),
                         [-1])
