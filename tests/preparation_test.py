@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, run_cli
 from trainer import schema
 from trainer.config import ConfigError, PrepareConfig
 from trainer.data import preparation
@@ -295,3 +295,24 @@ def test_one_million_synthetic_rows_stay_within_a_memory_bound(tmp_path):
                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
   usage = json.loads(result.stdout.strip().splitlines()[-1])
   assert usage["growth_mb"] < 200, usage
+
+
+def test_prepared_bytes_do_not_depend_on_the_cpu(tmp_path):
+  """Same input and seed, same bytes, whatever vector instructions numpy picks: prepared with
+  every CPU-specific code path numpy dispatches to on this machine, and with all of them off
+  (numpy's default sort ordered equal keys differently with AVX-512, and its pow differs in the
+  last bits). Synthetic data through a leave-one-out split with sampled eval negatives."""
+  from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+  available = [name for name in __cpu_dispatch__ if __cpu_features__.get(name)]
+  if not available:
+    pytest.skip("numpy dispatches to no code beyond its baseline on this CPU: nothing to compare")
+  outputs = {}
+  baseline = {"NPY_DISABLE_CPU_FEATURES": " ".join(available)}
+  for name, env in (("dispatched", {}), ("baseline", baseline)):
+    run_cli("trainer.prepare", "--source=synthetic", f"--output_dir={tmp_path / name}",
+            "--num_users=400", "--num_items=300", "--num_ratings=20000", "--num_shards=2",
+            "--split=leave_one_out", "--eval_negatives=20", "--seed=3", env=env)
+    outputs[name] = {f: (tmp_path / name / f).read_bytes()
+                     for f in sorted(os.listdir(tmp_path / name))}
+  assert len(outputs["dispatched"]) > 5
+  assert outputs["baseline"] == outputs["dispatched"], available

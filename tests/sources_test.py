@@ -1,9 +1,5 @@
 """Tests of the sources: raw MovieLens formats, delimited files, the synthetic generator."""
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
@@ -125,40 +121,6 @@ def test_synthetic_is_deterministic_distinct_and_in_range():
   assert ratings.min() >= 1.0 and ratings.max() <= 5.0
   assert np.all(ratings * 2 == np.round(ratings * 2))  # half-star steps
   assert all(r == 1.0 for r in _read(_synthetic(implicit=True))["ratings"])
-
-
-_SYNTHETIC_DIGEST = """
-import hashlib, sys
-import numpy as np
-from trainer.data import sources
-source = sources.SyntheticSource(2000, 1000, 50000, seed=0)
-digest = hashlib.sha256()
-# The sampling distribution too: a last-bit difference there moves an item once in a while.
-parts = [source._taste_cdf, source._taste_mass]
-for chunk in source.chunks():
-  parts += [chunk.users, chunk.items, chunk.ratings, chunk.timestamps]
-for part in parts:
-  digest.update(np.ascontiguousarray(part).tobytes())
-print(digest.hexdigest())
-"""
-
-
-def test_synthetic_data_does_not_depend_on_the_cpu():
-  """The same seed gives the same ratings whatever vector instructions numpy picks: here with
-  every CPU-specific code path numpy dispatches to, and with all of them turned off."""
-  from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
-  available = [name for name in __cpu_dispatch__ if __cpu_features__.get(name)]
-  if not available:
-    pytest.skip("numpy dispatches to no code beyond its baseline on this CPU: nothing to compare")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-  def digest(**env):
-    done = subprocess.run([sys.executable, "-c", _SYNTHETIC_DIGEST], capture_output=True,
-                          text=True, env=dict(os.environ, PYTHONPATH=root, **env), check=True)
-    return done.stdout.split()[-1]
-
-  plain = digest()
-  assert digest(NPY_DISABLE_CPU_FEATURES=" ".join(available)) == plain, available
 
 
 def test_synthetic_is_generated_in_seeded_blocks(monkeypatch):
