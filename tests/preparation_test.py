@@ -302,7 +302,10 @@ def test_prepared_bytes_do_not_depend_on_the_cpu(tmp_path):
   every CPU-specific code path numpy dispatches to on this machine, and with all of them off
   (numpy's default sort ordered equal keys differently with AVX-512, and its pow differs in the
   last bits). Synthetic data through a leave-one-out split with sampled eval negatives."""
-  from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+  try:
+    from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+  except ImportError:  # numpy 1.x
+    from numpy.core._multiarray_umath import __cpu_dispatch__, __cpu_features__
   available = [name for name in __cpu_dispatch__ if __cpu_features__.get(name)]
   if not available:
     pytest.skip("numpy dispatches to no code beyond its baseline on this CPU: nothing to compare")
