@@ -122,6 +122,16 @@ def cpu_name() -> str:
     return "CPU model unknown"
 
 
+def _run_child(code: str, args, root: str, env, what: str):
+  """Runs `code` in a fresh Python process; returns the JSON of its last output line, or exits
+  with its stderr naming `what` failed."""
+  done = subprocess.run([sys.executable, "-c", code, *args], cwd=root, env=env,
+                        capture_output=True, text=True)
+  if done.returncode:
+    sys.exit(f"{what} failed:\n{done.stderr[-3000:]}")
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -135,10 +145,7 @@ def main():
   args = parser.parse_args()
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=root)
-  done = subprocess.run([sys.executable, "-c", _MATMUL], env=env, capture_output=True, text=True)
-  if done.returncode:
-    sys.exit(f"measuring the matmul rate failed:\n{done.stderr[-3000:]}")
-  matmul_flops = json.loads(done.stdout.strip().splitlines()[-1])
+  matmul_flops = _run_child(_MATMUL, [], root, env, "measuring the matmul rate")
   print(f"{cpu_name()}, {os.cpu_count()} CPUs; fp32 matmul (TensorFlow, 2048 x 2048): "
         f"{matmul_flops / 1e9:,.0f} GFLOP/s", flush=True)
   rows = []
@@ -151,12 +158,9 @@ def main():
       for batch in args.batch_sizes:
         for devices in args.devices:
           flags = json.dumps(MODEL_FLAGS[name])
-          done = subprocess.run([sys.executable, "-c", _CHILD, data_dir, name, str(batch),
-                                 str(devices), flags, str(args.windows)], cwd=root, env=env,
-                                capture_output=True, text=True)
-          if done.returncode:
-            sys.exit(f"{name} batch {batch} devices {devices} failed:\n{done.stderr[-3000:]}")
-          result = json.loads(done.stdout.strip().splitlines()[-1])
+          result = _run_child(_CHILD, [data_dir, name, str(batch), str(devices), flags,
+                                       str(args.windows)], root, env,
+                              f"{name} batch {batch} devices {devices}")
           rates, batch_used = sorted(result["rates"]), result["batch"]
           rate = statistics.median(rates)
           roofline = matmul_flops / (3 * forward_flops(name))
