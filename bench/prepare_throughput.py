@@ -19,6 +19,8 @@ _CHILD = """
 import json, resource, sys, time
 from absl import logging
 logging.set_verbosity(logging.WARNING)
+from trainer import malloc
+malloc.return_freed_memory()  # as the command line (trainer.prepare) does
 from trainer.config import PrepareConfig
 from trainer.data import preparation
 import tensorflow as tf

@@ -48,69 +48,64 @@ def forward_flops(name: str) -> float:
   return 2 * f["embedding_dim"]
 
 
-# This machine's fp32 matmul rate in FLOP/s, as the runs see it (the same environment).
-_MATMUL = """
-import json, time
-import tensorflow as tf
-n = 2048
-a, b = tf.random.normal([n, n]), tf.random.normal([n, n])
-float(tf.matmul(a, b)[0, 0])  # warm-up
-rates = []
-for _ in range(3):
-  start = time.perf_counter()
-  float(sum(tf.matmul(a, b)[0, 0] for _ in range(4)))  # eager: each product runs
-  rates.append(4 * 2 * n ** 3 / (time.perf_counter() - start))
-print(json.dumps(max(rates)))
-"""
+def measure_matmul() -> float:
+  """This machine's fp32 matmul rate in FLOP/s, as the runs see it (the same environment)."""
+  import time
+  import tensorflow as tf
+  n = 2048
+  a, b = tf.random.normal([n, n]), tf.random.normal([n, n])
+  float(tf.matmul(a, b)[0, 0])  # warm-up
+  rates = []
+  for _ in range(3):
+    start = time.perf_counter()
+    float(sum(tf.matmul(a, b)[0, 0] for _ in range(4)))  # eager: each product runs
+    rates.append(4 * 2 * n ** 3 / (time.perf_counter() - start))
+  return max(rates)
 
-_CHILD = """
-import json, sys, time
-devices = int(sys.argv[4])
-from trainer import malloc
-malloc.keep_freed_memory()  # as train.train_and_evaluate does
-import tensorflow as tf
-from trainer import distribute
-distribute.configure_cpu_devices(devices)
-import keras
-from absl import logging
-logging.set_verbosity(logging.WARNING)
-from trainer import optimizers, schema, train
-from trainer.config import TrainConfig
-from trainer.data import pipeline, preparation
-data_dir, name, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
-flags, windows = json.loads(sys.argv[5]), int(sys.argv[6])
-unit = devices * ((1 + flags.get("num_negatives", 0)) if flags["task"] == "implicit" else 1)
-batch -= batch % unit  # divisible by the replicas and by 1 + negatives
-config = TrainConfig(data_dir=data_dir, model_dir="unused", model=name, batch_size=batch,
-                     optimizer="lazy_adam", **{k: tuple(v) if k == "layers" else v
-                                               for k, v in flags.items()})
-metadata = preparation.load_metadata(data_dir)
-strategy = distribute.get_strategy("auto", devices)
-with strategy.scope():
-  model = train.build_model(config, metadata)
-  opt = optimizers.make_optimizer("lazy_adam", 1e-3)
-  opt.build(model.trainable_variables)
-add = None
-if config.task == "implicit":
-  # As the trainer does by default (--exclude_positives): never a user's training positive.
-  positives = preparation.load_npz(data_dir + "/" + preparation.TRAIN_POSITIVES_FILE)
-  add = pipeline.negative_sampler(metadata.num_items, config.num_negatives, 0,
-                                  preparation.pair_keys(positives, metadata.num_items))
-positives = batch // config.examples_per_positive
-pattern = data_dir + "/" + schema.shard_pattern(schema.TRAIN)
-data = strategy.distribute_datasets_from_function(
-    lambda ctx: pipeline.make_dataset(pattern, positives, True, ctx, 0, 256, add))
-iterator = iter(data)
-loop = train.make_train_loop(model, opt, strategy, batch, config.task)
-loop(iterator, tf.constant(20), tf.constant(0))  # trace and warm up
-steps = max(10, int(1e6 // batch))  # per window: ~1M examples
-rates = []
-for _ in range(windows):
-  start = time.perf_counter()
-  loop(iterator, tf.constant(steps), tf.constant(0))
-  rates.append(steps * batch / (time.perf_counter() - start))
-print(json.dumps({"rates": rates, "batch": batch}))
-"""
+
+def measure_training(data_dir: str, name: str, batch: int, devices: int, flags: dict,
+                     windows: int) -> dict:
+  """Examples/s of `windows` timed windows of ~1M examples: the trainer's input pipeline and
+  training loop (`EpochRunner`'s parts), lazy Adam, after 20 warm-up steps."""
+  import time
+  from trainer import malloc
+  malloc.keep_freed_memory()  # as the training command line does
+  import tensorflow as tf
+  from trainer import distribute
+  distribute.configure_cpu_devices(devices)  # before any op runs
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)
+  from trainer import objectives, optimizers, train
+  from trainer.config import TrainConfig
+  from trainer.data import artifacts, pipeline
+  fields = {k: tuple(v) if k == "layers" else v for k, v in flags.items()}
+  probe = TrainConfig(data_dir=data_dir, model_dir="unused", model=name, **fields)
+  unit = devices * probe.examples_per_positive
+  batch -= batch % unit  # divisible by the replicas and by 1 + negatives
+  config = TrainConfig(data_dir=data_dir, model_dir="unused", model=name, batch_size=batch,
+                       optimizer="lazy_adam", **fields).validate()
+  objective = objectives.for_config(config)
+  data = artifacts.PreparedData(data_dir)
+  strategy = distribute.get_strategy("auto", devices)
+  with strategy.scope():
+    model = train.build_model(config, data.metadata)
+    optimizer = optimizers.make_optimizer("lazy_adam", 1e-3)
+    optimizer.build(model.trainable_variables)
+  add_negatives = objective.negative_sampler(data)  # excludes positives, as the trainer does
+  positives = batch // objective.examples_per_positive
+  dataset = strategy.distribute_datasets_from_function(
+      lambda ctx: pipeline.make_dataset(data.train_pattern, positives, True, ctx, 0, 256,
+                                        add_negatives))
+  iterator = iter(dataset)
+  loop = train.make_train_loop(model, optimizer, strategy, batch, objective)
+  loop(iterator, tf.constant(20), tf.constant(0))  # trace and warm up
+  steps = max(10, int(1e6 // batch))  # per window: ~1M examples
+  rates = []
+  for _ in range(windows):
+    start = time.perf_counter()
+    loop(iterator, tf.constant(steps), tf.constant(0))
+    rates.append(steps * batch / (time.perf_counter() - start))
+  return {"rates": rates, "batch": batch}
 
 
 def cpu_name() -> str:
@@ -122,14 +117,26 @@ def cpu_name() -> str:
     return "CPU model unknown"
 
 
-def _run_child(code: str, args, root: str, env, what: str):
-  """Runs `code` in a fresh Python process; returns the JSON of its last output line, or exits
+def _run_child(args, root: str, env, what: str):
+  """Runs this script with `--child ARGS` in a fresh Python process (logical devices and
+  malloc settings are fixed at start-up); returns the JSON of its last output line, or exits
   with its stderr naming `what` failed."""
-  done = subprocess.run([sys.executable, "-c", code, *args], cwd=root, env=env,
-                        capture_output=True, text=True)
+  done = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", *args], cwd=root,
+                        env=env, capture_output=True, text=True)
   if done.returncode:
     sys.exit(f"{what} failed:\n{done.stderr[-3000:]}")
   return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _child(args) -> None:
+  """The measurement a parent asked for: `matmul`, or `train DATA MODEL BATCH DEVICES FLAGS
+  WINDOWS`; prints its result as one JSON line."""
+  if args[0] == "matmul":
+    print(json.dumps(measure_matmul()))
+    return
+  data_dir, name, batch, devices, flags, windows = args[1:]
+  print(json.dumps(measure_training(data_dir, name, int(batch), int(devices),
+                                    json.loads(flags), int(windows))))
 
 
 def main():
@@ -145,7 +152,7 @@ def main():
   args = parser.parse_args()
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=root)
-  matmul_flops = _run_child(_MATMUL, [], root, env, "measuring the matmul rate")
+  matmul_flops = _run_child(["matmul"], root, env, "measuring the matmul rate")
   print(f"{cpu_name()}, {os.cpu_count()} CPUs; fp32 matmul (TensorFlow, 2048 x 2048): "
         f"{matmul_flops / 1e9:,.0f} GFLOP/s", flush=True)
   rows = []
@@ -158,8 +165,8 @@ def main():
       for batch in args.batch_sizes:
         for devices in args.devices:
           flags = json.dumps(MODEL_FLAGS[name])
-          result = _run_child(_CHILD, [data_dir, name, str(batch), str(devices), flags,
-                                       str(args.windows)], root, env,
+          result = _run_child(["train", data_dir, name, str(batch), str(devices), flags,
+                               str(args.windows)], root, env,
                               f"{name} batch {batch} devices {devices}")
           rates, batch_used = sorted(result["rates"]), result["batch"]
           rate = statistics.median(rates)
@@ -177,4 +184,8 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  if sys.argv[1:2] == ["--child"]:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    _child(sys.argv[2:])
+  else:
+    main()

@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 
+from trainer import objectives
 from trainer.config import ConfigError, PrepareConfig, TrainConfig
 
 _TRAIN = TrainConfig(data_dir="d", model_dir="m")
@@ -31,6 +32,24 @@ def test_defaults_are_valid():
     (dict(num_cpu_devices=0), "--num_cpu_devices=0 must be at least 1"),
     (dict(learning_rate=0.0), "--learning_rate=0.0 must be positive"),
     (dict(strategy="default", num_cpu_devices=2), "--strategy=default uses one device"),
+    (dict(task="ranking"), "--task='ranking' is not one of explicit, implicit, implicit_bpr"),
+    # Cross-field rules.
+    (dict(task="implicit", num_negatives=0), "--num_negatives=0: --task=implicit needs"),
+    (dict(task="implicit_bpr", num_negatives=0), "--num_negatives=0: --task=implicit_bpr needs"),
+    (dict(task="implicit", batch_size=1001, num_negatives=4),
+     r"--batch_size=1001 is not divisible by 1 \+ --num_negatives = 5"),
+    (dict(target_metric="rmse"), "--target_metric=rmse needs --target_value"),
+    (dict(target_value=0.9), "--target_metric=None is not one of rmse"),
+    (dict(target_metric="hr_full", target_value=0.5), "--target_metric=hr_full is not reported "
+     r"by --task=explicit \(it reports rmse, mae\)"),
+    (dict(task="implicit", batch_size=1000, target_metric="rmse", target_value=0.9),
+     "--target_metric=rmse is not reported by --task=implicit"),
+    (dict(pretrained_gmf_dir="g", pretrained_mlp_dir="m"),
+     "--pretrained_gmf_dir/--pretrained_mlp_dir apply to --model=neumf only"),
+    (dict(model="neumf", pretrained_gmf_dir="g"),
+     "--pretrained_gmf_dir and --pretrained_mlp_dir go together"),
+    (dict(dropout=1.0), r"--dropout=1.0 must be in \[0, 1\)"),
+    (dict(layers=(8, 0)), "--layers=8,0 must be positive layer sizes"),
 ])
 def test_train_config_rules(changes, message):
   with pytest.raises(ConfigError, match=message):
@@ -38,9 +57,14 @@ def test_train_config_rules(changes, message):
 
 
 def test_batch_size_must_split_across_replicas():
-  dataclasses.replace(_TRAIN, batch_size=6).check_replicas(2)
+  objectives.for_config(dataclasses.replace(_TRAIN, batch_size=6)).check_replicas(2)
   with pytest.raises(ConfigError, match="--batch_size=7 is not divisible by the 2 replicas"):
-    dataclasses.replace(_TRAIN, batch_size=7).check_replicas(2)
+    objectives.for_config(dataclasses.replace(_TRAIN, batch_size=7)).check_replicas(2)
+  implicit = dataclasses.replace(_TRAIN, task="implicit_bpr", num_negatives=2, batch_size=12)
+  objectives.for_config(implicit).check_replicas(2)  # 2 replicas x groups of 3
+  with pytest.raises(ConfigError, match=r"--batch_size=12 is not divisible by the 3 replicas "
+                     r"x \(1 \+ --num_negatives\)"):
+    objectives.for_config(implicit).check_replicas(3)
 
 
 @pytest.mark.parametrize("eval_batch,replicas,expected", [(8192, 3, 8190), (8, 2, 8), (2, 3, 3)])

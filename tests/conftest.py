@@ -94,3 +94,19 @@ def uninterrupted(resume_data, tmp_path_factory):
   model_dir = str(tmp_path_factory.mktemp("uninterrupted"))
   result = run_cli("trainer.task", *train_command(resume_data, model_dir)[3:])
   return last_json_line(result.stdout)
+
+
+class _Resolver:
+  def __init__(self, task_type, task_id, cluster):
+    self.task_type, self.task_id, self._cluster = task_type, task_id, cluster
+
+  def cluster_spec(self):
+    return tf.train.ClusterSpec(self._cluster)
+
+
+class TaskStrategy:
+  """Stands for the strategy of one task of a cluster where only the task's identity matters
+  (who is chief, where it writes): a real cluster needs a process per task."""
+
+  def __init__(self, task_type: str, task_id: int, cluster: dict):
+    self.cluster_resolver = _Resolver(task_type, task_id, cluster)

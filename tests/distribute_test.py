@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import distribute, models, optimizers, schema, train
-from trainer.config import ConfigError
+from conftest import TaskStrategy
+from trainer import distribute, models, objectives, optimizers, schema, train
+from trainer.config import ConfigError, TrainConfig
 
 GLOBAL_BATCH = 64
 STEPS = 6
@@ -20,9 +21,17 @@ def _data():
   rng = np.random.default_rng(0)
   n = GLOBAL_BATCH * STEPS
   users = rng.integers(0, 20, n)
-  return {schema.USER: users, schema.ITEM: rng.integers(0, 15, n),
+  items = rng.integers(0, 15, n)
+  items[::4] = users[::4] % 15  # each group of 1 + 3 starts with a learnable positive (BPR)
+  return {schema.USER: users, schema.ITEM: items,
           schema.RATING: (1.0 + users % 5).astype("float32"),  # learnable from the user
           schema.LABEL: (users % 2).astype("float32")}
+
+
+def _objective(task: str) -> objectives.Objective:
+  # 3 negatives: a BPR batch is groups of 1 + 3 (the layout matters to it, not to the others).
+  return objectives.for_config(TrainConfig(data_dir="unused", model_dir="unused", task=task,
+                                           num_negatives=3, batch_size=GLOBAL_BATCH))
 
 
 def _train(strategy, name="seed_mlp", task="explicit", optimizer="adam"):
@@ -37,7 +46,7 @@ def _train(strategy, name="seed_mlp", task="explicit", optimizer="adam"):
       lambda ctx: tf.data.Dataset.from_tensor_slices(data).batch(
           ctx.get_per_replica_batch_size(GLOBAL_BATCH), drop_remainder=True))
   iterator = iter(dataset)
-  train_loop = train.make_train_loop(model, opt, strategy, GLOBAL_BATCH, task)
+  train_loop = train.make_train_loop(model, opt, strategy, GLOBAL_BATCH, _objective(task))
   losses = [float(train_loop(iterator, tf.constant(1), tf.constant(0))[0]) for _ in range(STEPS)]
   return losses, model
 
@@ -49,6 +58,7 @@ def _train(strategy, name="seed_mlp", task="explicit", optimizer="adam"):
     ("neumf", "implicit", "lazy_adam"),
     ("mf", "explicit", "lazy_adam"),
     ("mf", "implicit", "sgd"),
+    ("gmf", "implicit_bpr", "adagrad"),  # (Adam would scale the bias's ~0 gradient up to noise)
 ])
 def test_two_replicas_match_one_device(mirrored_strategy, name, task, optimizer):
   one_losses, one = _train(tf.distribute.OneDeviceStrategy("/cpu:0"), name, task, optimizer)
@@ -91,7 +101,8 @@ def test_replicas_gather_rows_not_whole_tables(mirrored_strategy, name):
   dataset = strategy.distribute_datasets_from_function(
       lambda ctx: tf.data.Dataset.from_tensor_slices(data).batch(
           ctx.get_per_replica_batch_size(GLOBAL_BATCH), drop_remainder=True).repeat())
-  train_loop = train.make_train_loop(model, opt, strategy, GLOBAL_BATCH, "implicit")
+  train_loop = train.make_train_loop(model, opt, strategy, GLOBAL_BATCH,
+                                     _objective("implicit"))
   iterator = iter(dataset)
   train_loop(iterator, tf.constant(1), tf.constant(0))
   graph_def = train_loop.get_concrete_function(
@@ -167,19 +178,6 @@ def test_malformed_cluster_descriptions_name_the_variable(name, value, message):
     distribute.cluster_config({name: value})
 
 
-class _Resolver:
-  def __init__(self, task_type, task_id, cluster):
-    self.task_type, self.task_id, self._cluster = task_type, task_id, cluster
-
-  def cluster_spec(self):
-    return tf.train.ClusterSpec(self._cluster)
-
-
-class _Strategy:
-  def __init__(self, *args):
-    self.cluster_resolver = _Resolver(*args)
-
-
 @pytest.mark.parametrize("task_type,task_id,cluster,chief", [
     ("chief", 0, {"chief": ["c:1"], "worker": ["w:1"]}, True),
     ("worker", 0, {"chief": ["c:1"], "worker": ["w:1"]}, False),
@@ -187,7 +185,7 @@ class _Strategy:
     ("worker", 1, {"worker": ["w:1", "v:1"]}, False),
 ])
 def test_chief_and_write_dirs(task_type, task_id, cluster, chief, tmp_path):
-  strategy = _Strategy(task_type, task_id, cluster)
+  strategy = TaskStrategy(task_type, task_id, cluster)
   assert distribute.is_chief(strategy) is chief
   path = str(tmp_path / "export")
   written = distribute.write_dir(path, strategy)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import train
+from trainer import schema, train
 from trainer.config import ConfigError, PrepareConfig, TrainConfig
-from trainer.data import preparation
+from trainer.data import artifacts, preparation
 
 pytestmark = pytest.mark.slow  # a few seconds of training each
 
@@ -26,8 +26,8 @@ def implicit_data(tmp_path_factory):
 
 def _popularity(data_dir, k=10):
   """HR@k of ranking by training popularity, sampled protocol, ties against it."""
-  positives = preparation.load_npz(os.path.join(data_dir, preparation.TRAIN_POSITIVES_FILE))
-  sampled = preparation.load_npz(os.path.join(data_dir, preparation.EVAL_NEGATIVES_FILE))
+  positives = artifacts.load_npz(os.path.join(data_dir, schema.TRAIN_POSITIVES_FILE))
+  sampled = artifacts.load_npz(os.path.join(data_dir, schema.EVAL_NEGATIVES_FILE))
   counts = np.bincount(positives["indices"], minlength=sampled["negatives"].max() + 1)
   counts = np.pad(counts, (0, max(0, sampled["positives"].max() + 1 - len(counts))))
   rank = (counts[sampled["negatives"]] >= counts[sampled["positives"]][:, None]).sum(1)
@@ -42,10 +42,12 @@ def _config(data_dir, model_dir, **changes):
   return dataclasses.replace(base, **changes)
 
 
-@pytest.mark.parametrize("name", ["gmf", "mlp", "neumf", "mf"])
-def test_every_model_beats_popularity(implicit_data, tmp_path, mirrored_strategy, name):
-  result = train.train_and_evaluate(_config(implicit_data, str(tmp_path), model=name),
-                                    mirrored_strategy)
+@pytest.mark.parametrize("name,task", [("gmf", "implicit"), ("mlp", "implicit"),
+                                       ("neumf", "implicit"), ("mf", "implicit"),
+                                       ("mf", "implicit_bpr"), ("gmf", "implicit_bpr")])
+def test_every_model_beats_popularity(implicit_data, tmp_path, mirrored_strategy, name, task):
+  result = train.train_and_evaluate(_config(implicit_data, str(tmp_path), model=name,
+                                            task=task), mirrored_strategy)
   popularity = _popularity(implicit_data)
   assert result["eval_hr_sampled"] > popularity, (result, popularity)
   assert result["eval_count_sampled"] == 300 and result["eval_count_full"] == 300

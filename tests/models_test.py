@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from trainer import models, schema
+from trainer.config import MODELS
 
 
 def _model(**overrides):
@@ -57,7 +58,7 @@ def test_parameter_counts(name, params):
   assert model.count_params() == params
 
 
-@pytest.mark.parametrize("name", models.MODEL_NAMES)
+@pytest.mark.parametrize("name", MODELS)
 def test_every_model_round_trips_its_config_and_scores_a_batch(name):
   model = models.build_model(name, 20, 10, 4, 8, layers=(8, 4), mlp_embedding_dim=4,
                              dropout=0.1, l2=0.01)
@@ -81,7 +82,7 @@ def test_l2_penalty_is_the_squared_norm_of_the_gathered_rows():
   np.testing.assert_allclose(np.asarray(penalty), [0.5 * (13 + 2 + 4)])
 
 
-@pytest.mark.parametrize("name", models.MODEL_NAMES)
+@pytest.mark.parametrize("name", MODELS)
 def test_the_penalty_reuses_the_rows_the_scores_gathered(name):
   """One lookup per table and batch: each table's gradient holds one row per example (a
   penalty that gathered the rows again would double them, and the optimizer's work)."""
@@ -98,7 +99,7 @@ def test_the_penalty_reuses_the_rows_the_scores_gathered(name):
   assert float(tf.reduce_min(penalty)) > 0
 
 
-@pytest.mark.parametrize("name", models.MODEL_NAMES)
+@pytest.mark.parametrize("name", MODELS)
 def test_training_scores_equal_the_model_call_under_mixed_precision(name):
   """`scores_and_penalty` skips Keras's `__call__` (and its autocast): the scores must still
   come out as the model's own call gives them, in the compute dtype."""
@@ -129,7 +130,7 @@ def test_neumf_starts_from_pretrained_gmf_and_mlp():
     neumf.load_pretrained(gmf, wrong)
 
 
-@pytest.mark.parametrize("name", models.MODEL_NAMES)
+@pytest.mark.parametrize("name", MODELS)
 def test_every_weight_round_trips_through_a_checkpoint(name, tmp_path):
   import tensorflow as tf
   build = lambda: models.build_model(name, 20, 10, 4, 8, layers=(8, 4),  # noqa: E731

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from trainer import optimizers, schema
-from trainer.data import pipeline, preparation
+from trainer.data import artifacts, pipeline
 
 
 def _pattern(data_dir, split):
@@ -26,7 +26,7 @@ def _examples(ds, limit=None):
 
 
 def test_eval_reads_every_example_exactly_once(tiny_data_dir):
-  metadata = preparation.load_metadata(tiny_data_dir)
+  metadata = artifacts.load_metadata(tiny_data_dir)
   ds = pipeline.make_dataset(_pattern(tiny_data_dir, schema.EVAL), 100, training=False)
   batches = list(ds)
   examples = _examples(batches)
@@ -36,7 +36,7 @@ def test_eval_reads_every_example_exactly_once(tiny_data_dir):
 
 
 def test_training_batches_are_full_repeat_and_cover_the_data(tiny_data_dir):
-  metadata = preparation.load_metadata(tiny_data_dir)
+  metadata = artifacts.load_metadata(tiny_data_dir)
   batch = 256
   steps = 2 * metadata.num_train // batch  # two epochs' worth
   ds = pipeline.make_dataset(_pattern(tiny_data_dir, schema.TRAIN), batch, training=True, seed=1)
@@ -122,7 +122,7 @@ def test_negatives_are_fresh_reproducible_and_never_a_known_positive():
 
 
 def test_training_batches_hold_each_positive_then_its_negatives(tiny_data_dir):
-  metadata = preparation.load_metadata(tiny_data_dir)
+  metadata = artifacts.load_metadata(tiny_data_dir)
   add = pipeline.negative_sampler(metadata.num_items, 4, seed=1)
   ds = pipeline.make_dataset(_pattern(tiny_data_dir, schema.TRAIN), 50, training=True, seed=1,
                              add_negatives=add)
@@ -142,7 +142,7 @@ def test_training_batches_hold_each_positive_then_its_negatives(tiny_data_dir):
 def test_a_resumed_dataset_continues_batch_for_batch(tiny_data_dir, start_step):
   """Starting at step k (mid-epoch, at an epoch boundary or epochs later) yields exactly the
   batches an uninterrupted dataset yields from its k-th batch: examples and negatives."""
-  metadata = preparation.load_metadata(tiny_data_dir)
+  metadata = artifacts.load_metadata(tiny_data_dir)
   assert sum(metadata.train_shard_examples) == metadata.num_train
   pattern = _pattern(tiny_data_dir, schema.TRAIN)
   batch = 211  # not a divisor of the epoch: batches straddle epoch ends
@@ -161,7 +161,7 @@ def test_a_resumed_dataset_continues_batch_for_batch(tiny_data_dir, start_step):
 
 
 def test_a_resumed_dataset_continues_under_two_replicas(tiny_data_dir, mirrored_strategy):
-  metadata = preparation.load_metadata(tiny_data_dir)
+  metadata = artifacts.load_metadata(tiny_data_dir)
   pattern = _pattern(tiny_data_dir, schema.TRAIN)
 
   def steps(start, count):

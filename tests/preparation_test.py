@@ -14,7 +14,7 @@ import tensorflow as tf
 from conftest import REPO_ROOT, run_cli
 from trainer import schema
 from trainer.config import ConfigError, PrepareConfig
-from trainer.data import preparation
+from trainer.data import artifacts, preparation
 
 
 def test_vocab_is_frequency_ordered_with_ties_by_id():
@@ -75,11 +75,11 @@ def test_leave_one_out_holds_out_each_users_latest_by_hand(tmp_path):
   # Vocabularies by frequency, ties by ID: users a, d (3), b (2), c (1); items i1 (3),
   # i2, i3 (2), i4, i5 (1).
   assert users == ["a", "d", "b", "c"] and items == ["i1", "i2", "i3", "i4", "i5"]
-  positives = preparation.load_npz(os.path.join(out, preparation.TRAIN_POSITIVES_FILE))
+  positives = artifacts.load_npz(os.path.join(out, schema.TRAIN_POSITIVES_FILE))
   train = {users[u]: sorted(items[i] for i in positives["indices"][
       positives["indptr"][u]:positives["indptr"][u + 1]]) for u in range(4)}
   assert train == {"a": ["i1", "i3"], "d": ["i1", "i3"], "b": ["i1"], "c": ["i5"]}
-  negatives = preparation.load_npz(os.path.join(out, preparation.EVAL_NEGATIVES_FILE))
+  negatives = artifacts.load_npz(os.path.join(out, schema.EVAL_NEGATIVES_FILE))
   by_user = {users[u]: (items[p], {items[n] for n in ns}) for u, p, ns in
              zip(negatives["users"], negatives["positives"], negatives["negatives"])}
   assert set(by_user) == {"a", "b", "d"}
@@ -93,10 +93,10 @@ def test_eval_negatives_never_hold_a_positive_and_are_fixed_by_seed(tmp_path):
                          num_ratings=1500, split="leave_one_out", eval_negatives=20, seed=4)
   preparation.prepare(config)
   preparation.prepare(dataclasses.replace(config, output_dir=str(tmp_path / "b")))
-  a = preparation.load_npz(str(tmp_path / "a" / preparation.EVAL_NEGATIVES_FILE))
-  b = preparation.load_npz(str(tmp_path / "b" / preparation.EVAL_NEGATIVES_FILE))
+  a = artifacts.load_npz(str(tmp_path / "a" / schema.EVAL_NEGATIVES_FILE))
+  b = artifacts.load_npz(str(tmp_path / "b" / schema.EVAL_NEGATIVES_FILE))
   assert all(np.array_equal(a[k], b[k]) for k in a)
-  positives = preparation.load_npz(str(tmp_path / "a" / preparation.TRAIN_POSITIVES_FILE))
+  positives = artifacts.load_npz(str(tmp_path / "a" / schema.TRAIN_POSITIVES_FILE))
   assert a["negatives"].shape == (len(a["users"]), 20)
   for u, p, ns in zip(a["users"], a["positives"], a["negatives"]):
     seen = set(positives["indices"][positives["indptr"][u]:positives["indptr"][u + 1]]) | {p}
@@ -234,7 +234,7 @@ def test_preparing_again_replaces_files_of_an_earlier_run(tmp_path):
   names = sorted(os.listdir(out))
   assert [n for n in names if n.startswith("train-")] == [
       "train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord"]
-  assert preparation.EVAL_NEGATIVES_FILE not in names  # not part of this run's output
+  assert schema.EVAL_NEGATIVES_FILE not in names  # not part of this run's output
   assert not [n for n in names if n.startswith(".tmp")]
   data, _ = _read_split(out, schema.TRAIN)
   assert len(data[schema.USER]) == metadata.num_train
@@ -269,11 +269,13 @@ def test_splits_that_need_timestamps_say_so(tmp_path, changes, message):
 
 def test_load_metadata_names_the_flag_for_an_unprepared_directory(tmp_path):
   with pytest.raises(ConfigError, match=r"--data_dir='.*' is not a prepared data directory"):
-    preparation.load_metadata(str(tmp_path))
+    artifacts.load_metadata(str(tmp_path))
 
 
 _MEMORY = """
 import json, resource, sys
+from trainer import malloc
+malloc.return_freed_memory()  # as the command line (trainer.prepare) does
 from trainer.config import PrepareConfig
 from trainer.data import preparation
 import tensorflow as tf

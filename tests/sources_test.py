@@ -150,3 +150,21 @@ def test_synthetic_popularity_is_skewed():
 def test_synthetic_refuses_too_dense_requests():
   with pytest.raises(ValueError, match="--num_ratings=60 is more than half"):
     sources.SyntheticSource(10, 10, 60)
+
+
+def test_a_bad_row_raises_or_is_counted_under_skip_bad_rows(tmp_path):
+  with pytest.raises(ValueError, match="^f.csv:3: broken$"):
+    sources.reject(None, "f.csv:3: broken")
+  bad = sources.BadRows()
+  for k in range(12):
+    sources.reject(bad, f"f.csv:{k}: broken")
+  assert bad.count == 12 and len(bad.examples) == 10  # every row counted, ten shown
+  # Every source says what it skipped through the same attribute.
+  assert sources.SyntheticSource(10, 10, 20).bad is None
+  path = tmp_path / "r.csv"
+  path.write_text("u,i\na,1\nb\nc,3\n")
+  strict = sources.DelimitedSource([str(path)], sources.Columns("u", "i"))
+  assert strict.bad is None
+  skipping = sources.DelimitedSource([str(path)], sources.Columns("u", "i"), skip_bad_rows=True)
+  assert sum(len(c) for c in skipping.chunks()) == 2
+  assert skipping.bad.count == 1 and "r.csv:3: expected 2 fields" in skipping.bad.examples[0]

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import TaskStrategy
 from trainer import schema, train
 from trainer.config import ConfigError, TrainConfig
-from trainer.data import pipeline, preparation
+from trainer.errors import LostPeerError
+from trainer.data import artifacts, pipeline
 
 
 def _eval_examples(data_dir):
@@ -41,7 +43,7 @@ def _restore(config, metadata):
 
 def test_learns_more_than_the_global_mean(trained, tiny_data_dir):
   config, metrics = trained
-  metadata = preparation.load_metadata(tiny_data_dir)
+  metadata = artifacts.load_metadata(tiny_data_dir)
   ratings = _eval_examples(tiny_data_dir)[schema.RATING].astype(np.float64)
   baseline = np.sqrt(np.mean((ratings - metadata.train_rating_mean) ** 2))
   assert metrics["eval_rmse_global_mean_baseline"] == pytest.approx(baseline, rel=1e-6)
@@ -56,7 +58,7 @@ def test_learns_more_than_the_global_mean(trained, tiny_data_dir):
 
 def test_metrics_match_a_numpy_evaluation_of_the_checkpoint(trained, tiny_data_dir):
   config, metrics = trained
-  metadata = preparation.load_metadata(tiny_data_dir)
+  metadata = artifacts.load_metadata(tiny_data_dir)
   model = _restore(config, metadata)
   data = _eval_examples(tiny_data_dir)
   predicted = np.clip(np.asarray(model({schema.USER: data[schema.USER],
@@ -76,7 +78,7 @@ def test_writes_checkpoints_and_tensorboard_summaries(trained):
   checkpoints = config.resolved_checkpoint_dir
   latest = tf.train.latest_checkpoint(checkpoints)
   assert _saved(latest, "epoch") == 6
-  steps_per_epoch = preparation.load_metadata(config.data_dir).num_train // config.batch_size
+  steps_per_epoch = artifacts.load_metadata(config.data_dir).num_train // config.batch_size
   assert _saved(latest, "step") == 6 * steps_per_epoch  # numbered by step
   assert latest.endswith(f"ckpt-{6 * steps_per_epoch}")
   assert len(tf.io.gfile.glob(os.path.join(checkpoints, "ckpt-*.index"))) == 3  # max kept
@@ -122,7 +124,7 @@ _SERVE = textwrap.dedent("""
 
 def test_export_serves_the_trained_model_in_a_fresh_process(trained, tiny_data_dir):
   config, _ = trained
-  metadata = preparation.load_metadata(tiny_data_dir)
+  metadata = artifacts.load_metadata(tiny_data_dir)
   users = open(os.path.join(tiny_data_dir, schema.USER_VOCAB_FILE)).read().split()
   items = open(os.path.join(tiny_data_dir, schema.ITEM_VOCAB_FILE)).read().split()
   data = _eval_examples(tiny_data_dir)
@@ -149,7 +151,7 @@ def test_export_serves_the_trained_model_in_a_fresh_process(trained, tiny_data_d
   user = users.index("u3")
   all_scores = np.array(model({schema.USER: np.full(len(items), user),
                                schema.ITEM: np.arange(len(items))}))
-  seen = preparation.load_npz(os.path.join(tiny_data_dir, preparation.TRAIN_POSITIVES_FILE))
+  seen = artifacts.load_npz(os.path.join(tiny_data_dir, schema.TRAIN_POSITIVES_FILE))
   all_scores[seen["indices"][seen["indptr"][user]:seen["indptr"][user + 1]]] = -np.inf
   assert top == [items[i] for i in np.argsort(-all_scores, kind="stable")[:10]]
   assert served["rec_known"] == [True, False]
@@ -157,7 +159,7 @@ def test_export_serves_the_trained_model_in_a_fresh_process(trained, tiny_data_d
 
 def test_batch_larger_than_the_data_fails_before_training(tiny_data_dir, tmp_path):
   config = TrainConfig(data_dir=tiny_data_dir, model_dir=str(tmp_path), batch_size=10**6)
-  num_train = preparation.load_metadata(tiny_data_dir).num_train
+  num_train = artifacts.load_metadata(tiny_data_dir).num_train
   with pytest.raises(ConfigError, match=rf"--batch_size=1000000 is larger than the {num_train} "):
     train.train_and_evaluate(config)
   assert not os.listdir(tmp_path)
@@ -182,3 +184,21 @@ def test_a_model_dir_of_another_configuration_is_refused_unless_overwritten(trai
   result = train.train_and_evaluate(dataclasses.replace(other, overwrite=True))
   assert result["epochs"] == 1  # started afresh, not from epoch 6
   assert _saved(tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")), "epoch") == 1
+
+
+def test_failures_are_classified_by_type_and_state_not_by_message(tmp_path):
+  config = TrainConfig(data_dir=str(tmp_path), model_dir=str(tmp_path / "m"))
+  unavailable = tf.errors.UnavailableError(None, None, "reading gs://bucket/x failed")
+  # A local run with local paths: nothing to blame but the error itself, whatever it says.
+  with pytest.raises(tf.errors.UnavailableError):
+    with train._failures_classified(config, tf.distribute.get_strategy()):
+      raise unavailable
+  cluster = TaskStrategy("worker", 0, {"worker": ["a:1", "b:1"]})
+  with pytest.raises(LostPeerError, match="lost contact with another task of the cluster "
+                     r"\(UnavailableError: reading gs://bucket/x failed\)"):
+    with train._failures_classified(config, cluster):
+      raise unavailable
+  assert LostPeerError("x").exit_code == 131
+  with pytest.raises(tf.errors.InvalidArgumentError):  # not a collective's failure: a bug
+    with train._failures_classified(config, cluster):
+      raise tf.errors.InvalidArgumentError(None, None, "bad shape")

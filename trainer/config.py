@@ -9,20 +9,20 @@ import dataclasses
 import json
 from typing import Optional, Tuple
 
+from trainer.errors import ConfigError  # noqa: F401 (raised here; part of this module's API)
+
 MODELS = ("seed_mlp", "gmf", "mlp", "neumf", "mf")
-TASKS = ("explicit", "implicit")
+TASKS = ("explicit", "implicit", "implicit_bpr")  # each is a class of trainer.objectives
 OPTIMIZERS = ("adam", "lazy_adam", "adagrad", "sgd")
 DECAYS = ("none", "cosine", "linear")
 PRECISIONS = ("float32", "bfloat16", "float16")
-METRICS = ("rmse", "mae", "hr_sampled", "ndcg_sampled", "hr_full", "ndcg_full")
+RATING_METRICS = ("rmse", "mae")  # explicit feedback
+RANKING_METRICS = ("hr_sampled", "ndcg_sampled", "hr_full", "ndcg_full")  # implicit feedback
+METRICS = RATING_METRICS + RANKING_METRICS
 SOURCES = ("synthetic", "movielens", "csv", "tfds")
 SPLITS = ("random", "leave_one_out", "temporal")
 DUPLICATE_POLICIES = ("error", "keep_latest", "mean")
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker_mirrored")
-
-
-class ConfigError(ValueError):
-  """A configuration value is invalid; the message names the flag and the value."""
 
 
 def _require(condition: bool, message: str) -> None:
@@ -192,7 +192,9 @@ class TrainConfig:
 
   @property
   def examples_per_positive(self) -> int:
-    return 1 + self.num_negatives if self.task == "implicit" else 1
+    """Examples per observed interaction in a batch: 1, or 1 + negatives (the objective's)."""
+    from trainer import objectives  # local import: importing config loads no TensorFlow
+    return objectives.for_config(self).examples_per_positive
 
   def validate(self) -> "TrainConfig":
     _require(bool(self.data_dir), "--data_dir is required")
@@ -220,12 +222,6 @@ class TrainConfig:
     _require(not (self.strategy == "default" and self.num_cpu_devices > 1),
              f"--strategy=default uses one device but --num_cpu_devices={self.num_cpu_devices}; "
              "use --strategy=mirrored or auto")
-    if self.task == "implicit":
-      _require(self.num_negatives >= 1,
-               f"--num_negatives={self.num_negatives}: --task=implicit needs negatives")
-      _require(self.batch_size % self.examples_per_positive == 0,
-               f"--batch_size={self.batch_size} is not divisible by 1 + --num_negatives = "
-               f"{self.examples_per_positive} (a batch holds positives and their negatives)")
     pretrained = (self.pretrained_gmf_dir, self.pretrained_mlp_dir)
     _require(all(p is None for p in pretrained) or self.model == "neumf",
              "--pretrained_gmf_dir/--pretrained_mlp_dir apply to --model=neumf only")
@@ -236,17 +232,9 @@ class TrainConfig:
                f"--target_metric={self.target_metric!r} is not one of {', '.join(METRICS)}")
       _require(self.target_value is not None,
                f"--target_metric={self.target_metric} needs --target_value")
-      explicit_metric = self.target_metric in ("rmse", "mae")
-      _require(explicit_metric == (self.task == "explicit"),
-               f"--target_metric={self.target_metric} is not reported by --task={self.task}")
+    from trainer import objectives  # the rules of the task's objective (loads TensorFlow)
+    objectives.for_config(self).check_config()
     return self
-
-  def check_replicas(self, num_replicas: int) -> None:
-    """Cross-checks the global batch size against the strategy's replica count."""
-    unit = num_replicas * self.examples_per_positive
-    _require(self.batch_size % unit == 0,
-             f"--batch_size={self.batch_size} is not divisible by the {num_replicas} replicas"
-             + (" x (1 + --num_negatives)" if self.task == "implicit" else ""))
 
   def eval_batch_for(self, num_replicas: int) -> int:
     """The global eval batch: --eval_batch_size rounded down to a multiple of the replicas

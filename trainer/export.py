@@ -3,9 +3,10 @@
 Signatures (raw string IDs in, so clients never see dense indices; vocabularies travel inside):
 
   serving_default(user: string[b], item: string[b])
-      -> explicit models: rating: float[b] (clipped to the data's rating range);
-         implicit models: score: float[b] (the probability of an interaction);
-         user_known, item_known: bool[b]
+      -> what the objective serves (`trainer.objectives`): explicit, rating: float[b]
+         (clipped to the data's rating range); implicit, score: float[b] (the probability of
+         an interaction); implicit_bpr, score: float[b] (a ranking score);
+         and user_known, item_known: bool[b]
   recommend(user: string[b], k: int32 scalar)
       -> items: string[b, k'], scores: float[b, k'] (model scores, best first), user_known:
          bool[b]; k' = min(k, number of items). Items the user has in the training data are
@@ -25,7 +26,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import fileio, schema
+from trainer import objectives, schema
+from trainer.data import artifacts
 
 SERVING_DEFAULT = "serving_default"
 RECOMMEND = "recommend"
@@ -38,32 +40,34 @@ def _lookup_table(keys, name: str) -> tf.lookup.StaticHashTable:
   return tf.lookup.StaticHashTable(initializer, default_value=len(keys), name=name)
 
 
-def export_saved_model(model: keras.Model, export_dir: str, data_dir: str,
-                       metadata: schema.Metadata, task: str = "explicit") -> str:
+def export_saved_model(model: keras.Model, export_dir: str, data: artifacts.PreparedData,
+                       objective: objectives.Objective) -> str:
   """Writes the SavedModel of `model` to `export_dir` (local or `gs://`).
 
   Args:
     model: a trained model of `trainer.models` (dense indices -> score).
     export_dir: where to write; an existing export there is replaced.
-    data_dir: the prepared data directory whose vocabularies the model was trained on.
-    metadata: that directory's metadata (vocabulary sizes, rating range).
-    task: explicit (serve ratings) or implicit (serve interaction probabilities).
+    data: the prepared data the model was trained on (vocabularies, training positives).
+    objective: what the model was trained for, and so what it serves.
 
   Returns:
     export_dir.
   """
-  user_ids = fileio.read_lines(fileio.join(data_dir, schema.USER_VOCAB_FILE))
-  item_ids = fileio.read_lines(fileio.join(data_dir, schema.ITEM_VOCAB_FILE))
-  if len(user_ids) != metadata.num_users or len(item_ids) != metadata.num_items:
-    raise ValueError(f"--data_dir={data_dir}: vocabularies hold {len(user_ids)} users and "
-                     f"{len(item_ids)} items but the metadata says {metadata.num_users} and "
-                     f"{metadata.num_items}")
-  num_users, num_items = len(user_ids), len(item_ids)
-  low, high = metadata.rating_min, metadata.rating_max
+  module = _serving_module(model, data)
+  module.serve = _serve_function(module, model, data.metadata, objective)
+  module.recommend = _recommend_function(module, model, data.metadata)
+  tf.saved_model.save(module, export_dir,
+                      signatures={SERVING_DEFAULT: module.serve, RECOMMEND: module.recommend})
+  logging.info("Exported SavedModel with signatures %s, %s to %s", SERVING_DEFAULT, RECOMMEND,
+               export_dir)
+  return export_dir
 
-  from trainer.data import preparation  # the positives file's reader
-  positives = preparation.load_npz(fileio.join(data_dir, preparation.TRAIN_POSITIVES_FILE))
 
+def _serving_module(model: keras.Model, data: artifacts.PreparedData) -> tf.Module:
+  """A module tracking what serving needs: the vocabularies' lookup tables, each user's
+  training items, and the model's variables."""
+  user_ids, item_ids = data.vocabularies()
+  positives = data.train_positives
   module = tf.Module()
   module.seen_items = tf.Variable(positives["indices"].astype(np.int64), trainable=False,
                                   name="seen_items")
@@ -75,34 +79,41 @@ def export_saved_model(model: keras.Model, export_dir: str, data_dir: str,
   # The tf.Variables behind the Keras variables: tracked here, read through the closures.
   module.model_variables = [v.value if isinstance(v, keras.Variable) else v
                             for v in model.variables]
-  user_table, item_table, item_vocab = module.user_table, module.item_table, module.item_ids
-  seen_items, seen_splits = module.seen_items, module.seen_splits
+  return module
+
+
+def _serve_function(module: tf.Module, model: keras.Model, metadata: schema.Metadata,
+                    objective: objectives.Objective):
+  num_users, num_items = metadata.num_users, metadata.num_items
 
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="user"),
                                 tf.TensorSpec([None], tf.string, name="item")])
   def serve(user, item):
-    users = user_table.lookup(user)  # [b]
-    items = item_table.lookup(item)  # [b]
+    users = module.user_table.lookup(user)  # [b]
+    items = module.item_table.lookup(item)  # [b]
     scores = tf.cast(model({schema.USER: users, schema.ITEM: items}, training=False),
                      tf.float32)  # [b]
-    if task == "implicit":
-      served = {"score": tf.sigmoid(scores)}
-    else:
-      served = {"rating": tf.clip_by_value(scores, low, high)}
-    return {**served, "user_known": users < num_users, "item_known": items < num_items}
+    return {**objective.serve(scores, metadata), "user_known": users < num_users,
+            "item_known": items < num_items}
+
+  return serve
+
+
+def _recommend_function(module: tf.Module, model: keras.Model, metadata: schema.Metadata):
+  num_users, num_items = metadata.num_users, metadata.num_items
 
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="user"),
                                 tf.TensorSpec([], tf.int32, name="k")])
   def recommend(user, k):
     tf.debugging.assert_positive(k, message="recommend: k must be positive")
-    users = user_table.lookup(user)  # [b]
+    users = module.user_table.lookup(user)  # [b]
     batch = tf.shape(users)[0]
     all_items = tf.range(num_items, dtype=tf.int64)  # [n]
     scores = tf.cast(model({schema.USER: tf.repeat(users, num_items),  # [b * n]
                             schema.ITEM: tf.tile(all_items, [batch])}, training=False),
                      tf.float32)
     scores = tf.reshape(scores, [batch, num_items])  # [b, n]
-    seen = tf.RaggedTensor.from_row_splits(seen_items, seen_splits)
+    seen = tf.RaggedTensor.from_row_splits(module.seen_items, module.seen_splits)
     known_users = tf.minimum(users, num_users - 1)  # the OOV row has no history
     rows = tf.gather(seen, known_users)  # [b, None]
     coordinates = tf.stack([rows.value_rowids(), rows.flat_values], axis=1)
@@ -111,13 +122,7 @@ def export_saved_model(model: keras.Model, export_dir: str, data_dir: str,
                              tf.cast(tf.shape(scores), tf.int64))
     scores = tf.where(excluded, tf.constant(-np.inf, tf.float32), scores)
     top = tf.math.top_k(scores, k=tf.minimum(k, num_items))  # [b, k']
-    return {"items": tf.gather(item_vocab, top.indices), "scores": top.values,
+    return {"items": tf.gather(module.item_ids, top.indices), "scores": top.values,
             "user_known": users < num_users}
 
-  module.serve = serve
-  module.recommend = recommend
-  tf.saved_model.save(module, export_dir,
-                      signatures={SERVING_DEFAULT: serve, RECOMMEND: recommend})
-  logging.info("Exported SavedModel with signatures %s, %s to %s", SERVING_DEFAULT, RECOMMEND,
-               export_dir)
-  return export_dir
+  return recommend

@@ -12,6 +12,8 @@ from typing import Callable, List, Optional, TypeVar
 import tensorflow as tf
 from absl import logging
 
+from trainer.errors import StorageError  # noqa: F401 (raised here; part of this module's API)
+
 T = TypeVar("T")
 
 
@@ -54,28 +56,6 @@ def makedirs(path: str) -> None:
 
 def exists(path: str) -> bool:
   return tf.io.gfile.exists(path)
-
-
-# Exit code of the command lines when storage stays unreachable after retries: retryable, like
-# every code >= 128 under Kubeflow's ExitCode policy (the run resumes once storage is back).
-STORAGE_EXIT_CODE = 132
-
-
-class StorageError(RuntimeError):
-  """Storage failed after retries, or a bucket is missing or not usable; says what and where.
-
-  `retryable`: whether running again later may succeed (storage was unreachable), as opposed
-  to a missing bucket or permission that needs a person.
-  """
-
-  def __init__(self, message: str, retryable: bool = True):
-    super().__init__(message)
-    self.retryable = retryable
-
-  @property
-  def exit_code(self) -> int:
-    """What a command line exits with: STORAGE_EXIT_CODE, or 2 (fix the command) if final."""
-    return STORAGE_EXIT_CODE if self.retryable else 2
 
 
 def is_gcs(path: Optional[str]) -> bool:

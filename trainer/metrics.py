@@ -1,4 +1,10 @@
-"""Ranking metrics, HR@K and NDCG@K, under two protocols, computed under any strategy.
+"""Evaluation metrics, computed under any strategy: RMSE/MAE of ratings; HR@K and NDCG@K.
+
+Ratings: the served rating (the model's output clipped to the data's rating range) against the
+held-out rating; RMSE, MAE, and the RMSE of always predicting the training mean, the bar any
+model must clear.
+
+Ranking, under two protocols:
 
 For one held-out (user, item) with model score s+ and competing items' scores s_j:
 
@@ -26,6 +32,58 @@ from trainer import schema
 
 SAMPLED = "sampled"
 FULL = "full"
+
+
+def protocol_of(metric: str) -> str:
+  """The protocol a ranking metric is measured under: hr_full -> full."""
+  return metric.rsplit("_", 1)[1]
+
+
+def clipped_prediction(model: keras.Model, batch: Dict[str, tf.Tensor], low: float,
+                       high: float) -> tf.Tensor:
+  """The served rating: the model's output clipped to the data's rating range. Shape [b]."""
+  return tf.clip_by_value(tf.cast(model(batch, training=False), tf.float32), low, high)
+
+
+def make_rating_evaluation(model: keras.Model, strategy: tf.distribute.Strategy, low: float,
+                           high: float, baseline: float) -> Callable[[object], Dict[str, float]]:
+  """Returns `evaluate(distributed_dataset) -> metrics` of explicit feedback.
+
+  Metrics: rmse, mae, count, and baseline_rmse: the RMSE of always predicting `baseline` (the
+  training mean rating).
+  """
+
+  def step_fn(batch):
+    ratings = tf.cast(batch[schema.RATING], tf.float64)
+    error = tf.cast(clipped_prediction(model, batch, low, high), tf.float64) - ratings
+    return tf.stack([tf.reduce_sum(tf.square(error)), tf.reduce_sum(tf.abs(error)),
+                     tf.cast(tf.size(error), tf.float64),
+                     tf.reduce_sum(tf.square(baseline - ratings))])
+
+  sums = _summed(strategy, step_fn, 4, tf.float64)
+
+  def evaluate(dataset) -> Dict[str, float]:
+    squared, absolute, count, baseline_squared = (float(x) for x in sums(dataset).numpy())
+    if count == 0:
+      raise ValueError("the evaluation data is empty")
+    return {"rmse": float(np.sqrt(squared / count)), "mae": absolute / count, "count": int(count),
+            "baseline_rmse": float(np.sqrt(baseline_squared / count))}
+
+  return evaluate
+
+
+def _summed(strategy: tf.distribute.Strategy, step_fn: Callable, size: int, dtype) -> Callable:
+  """`sums(distributed dataset)`: step_fn's [size] sums over every batch and replica."""
+
+  @tf.function
+  def sums(dataset):
+    total = tf.zeros([size], dtype)
+    for batch in dataset:
+      total += strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(step_fn, args=(batch,)),
+                               axis=None)
+    return total
+
+  return sums
 
 
 def rank_hit_ndcg(positive: tf.Tensor, competitors: tf.Tensor, mask: Optional[tf.Tensor],
@@ -108,13 +166,7 @@ def make_ranking_evaluation(model: keras.Model, strategy: tf.distribute.Strategy
                      tf.cast(tf.size(hit), tf.float32)])
 
   def reducer(step_fn):
-    @tf.function
-    def sums(dataset):
-      total = tf.zeros([3])
-      for batch in dataset:
-        total += strategy.reduce(tf.distribute.ReduceOp.SUM,
-                                 strategy.run(step_fn, args=(batch,)), axis=None)
-      return total
+    sums = _summed(strategy, step_fn, 3, tf.float32)
 
     def evaluate(dataset) -> Dict[str, float]:
       hits, ndcg, count = (float(x) for x in sums(dataset).numpy())

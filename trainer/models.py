@@ -30,8 +30,8 @@ import tensorflow as tf
 from keras import layers, ops
 
 from trainer import distribute, schema
+from trainer.config import MODELS
 
-MODEL_NAMES = ("seed_mlp", "gmf", "mlp", "neumf", "mf")
 
 
 @keras.saving.register_keras_serializable(package="neumf_trainer")
@@ -312,7 +312,7 @@ def build_model(name: str, num_users: int, num_items: int, embedding_dim: int = 
   """Creates model `name` with its variables built (a custom loop needs them before step 1).
 
   Args:
-    name: one of MODEL_NAMES.
+    name: one of `trainer.config.MODELS`.
     embedding_dim: embedding size (the GMF path's for neumf; the MLP's for mlp).
     hidden_units: seed_mlp's hidden layer.
     rating_mean: the output bias's starting value.
@@ -335,6 +335,6 @@ def build_model(name: str, num_users: int, num_items: int, embedding_dim: int = 
   elif name == "mf":
     model = MF(num_users, num_items, embedding_dim, **common)
   else:
-    raise ValueError(f"--model={name!r} is not a known model")
+    raise ValueError(f"--model={name!r} is not a known model (one of {', '.join(MODELS)})")
   model({schema.USER: ops.zeros((1,), "int64"), schema.ITEM: ops.zeros((1,), "int64")})
   return model

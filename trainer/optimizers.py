@@ -16,9 +16,8 @@ import tensorflow as tf
 from keras import ops
 
 from trainer import distribute
+from trainer.config import OPTIMIZERS
 
-OPTIMIZERS = ("adam", "lazy_adam", "adagrad", "sgd")
-DECAYS = ("none", "cosine", "linear")
 
 
 @keras.saving.register_keras_serializable(package="neumf_trainer")

@@ -20,6 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # before TensorFlow loads: h
 from absl import app, flags, logging  # noqa: E402
 
 from trainer import config as config_lib  # noqa: E402
+from trainer import errors, malloc  # noqa: E402
 
 FLAGS = flags.FLAGS
 _D = config_lib.PrepareConfig
@@ -107,19 +108,14 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
     config = config_from_flags()
+    malloc.return_freed_memory()  # a process that prepares: keep its peak low (malloc.py)
     from trainer.data import preparation  # TensorFlow loads here, after flag checks
     metadata = preparation.prepare(config)
-  except ValueError as e:  # bad flags or bad input: the message names the flag or file line
+  except (errors.TrainerError, ValueError) as e:  # ValueError: bad input, naming file and line
+    code = e.exit_code if isinstance(e, errors.TrainerError) else errors.USAGE_EXIT_CODE
     logging.error("%s", e)
     print(f"neumf-prepare: error: {e}", file=sys.stderr)
-    sys.exit(2)
-  except RuntimeError as e:  # storage missing or unreachable (fileio.StorageError)
-    from trainer import fileio
-    if not isinstance(e, fileio.StorageError):
-      raise
-    logging.error("%s", e)
-    print(f"neumf-prepare: error: {e}", file=sys.stderr)
-    sys.exit(e.exit_code)
+    sys.exit(code)
   print(json.dumps({"output_dir": config.output_dir, "num_users": metadata.num_users,
                     "num_items": metadata.num_items, "num_train": metadata.num_train,
                     "num_eval": metadata.num_eval, "split": metadata.split,

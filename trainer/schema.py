@@ -31,6 +31,10 @@ BLOCK_SIZE = 1024
 METADATA_FILE = "metadata.json"
 USER_VOCAB_FILE = "users.vocab"
 ITEM_VOCAB_FILE = "items.vocab"
+# Each user's training items as compressed sparse rows: `indptr` [users + 1], `indices` [rows].
+TRAIN_POSITIVES_FILE = "train_positives.npz"
+# Leave-one-out with eval negatives: `users`, `positives` [eval users], `negatives` [eval users, N].
+EVAL_NEGATIVES_FILE = "eval_negatives.npz"
 
 TRAIN = "train"
 EVAL = "eval"

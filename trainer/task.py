@@ -1,7 +1,10 @@
 """Command line of training: `python -m trainer.task` (installed as `neumf-train`).
 
-Parses flags, builds a frozen `TrainConfig`, configures devices, picks a strategy and calls
-`trainer.train.train_and_evaluate`. The only module that reads these flags.
+Parses flags, builds a frozen `TrainConfig`, sets the process's malloc for training,
+configures devices, picks a strategy and calls `trainer.train.train_and_evaluate`. The only
+module that reads these flags. Exit codes come from the error's type (`trainer.errors`): 2 for
+a bad flag or input, 131 when another task of the cluster was lost, 132 when storage stayed
+unreachable.
 """
 
 import json
@@ -13,13 +16,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # before TensorFlow loads: h
 from absl import app, flags, logging  # noqa: E402
 
 from trainer import config as config_lib  # noqa: E402
+from trainer import errors, malloc  # noqa: E402
 
 FLAGS = flags.FLAGS
 _D = config_lib.TrainConfig  # defaults live in the dataclass
-# Exit code when another task of the cluster is lost. Kubeflow's ExitCode restart policy retries
-# 128-255 and treats 1-127 as permanent, so this one restarts the job; bad flags (2) do not.
-LOST_PEER_EXIT_CODE = 131
-
 flags.DEFINE_string("data_dir", None, "Prepared data directory (local or gs://), the output of "
                     "neumf-prepare.")
 flags.DEFINE_string("model_dir", os.environ.get("AIP_MODEL_DIR"),
@@ -37,7 +37,9 @@ flags.DEFINE_enum("model", _D.model, config_lib.MODELS,
                   "neumf: He et al. 2017; mf: dot product with biases (Rendle et al. 2020).")
 flags.DEFINE_enum("task", _D.task, config_lib.TASKS,
                   "explicit: regress ratings (MSE; RMSE/MAE); implicit: classify observed pairs "
-                  "against sampled negatives (cross-entropy; HR@K/NDCG@K).")
+                  "against sampled negatives (cross-entropy; HR@K/NDCG@K); implicit_bpr: rank "
+                  "each observed pair above its sampled negatives (BPR's pairwise logistic "
+                  "loss; HR@K/NDCG@K).")
 flags.DEFINE_integer("epochs", _D.epochs, "Passes over the training data.", lower_bound=1)
 flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size, across all replicas; "
                      "implicit: positives plus their negatives.", lower_bound=1)
@@ -152,31 +154,16 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
     config = config_from_flags()
+    malloc.keep_freed_memory()  # a process that trains: keep freed tensors' memory (malloc.py)
     from trainer import distribute  # TensorFlow loads here, after flag checks
     distribute.configure_cpu_devices(config.num_cpu_devices)
     # The strategy comes first: MultiWorkerMirroredStrategy must exist before other ops run.
     strategy = distribute.get_strategy(config.strategy, config.num_cpu_devices)
     from trainer import train
     metrics = train.train_and_evaluate(config, strategy)
-  except config_lib.ConfigError as e:
-    _fail(str(e), 2)
-  except Exception as e:  # storage or a peer lost: say so plainly, exit for a restart
-    from trainer import fileio
-    import tensorflow as tf
-    resume = ("Restart with the same command (every task, in a cluster): training resumes "
-              "from the latest checkpoint.")
-    if isinstance(e, fileio.StorageError):
-      _fail(f"{e}. {resume}" if e.retryable else str(e), e.exit_code)
-    if not isinstance(e, tf.errors.OpError):
-      raise
-    cause = f"{type(e).__name__}: {fileio.first_line(e)}"
-    if any(mark in str(e) for mark in ("gs://", "googleapis.com")):
-      _fail(f"Cloud Storage failed ({cause}). {resume}", fileio.STORAGE_EXIT_CODE)
-    if not isinstance(e, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
-                          tf.errors.CancelledError)):
-      raise
-    _fail(f"lost contact with another task of the cluster ({cause}). {resume}",
-          LOST_PEER_EXIT_CODE)
+  except errors.TrainerError as e:  # the exit code comes with the error's type
+    retry = e.exit_code >= 128  # a restart may cure it: say how training resumes
+    _fail(f"{e}. {errors.RESUME_HINT}" if retry else str(e), e.exit_code)
   print(json.dumps(metrics, sort_keys=True))
 
 

@@ -5,22 +5,16 @@ under MultiWorkerMirroredStrategy (keras-team/keras#20585), and a custom loop is
 resume and sparse embedding updates build on. Several steps run inside one `tf.function` call
 to keep Python out of the hot loop.
 
-Objectives: explicit, squared error on ratings; implicit, binary cross-entropy of the model's
-logit against 1 for observed pairs and 0 for sampled negatives (drawn inside tf.data, new every
-epoch). Both add the models' L2 penalty on the embedding rows of the batch.
-
-Loss scaling: each replica averages its per-example losses over the *global* batch
-(`tf.nn.compute_average_loss`) and the optimizer sums gradients across replicas, so N replicas
-take the same step as one device on the same global batch.
-
-Each epoch ends with evaluation (RMSE/MAE, or HR@K/NDCG@K under the sampled and full
-protocols), a checkpoint, TensorBoard scalars, and a copy of the best checkpoint by the primary
-metric; early stopping at a target value or after `early_stopping_patience` epochs without
-improvement. The export is of the best model.
+The kind of feedback is an objective (`trainer.objectives`): it owns the loss, the negatives,
+the evaluators, the primary metric and what the export serves; this module only wires. Each
+epoch ends with evaluation, a checkpoint (`trainer.checkpointer`), TensorBoard scalars, and a
+copy of the best checkpoint by the primary metric; early stopping at a target value or after
+`early_stopping_patience` epochs without improvement. The export is of the best model.
 """
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -32,26 +26,19 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import (distribute, export, fileio, malloc, metrics as ranking, models, optimizers,
-                     schema)
-from trainer.config import ConfigError, TrainConfig
-from trainer.data import pipeline, preparation
+from trainer import distribute, export, fileio, models, objectives, optimizers
+from trainer.checkpointer import Checkpointer, TrainingState, best_epoch, start_afresh
+from trainer.config import TrainConfig
+from trainer.data import artifacts, pipeline
+from trainer.errors import ConfigError, LostPeerError, StorageError
 
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.json"
-_LOWER_IS_BETTER = ("rmse", "mae")
-
-
-def clipped_prediction(model: keras.Model, batch: Dict[str, tf.Tensor], low: float,
-                       high: float) -> tf.Tensor:
-  """The served rating: the model's output clipped to the data's rating range. Shape [b]."""
-  return tf.clip_by_value(tf.cast(model(batch, training=False), tf.float32), low, high)
 
 
 def make_train_loop(model: keras.Model, optimizer: keras.optimizers.Optimizer,
                     strategy: tf.distribute.Strategy, global_batch_size: int,
-                    task: str = "explicit",
-                    jit_compile: bool = False) -> Callable:
+                    objective: objectives.Objective, jit_compile: bool = False) -> Callable:
   """Returns `train_loop(iterator, num_steps, flag) -> (mean loss, flag)`.
 
   It runs `num_steps` steps; `flag` (an int32 scalar, 0 or 1) comes back as 1 when it is 1 on
@@ -59,7 +46,7 @@ def make_train_loop(model: keras.Model, optimizer: keras.optimizers.Optimizer,
 
   Args:
     global_batch_size: examples per step across replicas (positives and negatives).
-    task: explicit (squared error on `rating`) or implicit (cross-entropy on `label`).
+    objective: owns the loss (`objective.loss`).
     jit_compile: compile the forward and backward pass with XLA (the optimizer update, which
       may hold cross-replica reductions, stays outside).
   """
@@ -67,14 +54,8 @@ def make_train_loop(model: keras.Model, optimizer: keras.optimizers.Optimizer,
 
   def loss_and_gradients(batch):
     with tf.GradientTape() as tape:
-      outputs, penalty = model.scores_and_penalty(batch, training=True)  # penalty: float32
-      outputs = tf.cast(outputs, tf.float32)  # [b]
-      if task == "implicit":
-        per_example = tf.nn.sigmoid_cross_entropy_with_logits(batch[schema.LABEL], outputs)
-      else:
-        per_example = tf.square(batch[schema.RATING] - outputs)
-      per_example += penalty
-      loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch_size)
+      scores, penalty = model.scores_and_penalty(batch, training=True)  # penalty: float32 [b]
+      loss = objective.loss(batch, tf.cast(scores, tf.float32), penalty, global_batch_size)
       scaled = optimizer.scale_loss(loss) if scales_loss else loss
     return loss, tape.gradient(scaled, model.trainable_variables)
 
@@ -101,39 +82,6 @@ def make_train_loop(model: keras.Model, optimizer: keras.optimizers.Optimizer,
   return train_loop
 
 
-def make_evaluate(model: keras.Model, strategy: tf.distribute.Strategy, low: float,
-                  high: float, baseline: float) -> Callable[[object], Dict[str, float]]:
-  """Returns `evaluate(distributed_dataset) -> metrics` of explicit feedback.
-
-  Metrics: rmse, mae, count, and baseline_rmse: the RMSE of always predicting `baseline` (the
-  training mean rating), the bar any model must clear.
-  """
-
-  def step_fn(batch):
-    ratings = tf.cast(batch[schema.RATING], tf.float64)
-    error = tf.cast(clipped_prediction(model, batch, low, high), tf.float64) - ratings
-    return tf.stack([tf.reduce_sum(tf.square(error)), tf.reduce_sum(tf.abs(error)),
-                     tf.cast(tf.size(error), tf.float64),
-                     tf.reduce_sum(tf.square(baseline - ratings))])
-
-  @tf.function
-  def sums(dataset):
-    total = tf.zeros([4], tf.float64)
-    for batch in dataset:
-      total += strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(step_fn, args=(batch,)),
-                               axis=None)
-    return total
-
-  def evaluate(dataset) -> Dict[str, float]:
-    squared, absolute, count, baseline_squared = (float(x) for x in sums(dataset).numpy())
-    if count == 0:
-      raise ValueError("the evaluation data is empty")
-    return {"rmse": float(np.sqrt(squared / count)), "mae": absolute / count, "count": int(count),
-            "baseline_rmse": float(np.sqrt(baseline_squared / count))}
-
-  return evaluate
-
-
 def weights_checksum(model: keras.Model) -> str:
   """sha256 of every weight's bytes, in order: equal exactly when the weights are identical."""
   digest = hashlib.sha256()
@@ -147,24 +95,29 @@ def _format_eta(seconds: float) -> str:
   return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def build_model(config: TrainConfig, metadata: schema.Metadata) -> keras.Model:
+def build_model(config: TrainConfig, metadata) -> keras.Model:
   """The configured model for a prepared data directory's vocabularies."""
-  bias = metadata.train_rating_mean if config.task == "explicit" else 0.0
+  bias = objectives.for_config(config).output_bias(metadata)
   return models.build_model(config.model, metadata.num_users, metadata.num_items,
                             config.embedding_dim, config.hidden_units, bias,
                             layers=config.layers, mlp_embedding_dim=config.mlp_embedding_dim,
                             dropout=config.dropout, l2=config.l2)
 
 
-def load_trained_model(model_dir: str, metadata: schema.Metadata,
-                       checkpoint_dir: Optional[str] = None) -> keras.Model:
-  """Rebuilds the model of a finished run from its config.json and latest checkpoint."""
+def load_config(model_dir: str) -> TrainConfig:
+  """The TrainConfig of a run, from its `<model_dir>/config.json`."""
   path = fileio.join(model_dir, CONFIG_FILE)
   if not tf.io.gfile.exists(path):
     raise ConfigError(f"{model_dir!r} holds no {CONFIG_FILE}: not a model_dir of neumf-train")
   fields = json.loads(fileio.read_text(path))
   fields["layers"] = tuple(fields["layers"])
-  config = TrainConfig(**fields)
+  return TrainConfig(**fields)
+
+
+def load_trained_model(model_dir: str, metadata,
+                       checkpoint_dir: Optional[str] = None) -> keras.Model:
+  """Rebuilds the model of a finished run from its config.json and latest checkpoint."""
+  config = load_config(model_dir)
   model = build_model(config, metadata)
   directory = checkpoint_dir or config.resolved_checkpoint_dir
   latest = tf.train.latest_checkpoint(directory)
@@ -174,7 +127,7 @@ def load_trained_model(model_dir: str, metadata: schema.Metadata,
   return model
 
 
-def _load_pretrained(model: keras.Model, config: TrainConfig, metadata: schema.Metadata):
+def _load_pretrained(model: keras.Model, config: TrainConfig, metadata) -> None:
   gmf = load_trained_model(config.pretrained_gmf_dir, metadata)
   mlp = load_trained_model(config.pretrained_mlp_dir, metadata)
   if not isinstance(gmf, models.GMF) or not isinstance(mlp, models.MLP):
@@ -233,18 +186,24 @@ def _check_compatible(config: TrainConfig) -> bool:
   return True
 
 
-def _primary_metric(config: TrainConfig, protocols) -> str:
-  if config.target_metric:
-    return config.target_metric
-  if config.task == "explicit":
-    return "rmse"
-  return "hr_sampled" if ranking.SAMPLED in protocols else "hr_full"
+def check_storage(config: TrainConfig) -> None:
+  """Fails fast when a gs:// location of the run is missing or not usable (see fileio)."""
+  for flag, path, write in _storage_locations(config):
+    if path:
+      fileio.check_gcs_access(path, flag, write)
 
 
-def _better(metric: str, value: float, best: float) -> bool:
-  if math.isnan(best):
-    return True
-  return value < best if metric in _LOWER_IS_BETTER else value > best
+def _storage_locations(config: TrainConfig):
+  """(flag, path, written?) of every location the run reads or writes."""
+  return (("data_dir", config.data_dir, False), ("model_dir", config.model_dir, True),
+          ("export_dir", config.export_dir, True),
+          ("checkpoint_dir", config.checkpoint_dir, True),
+          ("tensorboard_dir", config.log_dir, True),
+          ("pretrained_gmf_dir", config.pretrained_gmf_dir, False),
+          ("pretrained_mlp_dir", config.pretrained_mlp_dir, False))
+
+
+# ----------------------------------------------------------------------------- the run
 
 
 def train_and_evaluate(config: TrainConfig,
@@ -263,316 +222,341 @@ def train_and_evaluate(config: TrainConfig,
     The metrics also written to `<model_dir>/metrics.json`.
 
   Raises:
-    ConfigError / ValueError: a bad flag value or data directory, before any training.
+    ConfigError: a bad flag value or data directory, before any training.
+    StorageError: storage failed after retries (or was unreachable when the run failed).
+    LostPeerError: another task of the cluster stopped answering.
   """
   config.validate()
-  malloc.keep_freed_memory()  # as preparation sets its own (the opposite) for its work
   strategy = strategy or tf.distribute.get_strategy()
-  replicas = strategy.num_replicas_in_sync
-  config.check_replicas(replicas)
+  objective = objectives.for_config(config)
+  objective.check_replicas(strategy.num_replicas_in_sync)
   check_storage(config)
-  metadata = preparation.load_metadata(config.data_dir)
-  if config.task == "explicit" and metadata.implicit:
-    raise ConfigError(f"--data_dir={config.data_dir} holds implicit feedback (no ratings): "
-                      "train it with --task=implicit")
-  positives_per_step = config.batch_size // config.examples_per_positive
-  if positives_per_step > metadata.num_train:
-    raise ConfigError(f"--batch_size={config.batch_size} is larger than the "
-                      f"{metadata.num_train} training examples in --data_dir={config.data_dir}")
-  steps_per_epoch = metadata.num_train // positives_per_step
-  train_pattern = fileio.join(config.data_dir, schema.shard_pattern(schema.TRAIN))
-  eval_pattern = fileio.join(config.data_dir, schema.shard_pattern(schema.EVAL))
-  for pattern in (train_pattern, eval_pattern):  # fail now, not in the middle of tracing
-    try:
-      pipeline.list_shards(pattern)
-    except ValueError as e:
-      raise ConfigError(f"--data_dir={config.data_dir!r}: {e}") from e
+  data = _open_data(config, objective)
   if config.deterministic:
     tf.config.experimental.enable_op_determinism()
   keras.utils.set_random_seed(config.seed)
-  chief = distribute.is_chief(strategy)
-  resume = _check_compatible(config)
-  if chief:
-    if not resume and tf.io.gfile.exists(config.resolved_checkpoint_dir):
-      tf.io.gfile.rmtree(config.resolved_checkpoint_dir)  # --overwrite: start afresh
-    fileio.retry(lambda: (fileio.makedirs(config.model_dir), fileio.write_text_atomic(
-        fileio.join(config.model_dir, CONFIG_FILE), config.to_json())),
-        f"writing {CONFIG_FILE} to {config.model_dir}", config.storage_retries)
-
-  with _precision(config.mixed_precision):
+  _prepare_model_dir(config, strategy)
+  with _failures_classified(config, strategy), _precision(config.mixed_precision):
     with strategy.scope():
-      model = build_model(config, metadata)
+      model = build_model(config, data.metadata)
       optimizer = optimizers.make_optimizer(
           config.optimizer, config.learning_rate, config.warmup_steps,
-          steps_per_epoch * config.epochs, config.decay,
+          _steps_per_epoch(config, data) * config.epochs, config.decay,
           loss_scale=config.mixed_precision == "float16")
       optimizer.build(model.trainable_variables)
-      counters = _Counters(
-          epoch=tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch"),
-          step=tf.Variable(0, dtype=tf.int64, trainable=False, name="step"),
-          epoch_loss=tf.Variable(0.0, dtype=tf.float64, trainable=False, name="epoch_loss"),
-          best=tf.Variable(float("nan"), dtype=tf.float64, trainable=False, name="best"),
-          since_best=tf.Variable(0, dtype=tf.int64, trainable=False, name="since_best"))
-    return _run(config, strategy, metadata, model, optimizer, counters, steps_per_epoch,
-                positives_per_step, train_pattern, eval_pattern, chief)
+      state = TrainingState.create()
+    return _run(config, strategy, objective, data, model, optimizer, state)
 
 
-def check_storage(config: TrainConfig) -> None:
-  """Fails fast when a gs:// location of the run is missing or not usable (see fileio)."""
-  for flag, path, write in (("data_dir", config.data_dir, False),
-                            ("model_dir", config.model_dir, True),
-                            ("export_dir", config.export_dir, True),
-                            ("checkpoint_dir", config.checkpoint_dir, True),
-                            ("tensorboard_dir", config.log_dir, True),
-                            ("pretrained_gmf_dir", config.pretrained_gmf_dir, False),
-                            ("pretrained_mlp_dir", config.pretrained_mlp_dir, False)):
-    if path:
-      fileio.check_gcs_access(path, flag, write)
+def _open_data(config: TrainConfig, objective: objectives.Objective) -> artifacts.PreparedData:
+  """The prepared data, checked against the configuration before any work."""
+  data = artifacts.PreparedData(config.data_dir)
+  objective.check_data(data)
+  positives_per_step = config.batch_size // objective.examples_per_positive
+  if positives_per_step > data.metadata.num_train:
+    raise ConfigError(f"--batch_size={config.batch_size} is larger than the "
+                      f"{data.metadata.num_train} training examples in "
+                      f"--data_dir={config.data_dir}")
+  data.check_shards()
+  return data
 
 
-@dataclasses.dataclass
-class _Counters:
-  """Training state beside the model and optimizer, saved in every checkpoint."""
-  epoch: tf.Variable  # epochs finished (trained and evaluated)
-  step: tf.Variable  # training steps taken, over all epochs
-  epoch_loss: tf.Variable  # sum of the current epoch's step losses so far
-  best: tf.Variable  # best value of the primary metric
-  since_best: tf.Variable  # epochs since it improved
+def _steps_per_epoch(config: TrainConfig, data: artifacts.PreparedData) -> int:
+  return data.metadata.num_train // (config.batch_size // config.examples_per_positive)
 
 
-def _seed_states(model: keras.Model) -> list:
-  """The states of the model's random generators (dropout): a resumed run draws the same
-  masks as an uninterrupted one. Keras tracks them outside the weights a checkpoint saves."""
-  return [v.value for v in model.variables if "seed_generator_state" in v.path]
+def _prepare_model_dir(config: TrainConfig, strategy: tf.distribute.Strategy) -> None:
+  """Refuses a model_dir of another run; on the chief, clears it (--overwrite) and writes
+  config.json."""
+  resume = _check_compatible(config)
+  if not distribute.is_chief(strategy):
+    return
+  if not resume:
+    start_afresh(config)
+  fileio.retry(lambda: (fileio.makedirs(config.model_dir), fileio.write_text_atomic(
+      fileio.join(config.model_dir, CONFIG_FILE), config.to_json())),
+      f"writing {CONFIG_FILE} to {config.model_dir}", config.storage_retries)
 
 
-def _run(config, strategy, metadata, model, optimizer, counters, steps_per_epoch,
-         positives_per_step, train_pattern, eval_pattern, chief):
-  replicas = strategy.num_replicas_in_sync
-  epoch, best_value, since_best = counters.epoch, counters.best, counters.since_best
-  checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
-                                   random_states=_seed_states(model),
-                                   **vars(counters))  # (asdict would copy the variables)
-  # Every task saves (saving may run collectives); only the chief's files are kept.
-  checkpoint_dir = config.resolved_checkpoint_dir
-  best_dir = fileio.join(checkpoint_dir, "best")
-  task_checkpoint_dir = distribute.write_dir(checkpoint_dir, strategy)
-  task_best_dir = distribute.write_dir(best_dir, strategy)
-  manager = tf.train.CheckpointManager(checkpoint, task_checkpoint_dir,
-                                       max_to_keep=config.max_checkpoints)
-  best_manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), task_best_dir,
-                                            max_to_keep=1)
-  latest = None if config.overwrite else tf.train.latest_checkpoint(checkpoint_dir)
-  if latest:
-    checkpoint.restore(latest).assert_existing_objects_matched()
-    logging.info("Resumed from %s (epoch %d of %d done, step %d)", latest,
-                 int(epoch.numpy()), config.epochs, int(counters.step.numpy()))
-  elif config.pretrained_gmf_dir:
-    _load_pretrained(model, config, metadata)
-
-  positives = preparation.load_npz(fileio.join(config.data_dir,
-                                               preparation.TRAIN_POSITIVES_FILE))
-  add_negatives = None
-  if config.task == "implicit":
-    keys = None
-    if config.exclude_positives:
-      keys = preparation.pair_keys(positives, metadata.num_items)
-    add_negatives = pipeline.negative_sampler(metadata.num_items, config.num_negatives,
-                                              config.seed, keys)
-  start_step = int(counters.step.numpy())
-  if start_step and len(metadata.train_shard_examples) != metadata.num_shards:
-    raise ConfigError(f"--data_dir={config.data_dir} was prepared by an older version (no "
-                      "per-shard example counts): prepare it again to resume mid-run")
-  train_data = strategy.distribute_datasets_from_function(
-      lambda ctx: pipeline.make_dataset(train_pattern, positives_per_step, True, ctx,
-                                        config.seed, config.shuffle_buffer_blocks,
-                                        add_negatives, start_step,
-                                        metadata.train_shard_examples))
-  train_iterator = iter(train_data)
-  train_loop = make_train_loop(model, optimizer, strategy, config.batch_size, config.task,
-                               config.jit_compile)
-
-  evaluators = {}
-  if config.task == "explicit":
-    explicit = make_evaluate(model, strategy, metadata.rating_min, metadata.rating_max,
-                             metadata.train_rating_mean)
-    eval_data = strategy.distribute_datasets_from_function(
-        lambda ctx: pipeline.make_dataset(eval_pattern, config.eval_batch_for(replicas), False,
-                                          ctx))
-    evaluators["explicit"] = lambda: explicit(eval_data)
-  else:
-    protocols = ranking.make_ranking_evaluation(
-        model, strategy, config.top_k, metadata.num_items, positives["indptr"],
-        positives["indices"])
-    negatives_path = fileio.join(config.data_dir, preparation.EVAL_NEGATIVES_FILE)
-    if tf.io.gfile.exists(negatives_path):
-      sampled = preparation.load_npz(negatives_path)
-      sampled_data = strategy.distribute_datasets_from_function(
-          lambda ctx: ranking.sampled_dataset(sampled["users"], sampled["positives"],
-                                              sampled["negatives"],
-                                              config.eval_batch_for(replicas), ctx))
-      evaluators[ranking.SAMPLED] = lambda: protocols[ranking.SAMPLED](sampled_data)
-    full_batch = ranking.full_batch_size(metadata.num_items, replicas)
-    full_data = strategy.distribute_datasets_from_function(
-        lambda ctx: pipeline.make_dataset(eval_pattern, full_batch, False, ctx))
-    evaluators[ranking.FULL] = lambda: protocols[ranking.FULL](full_data)
-
-  def evaluate() -> Dict[str, float]:
-    out = {}
-    for protocol, run in evaluators.items():
-      result = run()
-      if protocol == "explicit":
-        out.update(result)
-      else:
-        out.update({f"hr_{protocol}": result["hr"], f"ndcg_{protocol}": result["ndcg"],
-                    f"count_{protocol}": result["count"]})
-    return out
-
-  primary = _primary_metric(config, evaluators)
-  if primary not in ("rmse", "mae") and primary.split("_")[1] not in evaluators:
-    raise ConfigError(f"--target_metric={primary} needs eval negatives: prepare with "
-                      "--split=leave_one_out --eval_negatives=N")
-  writer = (tf.summary.create_file_writer(config.resolved_log_dir) if chief
-            else tf.summary.create_noop_writer())
+def _run(config: TrainConfig, strategy: tf.distribute.Strategy,
+         objective: objectives.Objective, data: artifacts.PreparedData, model: keras.Model,
+         optimizer: keras.optimizers.Optimizer, state: TrainingState) -> Dict[str, object]:
+  """Wiring: restore, train and evaluate epoch by epoch, export the best model, report."""
+  checkpointer = Checkpointer(config, strategy, model, optimizer, state)
+  _restore_or_initialise(config, checkpointer, model, data, state)
+  runner = EpochRunner(config, strategy, objective, data, model, optimizer, state, checkpointer)
+  evaluators = objective.evaluators(model, strategy, data)
+  evaluate = functools.partial(_evaluate_all, evaluators)
+  tracker = BestTracker(config, objective, objective.primary_metric(evaluators), state,
+                        checkpointer)
+  board = EpochBoard(config, optimizer, distribute.is_chief(strategy))
   logging.info("Training %s (%s): %d epochs x %d steps of %d examples on %d replica(s), "
-               "task %s", config.model, config.task, config.epochs, steps_per_epoch,
-               config.batch_size, replicas, distribute.task_role(strategy))
-  def save(number: int) -> None:
-    fileio.retry(lambda: manager.save(checkpoint_number=number),
-                 f"writing checkpoint {number} to {task_checkpoint_dir}", config.storage_retries)
-
-  every_steps, every_secs = config.checkpoint_every_steps, config.checkpoint_every_secs
-  last_save = time.time()
-  train_seconds, trained_steps = 0.0, 0
-  eval_metrics: Dict[str, float] = {}
-  stopped = None
-  global_step = start_step
-  for e in range(int(epoch.numpy()), config.epochs):
-    epoch_start = time.time()
-    # Non-zero when resuming mid-epoch: the checkpoint holds this epoch's progress.
-    done = global_step - e * steps_per_epoch
-    resumed_at, loss_sum = done, float(counters.epoch_loss.numpy())
-    while done < steps_per_epoch:
-      n = min(config.log_every_steps, steps_per_epoch - done)
-      if every_steps:
-        n = min(n, every_steps - global_step % every_steps)
-      due_by_clock = bool(every_secs) and time.time() - last_save >= every_secs
-      loss, due = train_loop(train_iterator, tf.constant(n), tf.constant(int(due_by_clock)))
-      loss = float(loss)
-      done += n
-      global_step += n
-      loss_sum += loss * n
-      counters.step.assign(global_step)
-      counters.epoch_loss.assign(loss_sum)
-      rate = (done - resumed_at) * config.batch_size / (time.time() - epoch_start)
-      remaining = steps_per_epoch - done + (config.epochs - e - 1) * steps_per_epoch
-      logging.info("epoch %d/%d step %d/%d loss %.4f %.0f examples/s ETA %s", e + 1,
-                   config.epochs, done, steps_per_epoch, loss, rate,
-                   _format_eta(remaining * config.batch_size / rate))
-      # Mid-epoch checkpoints (the epoch's end saves after evaluation, just below).
-      if done < steps_per_epoch and (
-          (every_steps and global_step % every_steps == 0) or int(due)):
-        save(global_step)
-        last_save = time.time()
-        logging.info("Saved checkpoint %d (epoch %d, step %d of %d)", global_step, e + 1, done,
-                     steps_per_epoch)
-    epoch_seconds = time.time() - epoch_start
-    train_seconds += epoch_seconds
-    trained_steps += steps_per_epoch - resumed_at
-    eval_metrics = evaluate()
-    value = eval_metrics[primary]
-    improved = _better(primary, value, float(best_value.numpy()))
-    if improved:
-      best_value.assign(value)
-      since_best.assign(0)
-      fileio.retry(lambda: best_manager.save(checkpoint_number=e + 1),
-                   f"writing the best checkpoint to {task_best_dir}", config.storage_retries)
-    else:
-      since_best.assign_add(1)
-    epoch.assign(e + 1)
-    counters.epoch_loss.assign(0.0)
-    save(global_step)
-    last_save = time.time()
-    examples_per_sec = (steps_per_epoch - resumed_at) * config.batch_size / epoch_seconds
-    learning_rate = float(optimizer.learning_rate.numpy()
-                          if hasattr(optimizer.learning_rate, "numpy")
-                          else optimizer.learning_rate)
-    shown = " ".join(f"{k} {v:.4f}" for k, v in sorted(eval_metrics.items())
-                     if not k.startswith("count"))
-    logging.info("epoch %d/%d train loss %.4f eval %s%s; %.0f train examples/s", e + 1,
-                 config.epochs, loss_sum / steps_per_epoch, shown,
-                 " (best)" if improved else "", examples_per_sec)
-    with writer.as_default(step=e + 1):
-      tf.summary.scalar("train/loss", loss_sum / steps_per_epoch)
-      tf.summary.scalar("train/examples_per_sec", examples_per_sec)
-      tf.summary.scalar("train/learning_rate", learning_rate)
-      for name, v in eval_metrics.items():
-        if not name.startswith("count"):
-          tf.summary.scalar(f"eval/{name}", v)
-    try:
-      writer.flush()
-    except tf.errors.OpError as err:  # TensorBoard is not worth failing a run for
-      logging.warning("Could not write TensorBoard summaries to %s: %s", config.resolved_log_dir,
-                      str(err).splitlines()[0])
-    if config.target_value is not None and (
-        value <= config.target_value if primary in _LOWER_IS_BETTER
-        else value >= config.target_value):
-      stopped = f"{primary} {value:.4f} reached --target_value={config.target_value}"
-    elif config.early_stopping_patience and int(since_best.numpy()) >= \
-        config.early_stopping_patience:
-      stopped = (f"no improvement of {primary} for {config.early_stopping_patience} "
-                 "epoch(s)")
-    if stopped:
-      logging.info("Stopping early after epoch %d: %s", e + 1, stopped)
-      break
-
-  # Each task restores its own copy of the best checkpoint: identical weights (the tasks train
-  # in lockstep), and no task reads a file another task may still be writing.
-  best_checkpoint = tf.train.latest_checkpoint(task_best_dir)
-  if best_checkpoint:  # serve and report the best epoch's model
-    tf.train.Checkpoint(model=model).restore(best_checkpoint).expect_partial()
-    logging.info("Best %s %.4f: %s", primary, float(best_value.numpy()), best_checkpoint)
-  eval_metrics = evaluate()
-
-  export_dir = config.resolved_export_dir
-  task_export_dir = distribute.write_dir(export_dir, strategy)
-  fileio.retry(lambda: export.export_saved_model(model, task_export_dir, config.data_dir,
-                                                 metadata, config.task),
-               f"exporting the SavedModel to {task_export_dir}", config.storage_retries)
-  for directory in (task_export_dir, task_best_dir, task_checkpoint_dir):
-    distribute.remove_write_dir(directory, strategy)
-  if not chief:
+               "task %s", config.model, config.task, config.epochs, runner.steps_per_epoch,
+               config.batch_size, strategy.num_replicas_in_sync, distribute.task_role(strategy))
+  progress = _train_epochs(config, state, runner, evaluate, tracker, board)
+  best = checkpointer.restore_best()  # serve and report the best epoch's model
+  if best:
+    logging.info("Best %s %.4f: %s", tracker.metric, float(state.best.numpy()), best)
+  final = evaluate()
+  _export(config, strategy, objective, data, model)
+  checkpointer.clean_up()
+  if not distribute.is_chief(strategy):
     logging.info("Task %s is not the chief: its checkpoints and export went to temporary "
                  "directories, now removed", distribute.task_role(strategy))
-  result = {
-      "model": config.model,
-      "task": config.task,
-      "epochs": int(epoch.numpy()),
-      "best_epoch": int(best_checkpoint.rsplit("-", 1)[1]) if best_checkpoint else None,
-      "primary_metric": primary,
-      "stopped_early": stopped,
-      "train_examples_per_sec": (trained_steps * config.batch_size / train_seconds
-                                 if trained_steps else None),
-      "replicas": replicas,
-      "global_batch_size": config.batch_size,
-      "export_dir": export_dir,
-      "task_role": distribute.task_role(strategy),
-      "weights_sha256": weights_checksum(model),
-  }
-  if config.task == "explicit":
-    result.update(eval_rmse=eval_metrics["rmse"], eval_mae=eval_metrics["mae"],
-                  eval_examples=eval_metrics["count"],
-                  eval_rmse_global_mean_baseline=eval_metrics["baseline_rmse"])
-  else:
-    result["top_k"] = config.top_k
-    for name, v in eval_metrics.items():
-      result[f"eval_{name}"] = v
-  if chief:
+  result = summarize(config, strategy, objective, state, model, progress,
+                     best_epoch(best), tracker.metric, final)
+  if distribute.is_chief(strategy):
     fileio.retry(lambda: fileio.write_text_atomic(
         fileio.join(config.model_dir, METRICS_FILE),
         json.dumps(result, indent=2, sort_keys=True) + "\n"),
         f"writing {METRICS_FILE} to {config.model_dir}", config.storage_retries)
-  logging.info("Final eval %s; exported to %s",
-               " ".join(f"{k} {v:.4f}" for k, v in sorted(eval_metrics.items())
-                        if not k.startswith("count")), export_dir)
+  logging.info("Final eval %s; exported to %s", _shown(final), config.resolved_export_dir)
   return result
+
+
+def _evaluate_all(evaluators: Dict[str, objectives.Evaluator]) -> Dict[str, float]:
+  """Every protocol's metrics, in one flat dict."""
+  return {name: value for run in evaluators.values() for name, value in run().items()}
+
+
+def _restore_or_initialise(config: TrainConfig, checkpointer: Checkpointer, model: keras.Model,
+                           data: artifacts.PreparedData, state: TrainingState) -> None:
+  """Resumes from the latest checkpoint, or starts NeuMF from pretrained GMF and MLP runs."""
+  latest = checkpointer.restore_latest()
+  if latest:
+    logging.info("Resumed from %s (epoch %d of %d done, step %d)", latest,
+                 int(state.epoch.numpy()), config.epochs, int(state.step.numpy()))
+  elif config.pretrained_gmf_dir:
+    _load_pretrained(model, config, data.metadata)
+  if int(state.step.numpy()) and (len(data.metadata.train_shard_examples)
+                                  != data.metadata.num_shards):
+    raise ConfigError(f"--data_dir={config.data_dir} was prepared by an older version (no "
+                      "per-shard example counts): prepare it again to resume mid-run")
+
+
+@dataclasses.dataclass
+class Progress:
+  """What the epochs of this process did (a resumed run counts only its own steps)."""
+
+  train_seconds: float = 0.0
+  trained_steps: int = 0
+  stopped: Optional[str] = None  # why training stopped early, or None
+
+
+def _train_epochs(config: TrainConfig, state: TrainingState, runner: "EpochRunner",
+                  evaluate: Callable[[], Dict[str, float]], tracker: "BestTracker",
+                  board: "EpochBoard") -> Progress:
+  """Trains the remaining epochs: each is trained, evaluated, checkpointed and logged."""
+  progress = Progress()
+  for e in range(int(state.epoch.numpy()), config.epochs):
+    stats = runner.run(e)
+    progress.train_seconds += stats.seconds
+    progress.trained_steps += stats.steps
+    eval_metrics = evaluate()
+    improved = tracker.update(e + 1, eval_metrics)
+    state.epoch.assign(e + 1)
+    state.epoch_loss.assign(0.0)
+    runner.checkpointer.save(int(state.step.numpy()))
+    board.write(e + 1, stats, eval_metrics, improved)
+    progress.stopped = tracker.stop_reason(eval_metrics)
+    if progress.stopped:
+      logging.info("Stopping early after epoch %d: %s", e + 1, progress.stopped)
+      break
+  return progress
+
+
+@dataclasses.dataclass
+class EpochStats:
+  """One epoch's training, as this process ran it."""
+
+  loss: float  # mean step loss over the whole epoch (resumed steps included)
+  seconds: float
+  steps: int  # steps this process trained
+  examples_per_sec: float
+
+
+class EpochRunner:
+  """Runs one epoch's training steps: progress lines (loss, examples/s, ETA) and mid-epoch
+  checkpoints. Owns the input pipeline, which resumes exactly at the saved step."""
+
+  def __init__(self, config: TrainConfig, strategy: tf.distribute.Strategy,
+               objective: objectives.Objective, data: artifacts.PreparedData,
+               model: keras.Model, optimizer: keras.optimizers.Optimizer,
+               state: TrainingState, checkpointer: Checkpointer):
+    self.config, self.state, self.checkpointer = config, state, checkpointer
+    self.steps_per_epoch = _steps_per_epoch(config, data)
+    positives_per_step = config.batch_size // objective.examples_per_positive
+    add_negatives = objective.negative_sampler(data)
+    start_step = int(state.step.numpy())
+    self.iterator = iter(strategy.distribute_datasets_from_function(
+        lambda ctx: pipeline.make_dataset(data.train_pattern, positives_per_step, True, ctx,
+                                          config.seed, config.shuffle_buffer_blocks,
+                                          add_negatives, start_step,
+                                          data.metadata.train_shard_examples)))
+    self.train_loop = make_train_loop(model, optimizer, strategy, config.batch_size, objective,
+                                      config.jit_compile)
+
+  def run(self, epoch: int) -> EpochStats:
+    """Trains what remains of epoch `epoch` (0-based) and returns its figures."""
+    config, state, per_epoch = self.config, self.state, self.steps_per_epoch
+    start = time.time()
+    global_step = int(state.step.numpy())
+    done = global_step - epoch * per_epoch  # non-zero when resuming mid-epoch
+    resumed_at, loss_sum = done, float(state.epoch_loss.numpy())
+    while done < per_epoch:
+      n = min(config.log_every_steps, per_epoch - done,
+              self.checkpointer.steps_until_due(global_step) or per_epoch)
+      loss, agreed = self.train_loop(self.iterator, tf.constant(n),
+                                     tf.constant(int(self.checkpointer.due_by_clock())))
+      loss = float(loss)
+      done, global_step, loss_sum = done + n, global_step + n, loss_sum + loss * n
+      state.step.assign(global_step)
+      state.epoch_loss.assign(loss_sum)
+      self._log_progress(epoch, done, resumed_at, loss, start)
+      # Mid-epoch checkpoints (the epoch's end saves after evaluation).
+      if done < per_epoch and self.checkpointer.save_if_due(global_step, bool(int(agreed))):
+        logging.info("Saved checkpoint %d (epoch %d, step %d of %d)", global_step, epoch + 1,
+                     done, per_epoch)
+    seconds = time.time() - start
+    steps = per_epoch - resumed_at
+    return EpochStats(loss_sum / per_epoch, seconds, steps,
+                      steps * config.batch_size / max(seconds, 1e-9))
+
+  def _log_progress(self, epoch: int, done: int, resumed_at: int, loss: float,
+                    start: float) -> None:
+    config, per_epoch = self.config, self.steps_per_epoch
+    rate = (done - resumed_at) * config.batch_size / max(time.time() - start, 1e-9)
+    remaining = per_epoch - done + (config.epochs - epoch - 1) * per_epoch
+    logging.info("epoch %d/%d step %d/%d loss %.4f %.0f examples/s ETA %s", epoch + 1,
+                 config.epochs, done, per_epoch, loss, rate,
+                 _format_eta(remaining * config.batch_size / rate))
+
+
+class BestTracker:
+  """Tracks the primary metric: keeps the best epoch's checkpoint, decides early stopping."""
+
+  def __init__(self, config: TrainConfig, objective: objectives.Objective, metric: str,
+               state: TrainingState, checkpointer: Checkpointer):
+    self.config, self.objective, self.metric = config, objective, metric
+    self.state, self.checkpointer = state, checkpointer
+
+  def update(self, epoch: int, eval_metrics: Dict[str, float]) -> bool:
+    """Records epoch `epoch` (1-based); returns whether it is the best so far."""
+    value = eval_metrics[self.metric]
+    improved = self.objective.better(self.metric, value, float(self.state.best.numpy()))
+    if improved:
+      self.state.best.assign(value)
+      self.state.since_best.assign(0)
+      self.checkpointer.save_best(epoch)
+    else:
+      self.state.since_best.assign_add(1)
+    return improved
+
+  def stop_reason(self, eval_metrics: Dict[str, float]) -> Optional[str]:
+    """Why to stop now (--target_value reached, or patience run out), or None."""
+    config, value = self.config, eval_metrics[self.metric]
+    if config.target_value is not None and self.objective.reached(self.metric, value,
+                                                                   config.target_value):
+      return f"{self.metric} {value:.4f} reached --target_value={config.target_value}"
+    patience = config.early_stopping_patience
+    if patience and int(self.state.since_best.numpy()) >= patience:
+      return f"no improvement of {self.metric} for {patience} epoch(s)"
+    return None
+
+
+def _shown(eval_metrics: Dict[str, float]) -> str:
+  return " ".join(f"{k} {v:.4f}" for k, v in sorted(eval_metrics.items())
+                  if not k.startswith("count"))
+
+
+class EpochBoard:
+  """The end-of-epoch log line and TensorBoard scalars (written by the chief only)."""
+
+  def __init__(self, config: TrainConfig, optimizer: keras.optimizers.Optimizer, chief: bool):
+    self.config, self.optimizer = config, optimizer
+    self.writer = (tf.summary.create_file_writer(config.resolved_log_dir) if chief
+                   else tf.summary.create_noop_writer())
+
+  def write(self, epoch: int, stats: EpochStats, eval_metrics: Dict[str, float],
+            improved: bool) -> None:
+    logging.info("epoch %d/%d train loss %.4f eval %s%s; %.0f train examples/s", epoch,
+                 self.config.epochs, stats.loss, _shown(eval_metrics),
+                 " (best)" if improved else "", stats.examples_per_sec)
+    rate = self.optimizer.learning_rate
+    with self.writer.as_default(step=epoch):
+      tf.summary.scalar("train/loss", stats.loss)
+      tf.summary.scalar("train/examples_per_sec", stats.examples_per_sec)
+      tf.summary.scalar("train/learning_rate", float(rate.numpy() if hasattr(rate, "numpy")
+                                                     else rate))
+      for name, v in eval_metrics.items():
+        if not name.startswith("count"):
+          tf.summary.scalar(f"eval/{name}", v)
+    try:
+      self.writer.flush()
+    except tf.errors.OpError as err:  # TensorBoard is not worth failing a run for
+      logging.warning("Could not write TensorBoard summaries to %s: %s",
+                      self.config.resolved_log_dir, fileio.first_line(err))
+
+
+def _export(config: TrainConfig, strategy: tf.distribute.Strategy,
+            objective: objectives.Objective, data: artifacts.PreparedData,
+            model: keras.Model) -> None:
+  """Exports the SavedModel; a non-chief task exports to a temporary directory it removes."""
+  task_export_dir = distribute.write_dir(config.resolved_export_dir, strategy)
+  fileio.retry(lambda: export.export_saved_model(model, task_export_dir, data, objective),
+               f"exporting the SavedModel to {task_export_dir}", config.storage_retries)
+  distribute.remove_write_dir(task_export_dir, strategy)
+
+
+def summarize(config: TrainConfig, strategy: tf.distribute.Strategy,
+              objective: objectives.Objective, state: TrainingState, model: keras.Model,
+              progress: Progress, best: Optional[int], primary: str,
+              final: Dict[str, float]) -> Dict[str, object]:
+  """The run's result, as written to metrics.json: what ran, how fast, what it reached."""
+  return {
+      "model": config.model,
+      "task": config.task,
+      "epochs": int(state.epoch.numpy()),
+      "best_epoch": best,
+      "primary_metric": primary,
+      "stopped_early": progress.stopped,
+      "train_examples_per_sec": (progress.trained_steps * config.batch_size
+                                 / progress.train_seconds if progress.trained_steps else None),
+      "replicas": strategy.num_replicas_in_sync,
+      "global_batch_size": config.batch_size,
+      "export_dir": config.resolved_export_dir,
+      "task_role": distribute.task_role(strategy),
+      "weights_sha256": weights_checksum(model),
+      **objective.result_fields(final),
+  }
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+@contextlib.contextmanager
+def _failures_classified(config: TrainConfig, strategy: tf.distribute.Strategy):
+  """Turns a TensorFlow error of the run into the failure it is, by type and by the state of
+  storage (never by message text): StorageError when a gs:// location of the run is now
+  unreachable, LostPeerError when a collective of a cluster failed; anything else as it is."""
+  try:
+    yield
+  except tf.errors.OpError as e:
+    _raise_classified(e, config, strategy)
+    raise
+
+
+def _raise_classified(error: tf.errors.OpError, config: TrainConfig,
+                      strategy: tf.distribute.Strategy) -> None:
+  cause = f"{type(error).__name__}: {fileio.first_line(error)}"
+  for flag, path, write in _storage_locations(config):
+    if fileio.is_gcs(path):
+      try:
+        fileio.check_gcs_access(path, flag, write)
+      except StorageError as unreachable:
+        raise StorageError(f"Cloud Storage failed ({cause}; now {unreachable})",
+                           unreachable.retryable) from error
+  if distribute.task_role(strategy) != "local" and isinstance(
+      error, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+              tf.errors.CancelledError)):
+    raise LostPeerError(f"lost contact with another task of the cluster ({cause})") from error

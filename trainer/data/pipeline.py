@@ -7,7 +7,7 @@ stateless (so reproducible) permutation, and re-slices them to the per-replica b
 dropped at epoch ends and a batch never comes out short.
 """
 
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -186,61 +186,75 @@ def make_dataset(file_pattern: str, global_batch_size: int, training: bool,
   if file_examples is not None and len(file_examples) != len(files):
     raise ValueError(f"{file_pattern!r} matches {len(files)} files but {len(file_examples)} "
                      "example counts were given")
-  batch_size = global_batch_size
-  batches_per_step = 1  # this pipeline's batches consumed by one training step
-  if input_context is not None:
-    batch_size = input_context.get_per_replica_batch_size(global_batch_size)
-    batches_per_step = (input_context.num_replicas_in_sync
-                        // input_context.num_input_pipelines)
-    if input_context.num_input_pipelines > 1:
-      if len(files) < input_context.num_input_pipelines:
-        raise ValueError(f"{file_pattern!r} has {len(files)} files but there are "
-                         f"{input_context.num_input_pipelines} input pipelines; prepare the data "
-                         "with --num_shards at least the number of workers")
-      files = files[input_context.input_pipeline_id::input_context.num_input_pipelines]
-      if file_examples is not None:
-        file_examples = file_examples[
-            input_context.input_pipeline_id::input_context.num_input_pipelines]
+  files, file_examples, batch_size, batches_per_step = _this_pipeline(
+      file_pattern, files, file_examples, global_batch_size, input_context)
   start_batch = start_step * batches_per_step
-
-  def records(file_names: tf.data.Dataset) -> tf.data.Dataset:
-    return file_names.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 4),
-                                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-
-  def parse(blocks: tf.data.Dataset) -> tf.data.Dataset:
-    return blocks.batch(_RECORDS_PER_PARSE).map(
-        schema.parse_blocks, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-
   if training:
-    file_names = tf.constant(files)
-
-    def epoch(index):
-      # Stateless shuffles keyed by the epoch. (tf.data's `shuffle` takes no tensor seed once a
-      # global seed is set; its block buffer keeps a fixed seed and gets a new input order.)
-      epoch_seed = tf.stack([tf.constant(seed, tf.int64), index])
-      names = tf.gather(file_names, tf.random.experimental.stateless_shuffle(
-          tf.range(len(files)), seed=epoch_seed))
-      blocks = records(tf.data.Dataset.from_tensor_slices(names)).shuffle(
-          shuffle_buffer_blocks, seed=seed)
-      return parse(blocks).enumerate().map(
-          lambda group, batch: _mix(batch, tf.stack([epoch_seed[0] * 1_000_003 + index, group])),
-          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-
-    first_epoch, skip = 0, 0
-    if start_batch:
-      if file_examples is None:
-        raise ValueError("start_step needs file_examples")
-      epoch_size = int(sum(file_examples))
-      first_epoch, skip = divmod(start_batch * batch_size, epoch_size)
-    if skip:  # resume mid-epoch: the rest of this epoch, then whole epochs
-      ds = _skip_examples(epoch(tf.constant(first_epoch, tf.int64)), skip).concatenate(
-          tf.data.Dataset.range(first_epoch + 1, 2**62).flat_map(epoch))
-    else:
-      ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch)
+    ds = _epochs(files, file_examples, seed, shuffle_buffer_blocks, start_batch * batch_size)
   else:
-    ds = parse(records(tf.data.Dataset.from_tensor_slices(files)))
+    ds = _parse(_records(tf.data.Dataset.from_tensor_slices(files), len(files)))
   ds = ds.rebatch(batch_size, drop_remainder=training)
   if add_negatives is not None:
     ds = ds.enumerate(start=start_batch).map(add_negatives, num_parallel_calls=tf.data.AUTOTUNE,
                                              deterministic=True)
   return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _this_pipeline(file_pattern: str, files: List[str], file_examples: Optional[Sequence[int]],
+                   global_batch_size: int,
+                   input_context: Optional[tf.distribute.InputContext]):
+  """This input pipeline's files (and their example counts), its batch size, and how many of
+  its batches one training step consumes."""
+  if input_context is None:
+    return files, file_examples, global_batch_size, 1
+  batch_size = input_context.get_per_replica_batch_size(global_batch_size)
+  batches_per_step = input_context.num_replicas_in_sync // input_context.num_input_pipelines
+  pipelines, index = input_context.num_input_pipelines, input_context.input_pipeline_id
+  if pipelines > 1:
+    if len(files) < pipelines:
+      raise ValueError(f"{file_pattern!r} has {len(files)} files but there are {pipelines} "
+                       "input pipelines; prepare the data with --num_shards at least the "
+                       "number of workers")
+    files = files[index::pipelines]
+    if file_examples is not None:
+      file_examples = file_examples[index::pipelines]
+  return files, file_examples, batch_size, batches_per_step
+
+
+def _records(file_names: tf.data.Dataset, num_files: int) -> tf.data.Dataset:
+  return file_names.interleave(tf.data.TFRecordDataset, cycle_length=min(num_files, 4),
+                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def _parse(blocks: tf.data.Dataset) -> tf.data.Dataset:
+  return blocks.batch(_RECORDS_PER_PARSE).map(
+      schema.parse_blocks, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def _epochs(files: List[str], file_examples: Optional[Sequence[int]], seed: int,
+            shuffle_buffer_blocks: int, start_example: int) -> tf.data.Dataset:
+  """Endless epochs of training examples (unbatched blocks), starting `start_example`
+  examples into the sequence an uninterrupted run reads."""
+  file_names = tf.constant(files)
+
+  def epoch(index):
+    # Stateless shuffles keyed by the epoch. (tf.data's `shuffle` takes no tensor seed once a
+    # global seed is set; its block buffer keeps a fixed seed and gets a new input order.)
+    epoch_seed = tf.stack([tf.constant(seed, tf.int64), index])
+    names = tf.gather(file_names, tf.random.experimental.stateless_shuffle(
+        tf.range(len(files)), seed=epoch_seed))
+    blocks = _records(tf.data.Dataset.from_tensor_slices(names), len(files)).shuffle(
+        shuffle_buffer_blocks, seed=seed)
+    return _parse(blocks).enumerate().map(
+        lambda group, batch: _mix(batch, tf.stack([epoch_seed[0] * 1_000_003 + index, group])),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+  first_epoch, skip = 0, 0
+  if start_example:
+    if file_examples is None:
+      raise ValueError("start_step needs file_examples")
+    first_epoch, skip = divmod(start_example, int(sum(file_examples)))
+  if skip:  # resume mid-epoch: the rest of this epoch, then whole epochs
+    return _skip_examples(epoch(tf.constant(first_epoch, tf.int64)), skip).concatenate(
+        tf.data.Dataset.range(first_epoch + 1, 2**62).flat_map(epoch))
+  return tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch)

@@ -29,7 +29,6 @@ or failed run never leaves a directory that looks complete, nor damages an earli
 
 import concurrent.futures
 import dataclasses
-import io
 import math
 import os
 import shutil
@@ -43,14 +42,12 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import fileio, malloc, schema
+from trainer import fileio, schema
 from trainer.config import ConfigError, PrepareConfig
-from trainer.data import sources
+from trainer.data import sources, splits
 
 T = TypeVar("T")
 
-TRAIN_POSITIVES_FILE = "train_positives.npz"
-EVAL_NEGATIVES_FILE = "eval_negatives.npz"
 _BUCKET_ROWS = 1_000_000  # target rows per scratch bucket: bounds peak memory
 _HISTOGRAM_MAX_VALUES = 64
 
@@ -92,31 +89,6 @@ def _frequency_order(counts: np.ndarray, raw: np.ndarray) -> np.ndarray:
   present = np.flatnonzero(counts > 0)
   order = np.lexsort((raw[present], -counts[present]))
   return present[order]
-
-
-def _hash(a: np.ndarray, b: np.ndarray, salt: int) -> np.ndarray:
-  """A 64-bit mix of two int64 columns (splitmix64 finaliser): uniform and deterministic."""
-  with np.errstate(over="ignore"):
-    x = (a.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ (
-        b.astype(np.uint64) + np.uint64((salt * 0xD1B54A32D192ED03) & (2**64 - 1)))
-    x ^= x >> np.uint64(30)
-    x *= np.uint64(0xBF58476D1CE4E5B9)
-    x ^= x >> np.uint64(27)
-    x *= np.uint64(0x94D049BB133111EB)
-    x ^= x >> np.uint64(31)
-  return x
-
-
-def _uniform(a: np.ndarray, b: np.ndarray, salt: int) -> np.ndarray:
-  return (_hash(a, b, salt) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-
-
-def _grow(array: np.ndarray, size: int, fill) -> np.ndarray:
-  if len(array) >= size:
-    return array
-  out = np.full(max(size, 2 * len(array)), fill, dtype=array.dtype)
-  out[:len(array)] = array
-  return out
 
 
 class _Scratch:
@@ -288,21 +260,6 @@ def _write_npz(path: str, scratch_dir: str, **arrays) -> None:
     os.remove(local)
 
 
-def load_npz(path: str) -> Dict[str, np.ndarray]:
-  """Reads an `.npz` written by preparation, local or `gs://`."""
-  with tf.io.gfile.GFile(path, "rb") as f:
-    with np.load(io.BytesIO(f.read())) as z:
-      return {k: z[k] for k in z.files}
-
-
-def pair_keys(positives: Dict[str, np.ndarray], num_items: int) -> np.ndarray:
-  """u * num_items + i of every training pair, from the train_positives CSR: sorted (CSR
-  order), as `pipeline.negative_sampler` takes them."""
-  indptr = positives["indptr"]
-  owners = np.repeat(np.arange(len(indptr) - 1, dtype=np.int64), np.diff(indptr))
-  return owners * num_items + positives["indices"]
-
-
 # ----------------------------------------------------------------------------- the source
 
 
@@ -324,19 +281,6 @@ def make_source(config: PrepareConfig) -> sources.Source:
 
 
 # ----------------------------------------------------------------------------- the passes
-
-
-@dataclasses.dataclass
-class _Stats:
-  """Vocabulary-sized state gathered while deduping (indexed by provisional code)."""
-
-  user_count: np.ndarray
-  item_count: np.ndarray
-  best_ts: np.ndarray  # per user: the latest interaction (timestamp, then input order)
-  best_row: np.ndarray
-  best_item: np.ndarray
-  duplicates: int = 0
-  timestamp_sample: List[np.ndarray] = dataclasses.field(default_factory=list)
 
 
 def _dedupe(rows: Dict[str, np.ndarray], policy: str, source: sources.Source,
@@ -369,42 +313,6 @@ def _dedupe(rows: Dict[str, np.ndarray], policy: str, source: sources.Source,
     rows["rating"][last_of_group] = (sums / counts).astype(np.float32)
   kept = {k: v[last_of_group] for k, v in rows.items()}
   return kept, int(same.sum())
-
-
-def _pass_dedupe(scratch: _Scratch, config: PrepareConfig, source: sources.Source,
-                 user_ids: IdEncoder, item_ids: IdEncoder, total_rows: int) -> _Stats:
-  num_users, num_items = user_ids.size, item_ids.size
-  stats = _Stats(np.zeros(num_users, np.int64), np.zeros(num_items, np.int64),
-                 np.full(num_users, np.iinfo(np.int64).min), np.full(num_users, -1, np.int64),
-                 np.full(num_users, -1, np.int64))
-  sample_rate = min(1.0, 2_000_000 / max(total_rows, 1))
-  progress = _Progress("dedupe", total_rows)
-  for b in range(scratch.num_buckets):
-    rows = scratch.read(b)
-    if rows is None:
-      continue
-    n = len(rows["user"])
-    rows, removed = _dedupe(rows, config.duplicates, source, user_ids, item_ids)
-    stats.duplicates += removed
-    stats.user_count += np.bincount(rows["user"], minlength=num_users)
-    stats.item_count += np.bincount(rows["item"], minlength=num_items)
-    if "ts" in rows and config.split == "leave_one_out":
-      # Each user's latest row of this bucket, then merged with the best so far.
-      order = np.lexsort((rows["row"], rows["ts"], rows["user"]))
-      users = rows["user"][order]
-      last = np.flatnonzero(np.append(users[1:] != users[:-1], True))
-      u, ts, row = users[last], rows["ts"][order][last], rows["row"][order][last]
-      better = (ts > stats.best_ts[u]) | ((ts == stats.best_ts[u]) & (row > stats.best_row[u]))
-      u, ts, row = u[better], ts[better], row[better]
-      stats.best_ts[u], stats.best_row[u] = ts, row
-      stats.best_item[u] = rows["item"][order][last][better]
-    if "ts" in rows and config.split == "temporal":
-      keep = _uniform(rows["user"], rows["item"], config.seed + 7) < sample_rate
-      stats.timestamp_sample.append(rows["ts"][keep])
-    if removed:
-      scratch.replace(b, rows)
-    progress.add(n)
-  return stats
 
 
 def _shards_for(config: PrepareConfig, rows: int) -> int:
@@ -466,34 +374,78 @@ def prepare(config: PrepareConfig) -> schema.Metadata:
     ValueError: bad input, naming the file, line and offending text.
   """
   config.validate()
-  malloc.return_freed_memory()
   fileio.check_gcs_access(config.output_dir, "output_dir", write=True)
   for pattern in config.input:
     fileio.check_gcs_access(pattern, "input", write=False)
   source = make_source(config)
-  if config.split in ("leave_one_out", "temporal") and not source.has_timestamps:
+  splitter = splits.make_splitter(config)
+  if splitter.needs_timestamps and not source.has_timestamps:
     raise ConfigError(f"--split={config.split} needs timestamps, and the input has none "
                       "(--timestamp_column)")
   started = time.time()
-  formats = source.id_format or (None, None)
-  user_ids, item_ids = IdEncoder(formats[0]), IdEncoder(formats[1])
   scratch_dir = tempfile.mkdtemp(prefix="neumf-prepare-")
   try:
-    return _prepare(config, source, user_ids, item_ids, scratch_dir, started)
+    return _prepare(config, source, splitter, scratch_dir, started)
   finally:
     shutil.rmtree(scratch_dir, ignore_errors=True)
 
 
-def _prepare(config, source, user_ids, item_ids, scratch_dir, started) -> schema.Metadata:
-  # Pass 1: stream, encode, partition by pair.
-  num_buckets = 16
+def _prepare(config: PrepareConfig, source: sources.Source, splitter: splits.Splitter,
+             scratch_dir: str, started: float) -> schema.Metadata:
+  """The passes, in order; everything lands in a temporary folder, published at the end."""
+  formats = source.id_format or (None, None)
+  ids = _Ids(IdEncoder(formats[0]), IdEncoder(formats[1]))
+  scratch = _Scratch(scratch_dir, _num_buckets(config, source))
+  total = _pass_read(source, ids, scratch, started)
+  splitter.begin(ids.users.size, total)
+  stats = _pass_dedupe(scratch, config, source, ids, splitter, total)
+  vocab = _dense_vocabulary(scratch, config, stats, ids)
+  kept_rows = int(stats.user_count[vocab.kept_user].sum())
+  fileio.makedirs(config.output_dir)
+  tmp_dir = fileio.join(config.output_dir, f".tmp-prepare-{uuid.uuid4().hex}")
+  fileio.makedirs(tmp_dir)
+  written = _pass_write(scratch, config, splitter, vocab, kept_rows, tmp_dir)
+  if written.num_train == 0 or written.num_eval == 0:
+    raise ValueError(f"--split={config.split} leaves {written.num_train} training and "
+                     f"{written.num_eval} evaluation rows of {kept_rows}; both need at least "
+                     "one" + splitter.empty_message())
+  names = written.shard_names + _write_side_files(scratch, config, vocab, written, tmp_dir)
+  metadata = _metadata(config, source, splitter, vocab, stats, written, total)
+  fileio.write_text_atomic(fileio.join(tmp_dir, schema.METADATA_FILE), metadata.to_json())
+  _publish(tmp_dir, config.output_dir, names)
+  elapsed = time.time() - started
+  logging.info("Prepared %d train and %d eval rows (%d users, %d items, split %s) in %s in "
+               "%.1fs (%.0f rows/s)", written.num_train, written.num_eval, vocab.num_users,
+               vocab.num_items, config.split, config.output_dir, elapsed,
+               total / max(elapsed, 1e-9))
+  return metadata
+
+
+def _num_buckets(config: PrepareConfig, source: sources.Source) -> int:
+  """Scratch buckets: enough that one holds about _BUCKET_ROWS rows (unknown size: 16)."""
   if isinstance(source, sources.SyntheticSource):
-    num_buckets = max(1, math.ceil(config.num_ratings / _BUCKET_ROWS))
-  scratch = _Scratch(scratch_dir, num_buckets)
+    return max(1, math.ceil(config.num_ratings / _BUCKET_ROWS))
+  return 16
+
+
+@dataclasses.dataclass
+class _Ids:
+  """Raw ID -> provisional code, for users and items."""
+
+  users: IdEncoder
+  items: IdEncoder
+
+
+def _pass_read(source: sources.Source, ids: _Ids, scratch: _Scratch, started: float) -> int:
+  """Pass 1: stream the source, encode IDs, partition rows by (user, item) hash onto scratch.
+
+  Returns:
+    The rows read.
+  """
   progress = _Progress("read")
   total = 0
   for chunk in _prefetched(source.chunks()):
-    users, items = user_ids.encode(chunk.users), item_ids.encode(chunk.items)
+    users, items = ids.users.encode(chunk.users), ids.items.encode(chunk.items)
     n = len(users)
     columns = {"user": users, "item": items, "rating": chunk.ratings,
                "row": np.arange(total, total + n, dtype=np.int64),
@@ -501,10 +453,11 @@ def _prepare(config, source, user_ids, item_ids, scratch_dir, started) -> schema
                "line": chunk.lines}
     if chunk.timestamps is not None:
       columns["ts"] = chunk.timestamps
-    scratch.append((_hash(users, items, 1) % np.uint64(num_buckets)).astype(np.int64), columns)
+    bucket = splits.hash_pairs(users, items, 1) % np.uint64(scratch.num_buckets)
+    scratch.append(bucket.astype(np.int64), columns)
     total += n
     progress.add(n)
-  bad = getattr(source, "bad", None)
+  bad = source.bad
   if total == 0:
     raise ValueError(f"{', '.join(source.files) or 'the input'}: no valid rows"
                      + (f" ({bad.count} bad rows skipped)" if bad and bad.count else ""))
@@ -513,155 +466,212 @@ def _prepare(config, source, user_ids, item_ids, scratch_dir, started) -> schema
   if bad is not None and bad.count:
     logging.warning("Skipped %d bad rows (--skip_bad_rows), for example:\n  %s", bad.count,
                     "\n  ".join(bad.examples))
+  return total
 
-  # Pass 2: dedupe each bucket, gather per-user and per-item statistics.
-  stats = _pass_dedupe(scratch, config, source, user_ids, item_ids, total)
+
+@dataclasses.dataclass
+class _Stats:
+  """Vocabulary-sized counts gathered while deduping (indexed by provisional code)."""
+
+  user_count: np.ndarray
+  item_count: np.ndarray
+  duplicates: int = 0
+
+
+def _pass_dedupe(scratch: _Scratch, config: PrepareConfig, source: sources.Source, ids: _Ids,
+                 splitter: splits.Splitter, total_rows: int) -> _Stats:
+  """Pass 2: dedupe each bucket by --duplicates, count users and items, feed the splitter."""
+  num_users, num_items = ids.users.size, ids.items.size
+  stats = _Stats(np.zeros(num_users, np.int64), np.zeros(num_items, np.int64))
+  progress = _Progress("dedupe", total_rows)
+  for b in range(scratch.num_buckets):
+    rows = scratch.read(b)
+    if rows is None:
+      continue
+    n = len(rows["user"])
+    rows, removed = _dedupe(rows, config.duplicates, source, ids.users, ids.items)
+    stats.duplicates += removed
+    stats.user_count += np.bincount(rows["user"], minlength=num_users)
+    stats.item_count += np.bincount(rows["item"], minlength=num_items)
+    splitter.observe(rows)
+    if removed:
+      scratch.replace(b, rows)
+    progress.add(n)
+  return stats
+
+
+@dataclasses.dataclass
+class _Vocabulary:
+  """The users kept and the dense, frequency-ordered indices of users and items."""
+
+  kept_user: np.ndarray  # [provisional users] bool: --min_user_interactions
+  raw_users: np.ndarray  # [num_users] raw ID of dense index n
+  raw_items: np.ndarray  # [num_items]
+  user_index: np.ndarray  # [provisional users] -> dense index, -1 when dropped
+  item_index: np.ndarray  # [provisional items] -> dense index, -1 when never kept
+
+  @property
+  def num_users(self) -> int:
+    return len(self.raw_users)
+
+  @property
+  def num_items(self) -> int:
+    return len(self.raw_items)
+
+
+def _dense_vocabulary(scratch: _Scratch, config: PrepareConfig, stats: _Stats,
+                      ids: _Ids) -> _Vocabulary:
+  """Pass 3 (only with --min_user_interactions: recount items over the users kept), then the
+  dense indices: most frequent first, ties by raw ID."""
   kept_user = stats.user_count >= config.min_user_interactions
+  if not kept_user.any():
+    raise ValueError(f"--min_user_interactions={config.min_user_interactions} leaves no user "
+                     f"(the most active has {int(stats.user_count.max())})")
   item_count = stats.item_count
-  if not kept_user.all():  # Pass 3: recount items over the users kept
+  if not kept_user.all():
     item_count = np.zeros_like(item_count)
-    for b in range(num_buckets):
+    for b in range(scratch.num_buckets):
       rows = scratch.read(b)
       if rows is not None:
         item_count += np.bincount(rows["item"][kept_user[rows["user"]]],
                                   minlength=len(item_count))
-  if not kept_user.any():
-    raise ValueError(f"--min_user_interactions={config.min_user_interactions} leaves no user "
-                     f"(the most active has {int(stats.user_count.max())})")
-  raw_users, raw_items = user_ids.raw_ids(), item_ids.raw_ids()
+  raw_users, raw_items = ids.users.raw_ids(), ids.items.raw_ids()
   user_order = _frequency_order(np.where(kept_user, stats.user_count, 0), raw_users)
   item_order = _frequency_order(item_count, raw_items)
   user_index = np.full(len(raw_users), -1, np.int64)
   user_index[user_order] = np.arange(len(user_order))
   item_index = np.full(len(raw_items), -1, np.int64)
   item_index[item_order] = np.arange(len(item_order))
-  num_users, num_items = len(user_order), len(item_order)
+  return _Vocabulary(kept_user, raw_users[user_order], raw_items[item_order], user_index,
+                     item_index)
 
-  cutoff = config.temporal_cutoff
-  if config.split == "temporal" and cutoff is None:
-    sample = np.sort(np.concatenate(stats.timestamp_sample))
-    cutoff = int(sample[min(len(sample) - 1, int(len(sample) * (1 - config.eval_fraction)))])
-  has_eval_item = stats.user_count >= 2  # leave-one-out holds out only users with 2+ rows
 
-  # Pass 4: map, split, shuffle, write blocks; collect (user, item) of training rows.
-  kept_rows = int(stats.user_count[kept_user].sum())
+@dataclasses.dataclass
+class _Written:
+  """What the write pass produced and measured."""
+
+  num_train: int
+  num_eval: int
+  shard_names: List[str]
+  train_shard_rows: List[int]
+  histogram: Dict[float, int]
+  train_user_count: np.ndarray  # [num_users]
+  train_item_count: np.ndarray  # [num_items]
+  eval_user_seen: np.ndarray  # [num_users] bool: the user has an eval row
+  eval_item_seen: np.ndarray  # [num_items] bool
+  train_rating_sum: float
+  rating_min: float
+  rating_max: float
+  # [n, 2] (user, item) dense indices of each bucket's eval rows; kept for --eval_negatives only
+  # (leave-one-out: one row per user), never for a fraction of a large log.
+  eval_pairs: Optional[List[np.ndarray]]
+
+
+def _pass_write(scratch: _Scratch, config: PrepareConfig, splitter: splits.Splitter,
+                vocab: _Vocabulary, kept_rows: int, tmp_dir: str) -> _Written:
+  """Pass 4: map codes to dense indices, split, shuffle each bucket, deal blocks to shards;
+  leave each bucket's training pairs on scratch for the positives file."""
   num_shards = _shards_for(config, kept_rows)
-  fileio.makedirs(config.output_dir)
-  tmp_dir = fileio.join(config.output_dir, f".tmp-prepare-{uuid.uuid4().hex}")
-  fileio.makedirs(tmp_dir)
-  if config.split == "leave_one_out":
-    expected_eval = float(np.sum(kept_user & has_eval_item))
-  elif config.split == "temporal" and config.temporal_cutoff is None:
-    expected_eval = kept_rows * config.eval_fraction
-  elif config.split == "temporal":
-    expected_eval = kept_rows * float(np.mean(np.concatenate(stats.timestamp_sample) >= cutoff)
-                                      if stats.timestamp_sample else 0.5)
-  else:
-    expected_eval = kept_rows * config.eval_fraction
+  expected_eval = splitter.expected_eval(vocab.kept_user, kept_rows)
   writers = {schema.TRAIN: _BlockWriter(tmp_dir, schema.TRAIN, num_shards,
                                         kept_rows - expected_eval),
              schema.EVAL: _BlockWriter(tmp_dir, schema.EVAL, num_shards, expected_eval)}
-  histogram: Dict[float, int] = {}
-  train_user_count = np.zeros(num_users, np.int64)
-  eval_user_seen = np.zeros(num_users, bool)  # which users and items the eval split holds
-  eval_item_seen = np.zeros(num_items, bool)
-  train_rating_sum = 0.0
-  rating_min, rating_max = np.inf, -np.inf
-  eval_user_item: List[np.ndarray] = []
+  out = _Written(0, 0, [], [], {}, np.zeros(vocab.num_users, np.int64),
+                 np.zeros(vocab.num_items, np.int64), np.zeros(vocab.num_users, bool),
+                 np.zeros(vocab.num_items, bool), 0.0, np.inf, -np.inf,
+                 [] if config.eval_negatives else None)
   progress = _Progress("write", kept_rows)
-  for b in range(num_buckets):
+  for b in range(scratch.num_buckets):
     rows = scratch.read(b)
     if rows is None:
       continue
-    keep = kept_user[rows["user"]]
+    keep = vocab.kept_user[rows["user"]]
     rows = {k: v[keep] for k, v in rows.items()}
-    users, items, ratings = user_index[rows["user"]], item_index[rows["item"]], rows["rating"]
-    if config.split == "random":
-      held_out = _uniform(rows["user"], rows["item"], config.seed + 3) < config.eval_fraction
-    elif config.split == "temporal":
-      held_out = rows["ts"] >= cutoff
-    else:
-      held_out = (has_eval_item[rows["user"]]
-                  & (stats.best_item[rows["user"]] == rows["item"]))
-      eval_user_item.append(np.stack([users[held_out], items[held_out]], axis=1))
+    held_out = splitter.held_out(rows)
+    users, items = vocab.user_index[rows["user"]], vocab.item_index[rows["item"]]
     rng = np.random.default_rng([config.seed, 4, b])
     for split, mask in ((schema.TRAIN, ~held_out), (schema.EVAL, held_out)):
       idx = rng.permutation(np.flatnonzero(mask))
-      writers[split].add(users[idx], items[idx], ratings[idx])
+      writers[split].add(users[idx], items[idx], rows["rating"][idx])
     np.save(os.path.join(scratch.directory, f"train-pairs-{b}.npy"),
             np.stack([users[~held_out], items[~held_out]]).astype(np.int32))
-    train_user_count += np.bincount(users[~held_out], minlength=num_users)
-    eval_user_seen[users[held_out]] = True
-    eval_item_seen[items[held_out]] = True
-    train_rating_sum += float(ratings[~held_out].sum(dtype=np.float64))
-    values, counts = np.unique(ratings, return_counts=True)
-    for v, c in zip(values.tolist(), counts.tolist()):
-      histogram[v] = histogram.get(v, 0) + c
-    if len(ratings):
-      rating_min, rating_max = min(rating_min, ratings.min()), max(rating_max, ratings.max())
+    _tally(out, users, items, rows["rating"], held_out)
     progress.add(len(users))
     # Release this bucket before the next one is read: peak memory is one bucket, not two.
-    rows = keep = users = items = ratings = held_out = idx = mask = None
+    rows = keep = users = items = held_out = idx = mask = None
   for w in writers.values():
     w.close()
-  num_train, num_eval = writers[schema.TRAIN].rows, writers[schema.EVAL].rows
-  if num_train == 0 or num_eval == 0:
-    raise ValueError(f"--split={config.split} leaves {num_train} training and {num_eval} "
-                     f"evaluation rows of {kept_rows}; both need at least one"
-                     + (f" (--temporal_cutoff={cutoff})" if config.split == "temporal" else ""))
+  out.num_train, out.num_eval = writers[schema.TRAIN].rows, writers[schema.EVAL].rows
+  out.shard_names = [os.path.basename(p) for w in writers.values() for p in w.paths]
+  out.train_shard_rows = list(writers[schema.TRAIN].shard_rows)
+  return out
 
-  indptr, indices = _train_positives(scratch, num_buckets, train_user_count, num_items)
-  train_items = np.bincount(indices, minlength=num_items)
-  names = [schema.USER_VOCAB_FILE, schema.ITEM_VOCAB_FILE, TRAIN_POSITIVES_FILE]
-  names += [os.path.basename(p) for w in writers.values() for p in w.paths]
-  _write_npz(fileio.join(tmp_dir, TRAIN_POSITIVES_FILE), scratch_dir, indptr=indptr,
-             indices=indices)
-  fileio.write_lines(fileio.join(tmp_dir, schema.USER_VOCAB_FILE),
-                     raw_users[user_order].tolist())
-  fileio.write_lines(fileio.join(tmp_dir, schema.ITEM_VOCAB_FILE),
-                     raw_items[item_order].tolist())
 
-  eval_rows_for_users = None
-  if config.split == "leave_one_out":
-    eval_rows_for_users = np.concatenate(eval_user_item)
-    eval_rows_for_users = eval_rows_for_users[np.argsort(eval_rows_for_users[:, 0])]
+def _tally(out: _Written, users: np.ndarray, items: np.ndarray, ratings: np.ndarray,
+           held_out: np.ndarray) -> None:
+  """Adds one bucket's rows to the write pass's counts, masks and rating statistics."""
+  train = ~held_out
+  out.train_user_count += np.bincount(users[train], minlength=len(out.train_user_count))
+  out.train_item_count += np.bincount(items[train], minlength=len(out.train_item_count))
+  out.eval_user_seen[users[held_out]] = True
+  out.eval_item_seen[items[held_out]] = True
+  if out.eval_pairs is not None:
+    out.eval_pairs.append(np.stack([users[held_out], items[held_out]], axis=1))
+  out.train_rating_sum += float(ratings[train].sum(dtype=np.float64))
+  values, counts = np.unique(ratings, return_counts=True)
+  for v, c in zip(values.tolist(), counts.tolist()):
+    out.histogram[v] = out.histogram.get(v, 0) + c
+  if len(ratings):
+    out.rating_min = min(out.rating_min, float(ratings.min()))
+    out.rating_max = max(out.rating_max, float(ratings.max()))
+
+
+def _write_side_files(scratch: _Scratch, config: PrepareConfig, vocab: _Vocabulary,
+                      written: _Written, tmp_dir: str) -> List[str]:
+  """The vocabularies, the training positives and (with --eval_negatives) the sampled eval
+  negatives; returns their file names."""
+  indptr, indices = _train_positives(scratch, scratch.num_buckets, written.train_user_count,
+                                     vocab.num_items)
+  _write_npz(fileio.join(tmp_dir, schema.TRAIN_POSITIVES_FILE), scratch.directory,
+             indptr=indptr, indices=indices)
+  fileio.write_lines(fileio.join(tmp_dir, schema.USER_VOCAB_FILE), vocab.raw_users.tolist())
+  fileio.write_lines(fileio.join(tmp_dir, schema.ITEM_VOCAB_FILE), vocab.raw_items.tolist())
+  names = [schema.USER_VOCAB_FILE, schema.ITEM_VOCAB_FILE, schema.TRAIN_POSITIVES_FILE]
   if config.eval_negatives:
-    negatives = _sample_negatives(indptr, indices, eval_rows_for_users[:, 0],
-                                  eval_rows_for_users[:, 1], num_items, config.eval_negatives,
-                                  config.seed, raw_users[user_order])
-    _write_npz(fileio.join(tmp_dir, EVAL_NEGATIVES_FILE), scratch_dir,
-               users=eval_rows_for_users[:, 0], positives=eval_rows_for_users[:, 1],
-               negatives=negatives)
-    names.append(EVAL_NEGATIVES_FILE)
-  eval_users_unseen = int(np.sum(eval_user_seen & (np.diff(indptr) == 0)))
-  eval_items_unseen = int(np.sum(eval_item_seen & (train_items == 0)))
+    pairs = np.concatenate(written.eval_pairs)
+    pairs = pairs[np.argsort(pairs[:, 0], kind="stable")]
+    negatives = _sample_negatives(indptr, indices, pairs[:, 0], pairs[:, 1], vocab.num_items,
+                                  config.eval_negatives, config.seed, vocab.raw_users)
+    _write_npz(fileio.join(tmp_dir, schema.EVAL_NEGATIVES_FILE), scratch.directory,
+               users=pairs[:, 0], positives=pairs[:, 1], negatives=negatives)
+    names.append(schema.EVAL_NEGATIVES_FILE)
+  return names
 
-  metadata = schema.Metadata(
-      num_users=num_users, num_items=num_items, num_train=num_train, num_eval=num_eval,
-      rating_min=float(rating_min), rating_max=float(rating_max),
-      train_rating_mean=train_rating_sum / num_train, num_shards=num_shards,
-      source=config.source, split=config.split,
-      eval_fraction=config.eval_fraction if config.split == "random" or (
-          config.split == "temporal" and config.temporal_cutoff is None) else 0.0,
+
+def _metadata(config: PrepareConfig, source: sources.Source, splitter: splits.Splitter,
+              vocab: _Vocabulary, stats: _Stats, written: _Written,
+              total: int) -> schema.Metadata:
+  """The metadata of the prepared directory (written last, marking it complete)."""
+  bad = source.bad
+  return schema.Metadata(
+      num_users=vocab.num_users, num_items=vocab.num_items, num_train=written.num_train,
+      num_eval=written.num_eval, rating_min=float(written.rating_min),
+      rating_max=float(written.rating_max),
+      train_rating_mean=written.train_rating_sum / written.num_train,
+      num_shards=len(written.train_shard_rows), source=config.source, split=config.split,
       seed=config.seed, inputs=list(source.files),
-      eval_users_unseen_in_train=eval_users_unseen,
-      eval_items_unseen_in_train=eval_items_unseen,
-      implicit=not source.has_ratings, temporal_cutoff=cutoff,
-      min_user_interactions=config.min_user_interactions,
+      eval_users_unseen_in_train=int(np.sum(written.eval_user_seen
+                                            & (written.train_user_count == 0))),
+      eval_items_unseen_in_train=int(np.sum(written.eval_item_seen
+                                            & (written.train_item_count == 0))),
+      implicit=not source.has_ratings, min_user_interactions=config.min_user_interactions,
       eval_negatives=config.eval_negatives, duplicates_policy=config.duplicates,
       duplicates_merged=stats.duplicates, rows_read=total,
       bad_rows_skipped=bad.count if bad is not None else 0,
-      users_filtered=int((~kept_user & (stats.user_count > 0)).sum()),
-      density=(num_train + num_eval) / float(num_users * num_items),
-      rating_histogram=_histogram(histogram), input_fingerprint=source.fingerprint(),
-      train_shard_examples=list(writers[schema.TRAIN].shard_rows))
-  fileio.write_text_atomic(fileio.join(tmp_dir, schema.METADATA_FILE), metadata.to_json())
-  _publish(tmp_dir, config.output_dir, names)
-  elapsed = time.time() - started
-  logging.info("Prepared %d train and %d eval rows (%d users, %d items, split %s) in %s in "
-               "%.1fs (%.0f rows/s)", num_train, num_eval, num_users, num_items, config.split,
-               config.output_dir, elapsed, total / max(elapsed, 1e-9))
-  return metadata
+      users_filtered=int((~vocab.kept_user & (stats.user_count > 0)).sum()),
+      density=(written.num_train + written.num_eval) / float(vocab.num_users * vocab.num_items),
+      rating_histogram=_histogram(written.histogram), input_fingerprint=source.fingerprint(),
+      train_shard_examples=written.train_shard_rows, **splitter.metadata_fields())
 
 
 def _train_positives(scratch: _Scratch, num_buckets: int, user_count: np.ndarray,
@@ -700,7 +710,8 @@ def _train_positives(scratch: _Scratch, num_buckets: int, user_count: np.ndarray
 
 
 _OUTPUT_PATTERNS = [schema.shard_pattern(s) for s in schema.SPLITS] + [
-    TRAIN_POSITIVES_FILE, EVAL_NEGATIVES_FILE, schema.USER_VOCAB_FILE, schema.ITEM_VOCAB_FILE]
+    schema.TRAIN_POSITIVES_FILE, schema.EVAL_NEGATIVES_FILE, schema.USER_VOCAB_FILE,
+    schema.ITEM_VOCAB_FILE]
 
 
 def _publish(tmp_dir: str, output_dir: str, names: Sequence[str]) -> None:
@@ -715,15 +726,3 @@ def _publish(tmp_dir: str, output_dir: str, names: Sequence[str]) -> None:
     tf.io.gfile.rename(fileio.join(tmp_dir, name), fileio.join(output_dir, name), overwrite=True)
   tf.io.gfile.rename(fileio.join(tmp_dir, schema.METADATA_FILE), metadata_path, overwrite=True)
   tf.io.gfile.rmtree(tmp_dir)
-
-
-def load_metadata(data_dir: str) -> schema.Metadata:
-  """Reads a prepared directory's metadata; the error names --data_dir when it is not one."""
-  path = fileio.join(data_dir, schema.METADATA_FILE)
-  if not tf.io.gfile.exists(path):
-    raise ConfigError(f"--data_dir={data_dir!r} is not a prepared data directory: {path} is "
-                      "missing (run neumf-prepare first, or it was interrupted)")
-  try:
-    return schema.Metadata.from_json(fileio.read_text(path), where=path)
-  except ValueError as e:
-    raise ConfigError(f"--data_dir={data_dir!r}: {e}") from e

@@ -52,6 +52,13 @@ class BadRows:
       self.examples.append(message)
 
 
+def reject(bad: Optional[BadRows], message: str) -> None:
+  """A bad row: raises ValueError(message), or under --skip_bad_rows (`bad` set) counts it."""
+  if bad is None:
+    raise ValueError(message)
+  bad.add(message)
+
+
 class Source:
   """A log to read: `chunks()` yields it; `files` names where rows come from."""
 
@@ -59,6 +66,8 @@ class Source:
   id_format: Optional[Sequence[str]] = None  # (user, item) formats of int codes, e.g. "u{}"
   has_ratings: bool = True
   has_timestamps: bool = True
+  # Rows skipped under --skip_bad_rows (None: the first bad row is an error).
+  bad: Optional[BadRows] = None
 
   def chunks(self) -> Iterator[Chunk]:
     raise NotImplementedError
@@ -82,12 +91,11 @@ def _to_float(values: Sequence[str], where: Callable[[int], str], rows: Sequence
   for k, v in enumerate(values):
     try:
       out[k] = float(v)
+      continue
     except ValueError:
-      message = f"{where(k)}: {what} {v!r} is not a number: {rows[k]!r}"
-      if bad is None:
-        raise ValueError(message) from None
-      bad.add(message)
-      out[k] = np.nan
+      pass
+    reject(bad, f"{where(k)}: {what} {v!r} is not a number: {rows[k]!r}")
+    out[k] = np.nan
   return out
 
 
@@ -102,13 +110,12 @@ def _to_int(values: Sequence[str], where: Callable[[int], str], rows: Sequence[s
   for k, v in enumerate(values):
     try:
       out[k] = int(v)
+      continue
     except (ValueError, OverflowError):
-      message = f"{where(k)}: {what} {v!r} is not an integer: {rows[k]!r}"
-      if bad is None:
-        raise ValueError(message) from None
-      bad.add(message)
-      valid[k] = False
-      out[k] = 0
+      pass
+    reject(bad, f"{where(k)}: {what} {v!r} is not an integer: {rows[k]!r}")
+    valid[k] = False
+    out[k] = 0
   out[~valid] = np.iinfo(np.int64).min  # marks the row bad for the caller
   return out
 
@@ -236,11 +243,8 @@ class DelimitedSource(Source):
     good = np.ones(len(rows), bool)
     for k, row in enumerate(rows):
       if len(row) < width or (len(self.delimiter) > 1 and len(row) != width):
-        message = (f"{where(k)}: expected {width} fields of {self.description}, got "
-                   f"{len(row)}: {lines[k]!r}")
-        if self.bad is None:
-          raise ValueError(message)
-        self.bad.add(message)
+        reject(self.bad, f"{where(k)}: expected {width} fields of {self.description}, got "
+               f"{len(row)}: {lines[k]!r}")
         good[k] = False
     if not good.all():
       rows = [r for r, g in zip(rows, good) if g]
@@ -253,10 +257,7 @@ class DelimitedSource(Source):
     items = np.array([r[pi].strip() for r in rows])
     valid = (np.char.str_len(users) > 0) & (np.char.str_len(items) > 0)
     for k in np.flatnonzero(~valid):
-      message = f"{where(k)}: empty user or item ID: {lines[k]!r}"
-      if self.bad is None:
-        raise ValueError(message)
-      self.bad.add(message)
+      reject(self.bad, f"{where(k)}: empty user or item ID: {lines[k]!r}")
     if pr is None:
       ratings = np.ones(len(rows), np.float64)
     else:
@@ -265,11 +266,8 @@ class DelimitedSource(Source):
       low, high = self.rating_range or (-np.inf, np.inf)
       in_range = finite & (ratings >= low) & (ratings <= high)
       for k in np.flatnonzero(finite & ~in_range & valid):
-        message = (f"{where(k)}: rating {rows[k][pr].strip()} is outside the range "
-                   f"[{low}, {high}]: {lines[k]!r}")
-        if self.bad is None:
-          raise ValueError(message)
-        self.bad.add(message)
+        reject(self.bad, f"{where(k)}: rating {rows[k][pr].strip()} is outside the range "
+               f"[{low}, {high}]: {lines[k]!r}")
       valid &= in_range
     timestamps = None
     if pt is not None:

@@ -1,0 +1,107 @@
+"""Reading a prepared data directory: the consumer's side of the data contract.
+
+Preparation (`trainer.data.preparation`) writes the directory; training, evaluation, export and
+the benchmarks read it only through this module, with the file names and the metadata of
+`trainer.schema`. Every path may be `gs://`.
+"""
+
+import functools
+import io
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import tensorflow as tf
+
+from trainer import fileio, schema
+from trainer.config import ConfigError
+from trainer.data import pipeline
+
+
+def load_metadata(data_dir: str) -> schema.Metadata:
+  """Reads a prepared directory's metadata; the error names --data_dir when it is not one.
+
+  Raises:
+    ConfigError: metadata.json is missing, malformed or of another schema version.
+  """
+  path = fileio.join(data_dir, schema.METADATA_FILE)
+  if not tf.io.gfile.exists(path):
+    raise ConfigError(f"--data_dir={data_dir!r} is not a prepared data directory: {path} is "
+                      "missing (run neumf-prepare first, or it was interrupted)")
+  try:
+    return schema.Metadata.from_json(fileio.read_text(path), where=path)
+  except ValueError as e:
+    raise ConfigError(f"--data_dir={data_dir!r}: {e}") from e
+
+
+def load_npz(path: str) -> Dict[str, np.ndarray]:
+  """Reads an `.npz` written by preparation, local or `gs://`."""
+  with tf.io.gfile.GFile(path, "rb") as f:
+    with np.load(io.BytesIO(f.read())) as z:
+      return {k: z[k] for k in z.files}
+
+
+def pair_keys(positives: Dict[str, np.ndarray], num_items: int) -> np.ndarray:
+  """u * num_items + i of every training pair, from the train_positives CSR: sorted (CSR
+  order), as `pipeline.negative_sampler` takes them."""
+  indptr = positives["indptr"]
+  owners = np.repeat(np.arange(len(indptr) - 1, dtype=np.int64), np.diff(indptr))
+  return owners * num_items + positives["indices"]
+
+
+class PreparedData:
+  """A prepared data directory, read lazily: what training, evaluation and export need.
+
+  Args:
+    data_dir: the directory (local or gs://), the output of neumf-prepare.
+
+  Raises:
+    ConfigError: the directory is not a complete prepared data directory.
+  """
+
+  def __init__(self, data_dir: str):
+    self.data_dir = data_dir
+    self.metadata = load_metadata(data_dir)
+
+  def path(self, name: str) -> str:
+    return fileio.join(self.data_dir, name)
+
+  @property
+  def train_pattern(self) -> str:
+    return self.path(schema.shard_pattern(schema.TRAIN))
+
+  @property
+  def eval_pattern(self) -> str:
+    return self.path(schema.shard_pattern(schema.EVAL))
+
+  def check_shards(self) -> None:
+    """Fails now, not in the middle of tracing, when a split has no shards."""
+    for pattern in (self.train_pattern, self.eval_pattern):
+      try:
+        pipeline.list_shards(pattern)
+      except ValueError as e:
+        raise ConfigError(f"--data_dir={self.data_dir!r}: {e}") from e
+
+  @functools.cached_property
+  def train_positives(self) -> Dict[str, np.ndarray]:
+    """Each user's training items: `indptr` [users + 1], `indices` [training rows]."""
+    return load_npz(self.path(schema.TRAIN_POSITIVES_FILE))
+
+  @functools.cached_property
+  def eval_negatives(self) -> Optional[Dict[str, np.ndarray]]:
+    """`users`, `positives`, `negatives` of the sampled protocol, or None when not prepared."""
+    path = self.path(schema.EVAL_NEGATIVES_FILE)
+    return load_npz(path) if tf.io.gfile.exists(path) else None
+
+  def vocabularies(self) -> Tuple[List[str], List[str]]:
+    """The raw user and item IDs, line n being dense index n.
+
+    Raises:
+      ValueError: their sizes disagree with the metadata.
+    """
+    users = fileio.read_lines(self.path(schema.USER_VOCAB_FILE))
+    items = fileio.read_lines(self.path(schema.ITEM_VOCAB_FILE))
+    if len(users) != self.metadata.num_users or len(items) != self.metadata.num_items:
+      raise ValueError(f"--data_dir={self.data_dir}: vocabularies hold {len(users)} users and "
+                       f"{len(items)} items but the metadata says {self.metadata.num_users} "
+                       f"and {self.metadata.num_items}")
+    return users, items

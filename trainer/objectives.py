@@ -1,0 +1,292 @@
+"""Objectives: what one kind of feedback trains toward, how it is judged, and what is served.
+
+The idea of TensorFlow Recommenders' `Task` and Model Garden's ranking task: everything that
+differs between kinds of feedback lives in one small class, so that training and export ask
+the objective instead of branching on `--task`, and a new kind of feedback is one new class.
+An objective owns the label and the loss, whether batches carry sampled negatives, the
+evaluators with the metrics they report, the primary metric and its direction, the
+`metrics.json` fields, and what the SavedModel serves. With s = s(u, i) the model's score:
+
+  explicit      L = (r - s)^2 on observed ratings r; eval RMSE, MAE (lower is better);
+                serves rating = clip(s, rating range)
+  implicit      L = -y log sigmoid(s) - (1 - y) log(1 - sigmoid(s)), y = 1 for an observed
+                pair and 0 for each of k sampled negatives (He et al. 2017); eval HR@K, NDCG@K
+                (higher is better); serves score = sigmoid(s), a probability
+  implicit_bpr  L = -log sigmoid(s(u, i) - s(u, j)) for each observed (u, i) and each of its k
+                sampled negatives j (BPR: Rendle et al. 2009, with k negatives per positive):
+                a pairwise loss, which cares only that positives outrank negatives; eval as
+                implicit; serves score = s, a ranking score (not a probability)
+
+Every objective adds the model's L2 penalty on the batch's embedding rows (per example).
+
+Loss scaling: a replica's loss is its sum divided by the *global* count (examples, or pairs for
+BPR), and the optimizer sums gradients across replicas, so N replicas take the same step as one
+device on the same global batch.
+"""
+
+import math
+from typing import Callable, Dict, Optional, Tuple
+
+import keras
+import tensorflow as tf
+
+from trainer import config as config_lib
+from trainer import metrics, schema
+from trainer.config import ConfigError, TrainConfig
+from trainer.data import artifacts, pipeline
+
+# An evaluator: runs over the eval data and returns flat metrics ({"rmse": ..., "count": ...}).
+Evaluator = Callable[[], Dict[str, float]]
+
+
+class Objective:
+  """The base: one kind of feedback. Subclasses set the class attributes and the loss."""
+
+  name: str = ""
+  metrics: Tuple[str, ...] = ()  # the metrics evaluation reports; --target_metric picks one
+  lower_is_better: Tuple[str, ...] = ()
+  samples_negatives: bool = False  # batches hold each positive followed by k negatives
+
+  def __init__(self, config: TrainConfig):
+    self.config = config
+
+  # ------------------------------------------------------------------ configuration and data
+
+  @property
+  def examples_per_positive(self) -> int:
+    """Examples a batch holds per observed interaction (1, or 1 + --num_negatives)."""
+    return 1 + self.config.num_negatives if self.samples_negatives else 1
+
+  def check_config(self) -> None:
+    """The cross-field rules that depend on the kind of feedback.
+
+    Raises:
+      ConfigError: naming the flags and their values.
+    """
+    config = self.config
+    if config.target_metric is not None and config.target_metric not in self.metrics:
+      raise ConfigError(f"--target_metric={config.target_metric} is not reported by "
+                        f"--task={self.name} (it reports {', '.join(self.metrics)})")
+
+  def check_replicas(self, num_replicas: int) -> None:
+    """The global batch must split evenly into replicas of whole positive groups."""
+    unit = num_replicas * self.examples_per_positive
+    if self.config.batch_size % unit:
+      raise ConfigError(f"--batch_size={self.config.batch_size} is not divisible by the "
+                        f"{num_replicas} replicas"
+                        + (" x (1 + --num_negatives)" if self.samples_negatives else ""))
+
+  def check_data(self, data: artifacts.PreparedData) -> None:
+    """Raises ConfigError when the prepared data cannot train this objective."""
+
+  def output_bias(self, metadata: schema.Metadata) -> float:
+    """Where the model's output bias starts."""
+    return 0.0
+
+  def negative_sampler(self, data: artifacts.PreparedData) -> Optional[Callable]:
+    """`add(step, batch)` for the input pipeline, or None when batches hold no negatives."""
+    if not self.samples_negatives:
+      return None
+    metadata = data.metadata
+    keys = (artifacts.pair_keys(data.train_positives, metadata.num_items)
+            if self.config.exclude_positives else None)
+    return pipeline.negative_sampler(metadata.num_items, self.config.num_negatives,
+                                     self.config.seed, keys)
+
+  # ------------------------------------------------------------------ training
+
+  def loss(self, batch: Dict[str, tf.Tensor], scores: tf.Tensor, penalty: tf.Tensor,
+           global_batch_size: int) -> tf.Tensor:
+    """This replica's share of the global mean loss.
+
+    Args:
+      batch: the replica's batch (labels included).
+      scores: the model's float32 scores, [b].
+      penalty: the L2 penalty per example, float32 [b].
+      global_batch_size: examples per step across replicas.
+    """
+    return tf.nn.compute_average_loss(self.per_example_loss(batch, scores) + penalty,
+                                      global_batch_size=global_batch_size)
+
+  def per_example_loss(self, batch: Dict[str, tf.Tensor], scores: tf.Tensor) -> tf.Tensor:
+    raise NotImplementedError
+
+  # ------------------------------------------------------------------ evaluation
+
+  def evaluators(self, model: keras.Model, strategy: tf.distribute.Strategy,
+                 data: artifacts.PreparedData) -> Dict[str, Evaluator]:
+    """{protocol: evaluator}: what evaluation runs each epoch."""
+    raise NotImplementedError
+
+  def primary_metric(self, evaluators: Dict[str, Evaluator]) -> str:
+    """The metric that picks the best checkpoint and stops early: --target_metric, else the
+    objective's default.
+
+    Raises:
+      ConfigError: --target_metric needs a protocol the data does not support.
+    """
+    return self.config.target_metric or self.metrics[0]
+
+  def better(self, metric: str, value: float, best: float) -> bool:
+    """Whether `value` improves on `best` (NaN: nothing yet)."""
+    if math.isnan(best):
+      return True
+    return value < best if metric in self.lower_is_better else value > best
+
+  def reached(self, metric: str, value: float, target: float) -> bool:
+    """Whether `value` is at least as good as `target`."""
+    return value <= target if metric in self.lower_is_better else value >= target
+
+  def result_fields(self, eval_metrics: Dict[str, float]) -> Dict[str, object]:
+    """The final evaluation's fields of metrics.json."""
+    return {f"eval_{name}": value for name, value in eval_metrics.items()}
+
+  # ------------------------------------------------------------------ serving
+
+  def serve(self, scores: tf.Tensor, metadata: schema.Metadata) -> Dict[str, tf.Tensor]:
+    """What the serving signature returns for float32 scores [b]."""
+    raise NotImplementedError
+
+
+class Explicit(Objective):
+  """Ratings: squared error; RMSE and MAE of the rating clipped to the data's range."""
+
+  name = "explicit"
+  metrics = config_lib.RATING_METRICS
+  lower_is_better = config_lib.RATING_METRICS
+
+  def check_data(self, data):
+    if data.metadata.implicit:
+      raise ConfigError(f"--data_dir={data.data_dir} holds implicit feedback (no ratings): "
+                        "train it with --task=implicit or --task=implicit_bpr")
+
+  def output_bias(self, metadata):
+    return metadata.train_rating_mean
+
+  def per_example_loss(self, batch, scores):
+    return tf.square(batch[schema.RATING] - scores)
+
+  def evaluators(self, model, strategy, data):
+    metadata, replicas = data.metadata, strategy.num_replicas_in_sync
+    evaluate = metrics.make_rating_evaluation(model, strategy, metadata.rating_min,
+                                              metadata.rating_max, metadata.train_rating_mean)
+    eval_data = strategy.distribute_datasets_from_function(
+        lambda ctx: pipeline.make_dataset(data.eval_pattern,
+                                          self.config.eval_batch_for(replicas), False, ctx))
+    return {"explicit": lambda: evaluate(eval_data)}
+
+  def result_fields(self, eval_metrics):
+    return {"eval_rmse": eval_metrics["rmse"], "eval_mae": eval_metrics["mae"],
+            "eval_examples": eval_metrics["count"],
+            "eval_rmse_global_mean_baseline": eval_metrics["baseline_rmse"]}
+
+  def serve(self, scores, metadata):
+    return {"rating": tf.clip_by_value(scores, metadata.rating_min, metadata.rating_max)}
+
+
+class Implicit(Objective):
+  """Observed interactions against sampled negatives: binary cross-entropy on the logit."""
+
+  name = "implicit"
+  metrics = config_lib.RANKING_METRICS
+  samples_negatives = True
+
+  def check_config(self):
+    super().check_config()
+    config = self.config
+    if config.num_negatives < 1:
+      raise ConfigError(f"--num_negatives={config.num_negatives}: --task={self.name} needs "
+                        "negatives")
+    if config.batch_size % self.examples_per_positive:
+      raise ConfigError(f"--batch_size={config.batch_size} is not divisible by 1 + "
+                        f"--num_negatives = {self.examples_per_positive} (a batch holds "
+                        "positives and their negatives)")
+
+  def per_example_loss(self, batch, scores):
+    return tf.nn.sigmoid_cross_entropy_with_logits(batch[schema.LABEL], scores)
+
+  def evaluators(self, model, strategy, data):
+    config, metadata = self.config, data.metadata
+    replicas = strategy.num_replicas_in_sync
+    positives = data.train_positives
+    protocols = metrics.make_ranking_evaluation(model, strategy, config.top_k,
+                                                metadata.num_items, positives["indptr"],
+                                                positives["indices"])
+    out = {}
+    sampled = data.eval_negatives
+    if sampled is not None:
+      sampled_data = strategy.distribute_datasets_from_function(
+          lambda ctx: metrics.sampled_dataset(sampled["users"], sampled["positives"],
+                                              sampled["negatives"],
+                                              config.eval_batch_for(replicas), ctx))
+      out[metrics.SAMPLED] = _named(protocols[metrics.SAMPLED], sampled_data, metrics.SAMPLED)
+    full_batch = metrics.full_batch_size(metadata.num_items, replicas)
+    full_data = strategy.distribute_datasets_from_function(
+        lambda ctx: pipeline.make_dataset(data.eval_pattern, full_batch, False, ctx))
+    out[metrics.FULL] = _named(protocols[metrics.FULL], full_data, metrics.FULL)
+    return out
+
+  def primary_metric(self, evaluators):
+    if self.config.target_metric:
+      protocol = metrics.protocol_of(self.config.target_metric)
+      if protocol not in evaluators:
+        raise ConfigError(f"--target_metric={self.config.target_metric} needs eval negatives: "
+                          "prepare with --split=leave_one_out --eval_negatives=N")
+      return self.config.target_metric
+    return "hr_sampled" if metrics.SAMPLED in evaluators else "hr_full"
+
+  def result_fields(self, eval_metrics):
+    return {"top_k": self.config.top_k, **super().result_fields(eval_metrics)}
+
+  def serve(self, scores, metadata):
+    return {"score": tf.sigmoid(scores)}
+
+
+class ImplicitBPR(Implicit):
+  """Observed interactions ranked above their sampled negatives: the pairwise logistic loss.
+
+  The batch layout is the input pipeline's (`pipeline.negative_sampler`): each positive
+  followed by its k negatives, so a replica's scores reshape to [positives, 1 + k].
+  """
+
+  name = "implicit_bpr"
+
+  def loss(self, batch, scores, penalty, global_batch_size):
+    k = self.config.num_negatives
+    grouped = tf.reshape(scores, [-1, k + 1])  # [p, 1 + k]: the positive, then its negatives
+    margins = grouped[:, :1] - grouped[:, 1:]  # [p, k]
+    global_pairs = global_batch_size // (k + 1) * k
+    pairwise = tf.reduce_sum(tf.nn.softplus(-margins)) / global_pairs  # -log sigmoid(margin)
+    return pairwise + tf.reduce_sum(penalty) / global_batch_size
+
+  def serve(self, scores, metadata):
+    return {"score": scores}
+
+
+def _named(evaluate: Callable, dataset, protocol: str) -> Evaluator:
+  """A ranking protocol's evaluator with its metrics named by protocol (hr_full, ...)."""
+
+  def run() -> Dict[str, float]:
+    return {f"{name}_{protocol}": value for name, value in evaluate(dataset).items()}
+
+  return run
+
+
+_OBJECTIVES = {cls.name: cls for cls in (Explicit, Implicit, ImplicitBPR)}
+if set(_OBJECTIVES) != set(config_lib.TASKS):  # the enumeration lives in config, for the flags
+  raise ImportError(f"objectives {sorted(_OBJECTIVES)} do not match --task's values "
+                    f"{sorted(config_lib.TASKS)}")
+
+
+def for_config(config: TrainConfig) -> Objective:
+  """The objective of `config.task`.
+
+  Raises:
+    ConfigError: naming --task when it is unknown.
+  """
+  try:
+    return _OBJECTIVES[config.task](config)
+  except KeyError:
+    raise ConfigError(f"--task={config.task!r} is not one of "
+                      f"{', '.join(config_lib.TASKS)}") from None
+
