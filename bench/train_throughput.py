@@ -2,8 +2,12 @@
 
   python bench/train_throughput.py                       # the default grid
   python bench/train_throughput.py --models seed_mlp --batch_sizes 8192 --devices 1
+  python bench/train_throughput.py --features none all   # IDs only, then with side features
 
-Prepares synthetic data once (100K users, 20K items, 2M ratings), then runs each configuration
+Prepares synthetic data once (100K users, 20K items, 2M ratings, with side features: items a
+category of 50, 1-3 tags of 200 and a numeric price; users a country of 30 and an age in 8
+quantile buckets), then runs each configuration (`--features none`: IDs only; `all`: every
+side feature added to every representation)
 in a fresh process (logical CPU devices are fixed at start-up): the real input pipeline and the
 real training loop of `trainer.train`, timed after warm-up over several windows of ~1M
 examples (`--windows`): prints the median examples/s, the lowest and highest window, and the
@@ -64,7 +68,7 @@ def measure_matmul() -> float:
 
 
 def measure_training(data_dir: str, name: str, batch: int, devices: int, flags: dict,
-                     windows: int) -> dict:
+                     windows: int, features: str = "none") -> dict:
   """Examples/s of `windows` timed windows of ~1M examples: the trainer's input pipeline and
   training loop (`EpochRunner`'s parts), lazy Adam, after 20 warm-up steps."""
   import time
@@ -79,6 +83,7 @@ def measure_training(data_dir: str, name: str, batch: int, devices: int, flags: 
   from trainer.config import TrainConfig
   from trainer.data import artifacts, pipeline
   fields = {k: tuple(v) if k == "layers" else v for k, v in flags.items()}
+  fields["features"] = features
   probe = TrainConfig(data_dir=data_dir, model_dir="unused", model=name, **fields)
   unit = devices * probe.examples_per_positive
   batch -= batch % unit  # divisible by the replicas and by 1 + negatives
@@ -88,7 +93,7 @@ def measure_training(data_dir: str, name: str, batch: int, devices: int, flags: 
   data = artifacts.PreparedData(data_dir)
   strategy = distribute.get_strategy("auto", devices)
   with strategy.scope():
-    model = train.build_model(config, data.metadata)
+    model = train.build_model(config, data)
     optimizer = optimizers.make_optimizer("lazy_adam", 1e-3)
     optimizer.build(model.trainable_variables)
   add_negatives = objective.negative_sampler(data)  # excludes positives, as the trainer does
@@ -134,9 +139,30 @@ def _child(args) -> None:
   if args[0] == "matmul":
     print(json.dumps(measure_matmul()))
     return
-  data_dir, name, batch, devices, flags, windows = args[1:]
+  data_dir, name, batch, devices, flags, windows, features = args[1:]
   print(json.dumps(measure_training(data_dir, name, int(batch), int(devices),
-                                    json.loads(flags), int(windows))))
+                                    json.loads(flags), int(windows), features)))
+
+
+def write_synthetic_features(directory: str, num_users: int, num_items: int) -> list:
+  """Feature files for the synthetic IDs (u<n>, i<n>); returns neumf-prepare's flags."""
+  import numpy as np
+  rng = np.random.default_rng(0)
+  items = os.path.join(directory, "items.csv")
+  with open(items, "w") as f:
+    f.write("item,category,tags,price\n")
+    for n in range(num_items):
+      tags = "|".join(str(t) for t in rng.choice(200, rng.integers(1, 4), replace=False))
+      f.write(f"i{n},c{n % 50},{tags},{rng.lognormal(2.0, 1.0):.2f}\n")
+  users = os.path.join(directory, "users.csv")
+  with open(users, "w") as f:
+    f.write("user,country,age\n")
+    for n in range(num_users):
+      f.write(f"u{n},k{rng.integers(30)},{rng.integers(16, 80)}\n")
+  return [f"--item_features={items}", "--item_id_column=item",
+          "--item_feature_columns=category:categorical,tags:multi_hot:|,price:numeric",
+          f"--user_features={users}", "--user_id_column=user",
+          "--user_feature_columns=country:categorical,age:bucketized:8"]
 
 
 def main():
@@ -146,6 +172,7 @@ def main():
                       choices=sorted(MODEL_FLAGS))
   parser.add_argument("--batch_sizes", nargs="+", type=int, default=[8192, 65536])
   parser.add_argument("--devices", nargs="+", type=int, default=[1, 2])
+  parser.add_argument("--features", nargs="+", default=["none", "all"], choices=["none", "all"])
   parser.add_argument("--windows", type=int, default=5,
                       help="timed windows of ~1M examples each; the median is reported (this "
                       "machine's speed varies by ~20%% from minute to minute)")
@@ -155,32 +182,37 @@ def main():
   matmul_flops = _run_child(["matmul"], root, env, "measuring the matmul rate")
   print(f"{cpu_name()}, {os.cpu_count()} CPUs; fp32 matmul (TensorFlow, 2048 x 2048): "
         f"{matmul_flops / 1e9:,.0f} GFLOP/s", flush=True)
-  rows = []
   with tempfile.TemporaryDirectory() as data_dir:
-    prepare = [sys.executable, "-m", "trainer.prepare", f"--output_dir={data_dir}",
+    prepare = [sys.executable, "-m", "trainer.prepare", f"--output_dir={data_dir}/data",
                "--num_users=100000", "--num_items=20000", "--num_ratings=2000000",
-               "--num_shards=8", "--eval_fraction=0.05"]
+               "--num_shards=8", "--eval_fraction=0.05",
+               *write_synthetic_features(data_dir, 100_000, 20_000)]
     subprocess.run(prepare, cwd=root, env=env, check=True, capture_output=True)
-    for name in args.models:
-      for batch in args.batch_sizes:
-        for devices in args.devices:
-          flags = json.dumps(MODEL_FLAGS[name])
-          result = _run_child(["train", data_dir, name, str(batch), str(devices), flags,
-                               str(args.windows)], root, env,
-                              f"{name} batch {batch} devices {devices}")
-          rates, batch_used = sorted(result["rates"]), result["batch"]
-          rate = statistics.median(rates)
-          roofline = matmul_flops / (3 * forward_flops(name))
-          rows.append((name, batch_used, devices, rate, rates[0], rates[-1], roofline))
-          print(f"{name:>9} batch {batch_used:>6} devices {devices}: {rate:>12,.0f} examples/s "
-                f"(median of {len(rates)} windows, {rates[0]:,.0f}-{rates[-1]:,.0f}; "
-                f"{rate / roofline:.1%} of {roofline:,.0f} FLOP roofline)", flush=True)
+    rows = [_measure(f"{data_dir}/data", name, batch, devices, features, args.windows,
+                     matmul_flops, root, env)
+            for name in args.models for batch in args.batch_sizes for devices in args.devices
+            for features in args.features]
   print()
-  print(f"{'model':>9} {'batch':>7} {'devices':>7} {'examples/s':>12} {'lowest':>10} "
-        f"{'highest':>10} {'of roofline':>11}")
-  for name, batch, devices, rate, low, high, roofline in rows:
-    print(f"{name:>9} {batch:>7} {devices:>7} {rate:>12,.0f} {low:>10,.0f} {high:>10,.0f} "
-          f"{rate / roofline:>11.1%}")
+  print(f"{'model':>9} {'batch':>7} {'devices':>7} {'features':>8} {'examples/s':>12} "
+        f"{'lowest':>10} {'highest':>10} {'of roofline':>11}")
+  for name, batch, devices, features, rate, low, high, roofline in rows:
+    print(f"{name:>9} {batch:>7} {devices:>7} {features:>8} {rate:>12,.0f} {low:>10,.0f} "
+          f"{high:>10,.0f} {rate / roofline:>11.1%}")
+
+
+def _measure(data_dir, name, batch, devices, features, windows, matmul_flops, root, env):
+  """One configuration in a fresh process; prints and returns its row."""
+  result = _run_child(["train", data_dir, name, str(batch), str(devices),
+                       json.dumps(MODEL_FLAGS[name]), str(windows), features], root, env,
+                      f"{name} batch {batch} devices {devices} features {features}")
+  rates, batch_used = sorted(result["rates"]), result["batch"]
+  rate = statistics.median(rates)
+  roofline = matmul_flops / (3 * forward_flops(name))  # ID-only dense layers: an upper bound
+  print(f"{name:>9} batch {batch_used:>6} devices {devices} features {features:>4}: "
+        f"{rate:>12,.0f} examples/s (median of {len(rates)} windows, "
+        f"{rates[0]:,.0f}-{rates[-1]:,.0f}; {rate / roofline:.1%} of {roofline:,.0f} FLOP "
+        "roofline)", flush=True)
+  return (name, batch_used, devices, features, rate, rates[0], rates[-1], roofline)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def trained(tiny_data_dir, tmp_path_factory, mirrored_strategy):
 
 def _restore(config, metadata):
   """The model that was exported and reported: the best epoch's."""
-  return train.load_trained_model(config.model_dir, metadata,
+  return train.load_trained_model(config.model_dir, artifacts.PreparedData(config.data_dir),
                                   os.path.join(config.resolved_checkpoint_dir, "best"))
 
 

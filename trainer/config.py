@@ -20,7 +20,7 @@ RATING_METRICS = ("rmse", "mae")  # explicit feedback
 RANKING_METRICS = ("hr_sampled", "ndcg_sampled", "hr_full", "ndcg_full")  # implicit feedback
 METRICS = RATING_METRICS + RANKING_METRICS
 SOURCES = ("synthetic", "movielens", "csv", "tfds")
-SPLITS = ("random", "leave_one_out", "temporal")
+SPLITS = ("random", "leave_one_out", "temporal", "cold_items")
 DUPLICATE_POLICIES = ("error", "keep_latest", "mean")
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker_mirrored")
 
@@ -58,6 +58,17 @@ class PrepareConfig:
   eval_negatives: int = 0  # leave_one_out: sampled non-interacted items per eval user
   duplicates: str = "error"
   skip_bad_rows: bool = False
+  # side features (trainer.data.features): a file per side, read by its MovieLens layout or,
+  # with --*_feature_columns, as a delimited file with an ID column and typed columns
+  user_features: Optional[str] = None
+  item_features: Optional[str] = None
+  user_id_column: Optional[str] = None
+  item_id_column: Optional[str] = None
+  user_feature_columns: Optional[str] = None  # name:kind[:argument],...
+  item_feature_columns: Optional[str] = None
+  features_delimiter: str = ","
+  features_header: bool = True
+  min_feature_count: int = 1  # rarer categorical values map to the out-of-vocabulary index
   # output
   num_shards: int = 4
   target_shard_mb: Optional[float] = None  # overrides num_shards when set
@@ -119,12 +130,39 @@ class PrepareConfig:
              f"--eval_negatives={self.eval_negatives} must not be negative")
     _require(self.eval_negatives == 0 or self.split == "leave_one_out",
              f"--eval_negatives={self.eval_negatives} needs --split=leave_one_out")
+    self._validate_features()
     _require(self.temporal_cutoff is None or self.split == "temporal",
              f"--temporal_cutoff={self.temporal_cutoff} needs --split=temporal")
-    if self.split in ("random", "temporal") and self.temporal_cutoff is None:
+    if self.split in ("random", "temporal", "cold_items") and self.temporal_cutoff is None:
       _require(0.0 < self.eval_fraction < 1.0,
                f"--eval_fraction={self.eval_fraction} must be strictly between 0 and 1")
     return self
+
+
+  def _validate_features(self) -> None:
+    _require(self.min_feature_count >= 1,
+             f"--min_feature_count={self.min_feature_count} must be at least 1")
+    _require(len(self.features_delimiter) == 1 or self.features_delimiter == "::",
+             f"--features_delimiter={self.features_delimiter!r} must be one character (or '::')")
+    for side in ("user", "item"):
+      path, columns = getattr(self, f"{side}_features"), getattr(self, f"{side}_feature_columns")
+      id_column = getattr(self, f"{side}_id_column")
+      if path is None:
+        _require(columns is None and id_column is None,
+                 f"--{side}_feature_columns/--{side}_id_column need --{side}_features")
+      elif columns is None:
+        _require(self.source == "movielens",
+                 f"--{side}_features={path}: declare its columns with --{side}_id_column and "
+                 f"--{side}_feature_columns (only MovieLens side files are read by layout)")
+        _require(id_column is None, f"--{side}_id_column={id_column} needs "
+                 f"--{side}_feature_columns")
+      else:
+        _require(bool(id_column), f"--{side}_feature_columns needs --{side}_id_column")
+
+  def feature_files(self):
+    """(side, path) of each side with a feature file."""
+    return [(side, getattr(self, f"{side}_features")) for side in ("user", "item")
+            if getattr(self, f"{side}_features")]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +191,7 @@ class TrainConfig:
   l2: float = 0.0
   num_negatives: int = 4
   exclude_positives: bool = True
+  features: str = "all"  # side features: all prepared ones, none, or name / side:name,...
   top_k: int = 10
   pretrained_gmf_dir: Optional[str] = None
   pretrained_mlp_dir: Optional[str] = None
@@ -217,6 +256,8 @@ class TrainConfig:
     _require(0.0 <= self.dropout < 1.0, f"--dropout={self.dropout} must be in [0, 1)")
     _require(self.l2 >= 0.0, f"--l2={self.l2} must not be negative")
     _require(0.0 <= self.alpha <= 1.0, f"--alpha={self.alpha} must be in [0, 1]")
+    _require(bool(self.features.strip()),
+             "--features must be all, none, or a comma-separated list of features")
     _require(bool(self.layers) and all(n >= 1 for n in self.layers),
              f"--layers={','.join(map(str, self.layers))} must be positive layer sizes")
     _require(not (self.strategy == "default" and self.num_cpu_devices > 1),

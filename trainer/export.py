@@ -26,11 +26,13 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import objectives, schema
+from trainer import feature_layers, objectives, schema
 from trainer.data import artifacts
 
 SERVING_DEFAULT = "serving_default"
 RECOMMEND = "recommend"
+SCORE_FEATURES = "score_features"
+RECOMMEND_FEATURES = "recommend_features"
 
 
 def _lookup_table(keys, name: str) -> tf.lookup.StaticHashTable:
@@ -56,9 +58,19 @@ def export_saved_model(model: keras.Model, export_dir: str, data: artifacts.Prep
   module = _serving_module(model, data)
   module.serve = _serve_function(module, model, data.metadata, objective)
   module.recommend = _recommend_function(module, model, data.metadata)
-  tf.saved_model.save(module, export_dir,
-                      signatures={SERVING_DEFAULT: module.serve, RECOMMEND: module.recommend})
-  logging.info("Exported SavedModel with signatures %s, %s to %s", SERVING_DEFAULT, RECOMMEND,
+  signatures = {SERVING_DEFAULT: module.serve, RECOMMEND: module.recommend}
+  item_features = model.feature_sides.get(schema.ITEM)
+  if item_features is not None:  # cold start: items described by their features alone
+    encoder = ItemFeatureEncoder(item_features.infos, data)
+    module.item_feature_encoder = encoder
+    module.score_features = _score_features_function(module, model, data.metadata, objective,
+                                                     encoder)
+    module.recommend_features = _recommend_features_function(module, model, data.metadata,
+                                                             encoder)
+    signatures.update({SCORE_FEATURES: module.score_features,
+                       RECOMMEND_FEATURES: module.recommend_features})
+  tf.saved_model.save(module, export_dir, signatures=signatures)
+  logging.info("Exported SavedModel with signatures %s to %s", ", ".join(signatures),
                export_dir)
   return export_dir
 
@@ -126,3 +138,96 @@ def _recommend_function(module: tf.Module, model: keras.Model, metadata: schema.
             "user_known": users < num_users}
 
   return recommend
+
+
+class ItemFeatureEncoder(tf.Module):
+  """Raw item feature values -> the model's feature layout, in the serving graph.
+
+  Inputs, one per item feature, named `item_<feature>`: categorical, a string [n] ("" for
+  missing); multi_hot, a string [n, m] padded with ""; numeric and bucketized, a float [n]
+  (NaN for missing). Values outside a vocabulary count as missing, as in training.
+  """
+
+  def __init__(self, infos, data: artifacts.PreparedData):
+    super().__init__()
+    self.infos = list(infos)
+    entries = {(e["side"], e["name"]): e for e in data.metadata.features}
+    self.tables = {}
+    self.numbers = {}
+    for info in self.infos:
+      entry = entries[(info.side, info.name)]
+      if info.kind in ("categorical", "multi_hot"):
+        values = data.feature_vocabulary(info.side, info.name)
+        initializer = tf.lookup.KeyValueTensorInitializer(
+            tf.constant(values, tf.string), tf.range(1, len(values) + 1, dtype=tf.int64))
+        self.tables[info.name] = tf.lookup.StaticHashTable(initializer, default_value=0,
+                                                           name=f"{info.name}_lookup")
+      elif info.kind == "numeric":
+        self.numbers[info.name] = (entry["mean"], entry["std"])
+      else:
+        self.numbers[info.name] = tf.constant(entry["edges"], tf.float32)
+
+  def input_specs(self):
+    return [tf.TensorSpec([None, None] if i.kind == "multi_hot" else [None],
+                          tf.float32 if i.kind in ("numeric", "bucketized") else tf.string,
+                          name=f"item_{i.name}") for i in self.infos]
+
+  def encode(self, values):
+    """The combined layout (`feature_layers.combine`) of features given in `infos` order."""
+    per_feature = {}
+    for info, value in zip(self.infos, values):
+      if info.kind in ("categorical", "multi_hot"):
+        per_feature[info.name] = tf.cast(self.tables[info.name].lookup(value), tf.int32)
+      elif info.kind == "numeric":
+        mean, std = self.numbers[info.name]
+        per_feature[info.name] = tf.where(tf.math.is_nan(value), 0.0, (value - mean) / std)
+      else:
+        bucket = 1 + tf.searchsorted(self.numbers[info.name][None, :],
+                                     tf.where(tf.math.is_nan(value), 0.0, value)[None, :],
+                                     side="right")[0]
+        per_feature[info.name] = tf.where(tf.math.is_nan(value), 0, bucket)
+    return feature_layers.combine(self.infos, per_feature)
+
+
+def _score_features_function(module: tf.Module, model: keras.Model, metadata: schema.Metadata,
+                             objective: objectives.Objective, encoder: ItemFeatureEncoder):
+  """score_features(user [b], item_<feature> [b]...): what serving_default serves, for items
+  given by their features (scored with the out-of-vocabulary item ID)."""
+  num_users, num_items = metadata.num_users, metadata.num_items
+
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="user"),
+                                *encoder.input_specs()])
+  def score_features(user, *features):
+    users = module.user_table.lookup(user)  # [b]
+    items = tf.fill(tf.shape(users), tf.constant(num_items, tf.int64))  # the OOV row
+    scores = tf.cast(model({schema.USER: users, schema.ITEM: items,
+                            "item_features": encoder.encode(features)}, training=False),
+                     tf.float32)
+    return {**objective.serve(scores, metadata), "user_known": users < num_users}
+
+  return score_features
+
+
+def _recommend_features_function(module: tf.Module, model: keras.Model,
+                                 metadata: schema.Metadata, encoder: ItemFeatureEncoder):
+  """recommend_features(user [b], k, item_<feature> [n]...): each user's top k of a supplied
+  catalogue of n items given by their features: `indices` int32 [b, k'] into the catalogue,
+  `scores` float [b, k'] (model scores, best first)."""
+  num_users, num_items = metadata.num_users, metadata.num_items
+
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="user"),
+                                tf.TensorSpec([], tf.int32, name="k"),
+                                *encoder.input_specs()])
+  def recommend_features(user, k, *features):
+    tf.debugging.assert_positive(k, message="recommend_features: k must be positive")
+    users = module.user_table.lookup(user)  # [b]
+    combined = encoder.encode(features)  # [n, ...]
+    batch, n = tf.shape(users)[0], tf.shape(combined["indices"])[0]
+    tiled = {name: tf.tile(value, [batch, 1]) for name, value in combined.items()}  # [b * n]
+    scores = tf.cast(model({schema.USER: tf.repeat(users, n),
+                            schema.ITEM: tf.fill([batch * n], tf.constant(num_items, tf.int64)),
+                            "item_features": tiled}, training=False), tf.float32)
+    top = tf.math.top_k(tf.reshape(scores, [batch, n]), k=tf.minimum(k, n))
+    return {"indices": top.indices, "scores": top.values, "user_known": users < num_users}
+
+  return recommend_features

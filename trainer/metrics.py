@@ -46,28 +46,41 @@ def clipped_prediction(model: keras.Model, batch: Dict[str, tf.Tensor], low: flo
 
 
 def make_rating_evaluation(model: keras.Model, strategy: tf.distribute.Strategy, low: float,
-                           high: float, baseline: float) -> Callable[[object], Dict[str, float]]:
+                           high: float, baseline: float,
+                           user_means: Optional[np.ndarray] = None
+                           ) -> Callable[[object], Dict[str, float]]:
   """Returns `evaluate(distributed_dataset) -> metrics` of explicit feedback.
 
-  Metrics: rmse, mae, count, and baseline_rmse: the RMSE of always predicting `baseline` (the
-  training mean rating).
+  Metrics: rmse, mae, count; baseline_rmse, the RMSE of always predicting `baseline` (the
+  training mean rating); with `user_means` ([users] each user's training mean rating, the
+  training mean for users without one), user_mean_rmse: the item-free baseline, the bar a model
+  must clear on items it never trained on.
   """
+  # A variable, not a constant: a graph holds at most 2 GB of constants, and users may be many.
+  means = tf.Variable(np.append(user_means, baseline) if user_means is not None
+                      else np.full(1, baseline), dtype=tf.float64, trainable=False)
 
   def step_fn(batch):
     ratings = tf.cast(batch[schema.RATING], tf.float64)
     error = tf.cast(clipped_prediction(model, batch, low, high), tf.float64) - ratings
+    users = tf.minimum(batch[schema.USER], tf.cast(tf.size(means) - 1, tf.int64))
     return tf.stack([tf.reduce_sum(tf.square(error)), tf.reduce_sum(tf.abs(error)),
                      tf.cast(tf.size(error), tf.float64),
-                     tf.reduce_sum(tf.square(baseline - ratings))])
+                     tf.reduce_sum(tf.square(baseline - ratings)),
+                     tf.reduce_sum(tf.square(tf.gather(means, users) - ratings))])
 
-  sums = _summed(strategy, step_fn, 4, tf.float64)
+  sums = _summed(strategy, step_fn, 5, tf.float64)
 
   def evaluate(dataset) -> Dict[str, float]:
-    squared, absolute, count, baseline_squared = (float(x) for x in sums(dataset).numpy())
+    squared, absolute, count, baseline_squared, user_squared = (
+        float(x) for x in sums(dataset).numpy())
     if count == 0:
       raise ValueError("the evaluation data is empty")
-    return {"rmse": float(np.sqrt(squared / count)), "mae": absolute / count, "count": int(count),
-            "baseline_rmse": float(np.sqrt(baseline_squared / count))}
+    out = {"rmse": float(np.sqrt(squared / count)), "mae": absolute / count, "count": int(count),
+           "baseline_rmse": float(np.sqrt(baseline_squared / count))}
+    if user_means is not None:
+      out["user_mean_rmse"] = float(np.sqrt(user_squared / count))
+    return out
 
   return evaluate
 

@@ -23,13 +23,13 @@ keeps embedding updates sparse.
 The output bias starts at `output_bias` (the mean rating for explicit feedback).
 """
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import keras
 import tensorflow as tf
 from keras import layers, ops
 
-from trainer import distribute, schema
+from trainer import distribute, feature_layers, schema
 from trainer.config import MODELS
 
 
@@ -84,12 +84,53 @@ class Recommender(keras.Model):
   """Shared plumbing: sizes, the L2 penalty on the gathered embeddings, config."""
 
   def __init__(self, num_users: int, num_items: int, l2: float = 0.0,
-               output_bias: float = 0.0, **kwargs):
+               output_bias: float = 0.0, features: Optional[Mapping] = None, **kwargs):
     super().__init__(**kwargs)
     self.num_users = num_users
     self.num_items = num_items
     self.l2 = l2
     self.output_bias = output_bias
+    # Side features: {side: SideFeatures}, or their config ({side: {infos, rows}}) when
+    # rebuilt from a config, the tables then coming from a checkpoint.
+    self.feature_sides = {}
+    for side, given in (features or {}).items():
+      infos, rows, tables = ((given.infos, given.rows, given.tables)
+                             if isinstance(given, feature_layers.SideFeatures)
+                             else (given["infos"], given["rows"], None))
+      layer = feature_layers.FeatureTables(infos, rows, tables, name=f"{side}_feature_tables")
+      setattr(self, f"{side}_feature_tables", layer)
+      self.feature_sides[side] = layer
+
+  def _feature_embedding(self, side: str, dim: int,
+                         name: str) -> Optional[feature_layers.FeatureEmbedding]:
+    """The feature term of one of `side`'s representations (None without features)."""
+    tables = self.feature_sides.get(side)
+    if tables is None:
+      return None
+    layer = feature_layers.FeatureEmbedding(tables.infos, dim, name=name)
+    setattr(self, name, layer)
+    return layer
+
+  def _gather_features(self, inputs: Mapping) -> Dict[str, Dict[str, tf.Tensor]]:
+    """{side: {feature: values}}: the batch's rows of the tables, or (cold start) the values
+    given in `inputs["<side>_features"]`."""
+    out = {}
+    for side, tables in self.feature_sides.items():
+      given = inputs.get(f"{side}_features")
+      out[side] = given if given is not None else tables(inputs[side])
+    return out
+
+  @staticmethod
+  def _represent(embedding: "Embedding", feature_embedding, ids, features: Mapping, side: str,
+                 penalized: List[tf.Tensor]) -> tf.Tensor:
+    """ID embedding plus (with features) the side's feature embedding: [b, d]. The ID rows go
+    to `penalized`: the L2 penalty falls on per-entity parameters only, so that what many
+    entities share is learnt by their features, which also serve entities never trained."""
+    rows = embedding(ids)
+    penalized.append(rows)
+    if feature_embedding is None:
+      return rows
+    return rows + feature_embedding(features[side])
 
   def _embedding(self, rows: int, dim: int, name: str) -> Embedding:
     # +1: the out-of-vocabulary row. Small normal init, as in the NCF reference code.
@@ -121,7 +162,9 @@ class Recommender(keras.Model):
   def get_config(self):
     config = super().get_config()
     config.update(num_users=self.num_users, num_items=self.num_items, l2=self.l2,
-                  output_bias=self.output_bias)
+                  output_bias=self.output_bias,
+                  features={side: {"infos": [i.to_dict() for i in t.infos], "rows": t.rows}
+                            for side, t in self.feature_sides.items()})
     return config
 
 
@@ -156,14 +199,19 @@ class SeedMLP(Recommender):
     # Keras's default uniform initialiser here, as in the classic regressor.
     self.user_embedding = Embedding(num_users + 1, embedding_dim, name="user_embedding")
     self.item_embedding = Embedding(num_items + 1, embedding_dim, name="item_embedding")
+    self.user_features = self._feature_embedding(schema.USER, embedding_dim, "user_features")
+    self.item_features = self._feature_embedding(schema.ITEM, embedding_dim, "item_features")
     self.hidden = layers.Dense(hidden_units, activation="relu", name="hidden")
     self.rating = self._output("rating")
 
   def forward(self, inputs, training=False):
-    users = self.user_embedding(inputs[schema.USER])  # [b, d]
-    items = self.item_embedding(inputs[schema.ITEM])  # [b, d]
+    features, penalized = self._gather_features(inputs), []
+    users = self._represent(self.user_embedding, self.user_features, inputs[schema.USER],
+                            features, schema.USER, penalized)  # [b, d]
+    items = self._represent(self.item_embedding, self.item_features, inputs[schema.ITEM],
+                            features, schema.ITEM, penalized)  # [b, d]
     x = ops.concatenate([users, items], axis=-1)  # [b, 2d]
-    return ops.squeeze(self.rating(self.hidden(x)), axis=-1), [users, items]  # [b]
+    return ops.squeeze(self.rating(self.hidden(x)), axis=-1), penalized  # [b]
 
   def get_config(self):
     config = super().get_config()
@@ -180,12 +228,17 @@ class GMF(Recommender):
     self.embedding_dim = embedding_dim
     self.user_embedding = self._embedding(num_users, embedding_dim, "gmf_user_embedding")
     self.item_embedding = self._embedding(num_items, embedding_dim, "gmf_item_embedding")
+    self.user_features = self._feature_embedding(schema.USER, embedding_dim, "gmf_user_features")
+    self.item_features = self._feature_embedding(schema.ITEM, embedding_dim, "gmf_item_features")
     self.score = self._output()
 
   def forward(self, inputs, training=False):
-    users = self.user_embedding(inputs[schema.USER])
-    items = self.item_embedding(inputs[schema.ITEM])
-    return ops.squeeze(self.score(users * items), axis=-1), [users, items]  # [b]
+    features, penalized = self._gather_features(inputs), []
+    users = self._represent(self.user_embedding, self.user_features, inputs[schema.USER],
+                            features, schema.USER, penalized)
+    items = self._represent(self.item_embedding, self.item_features, inputs[schema.ITEM],
+                            features, schema.ITEM, penalized)
+    return ops.squeeze(self.score(users * items), axis=-1), penalized  # [b]
 
   def get_config(self):
     config = super().get_config()
@@ -205,14 +258,19 @@ class MLP(Recommender):
     self.dropout = dropout
     self.user_embedding = self._embedding(num_users, embedding_dim, "mlp_user_embedding")
     self.item_embedding = self._embedding(num_items, embedding_dim, "mlp_item_embedding")
+    self.user_features = self._feature_embedding(schema.USER, embedding_dim, "mlp_user_features")
+    self.item_features = self._feature_embedding(schema.ITEM, embedding_dim, "mlp_item_features")
     self.tower = _tower(self, self.layer_sizes, dropout, "mlp")
     self.score = self._output()
 
   def forward(self, inputs, training=False):
-    users = self.user_embedding(inputs[schema.USER])
-    items = self.item_embedding(inputs[schema.ITEM])
+    features, penalized = self._gather_features(inputs), []
+    users = self._represent(self.user_embedding, self.user_features, inputs[schema.USER],
+                            features, schema.USER, penalized)
+    items = self._represent(self.item_embedding, self.item_features, inputs[schema.ITEM],
+                            features, schema.ITEM, penalized)
     x = _run(self.tower, ops.concatenate([users, items], axis=-1), training)  # [b, layers[-1]]
-    return ops.squeeze(self.score(x), axis=-1), [users, items]
+    return ops.squeeze(self.score(x), axis=-1), penalized
 
   def get_config(self):
     config = super().get_config()
@@ -239,16 +297,31 @@ class NeuMF(Recommender):
                                               "mlp_user_embedding")
     self.mlp_item_embedding = self._embedding(num_items, mlp_embedding_dim,
                                               "mlp_item_embedding")
+    self.gmf_user_features = self._feature_embedding(schema.USER, embedding_dim,
+                                                     "gmf_user_features")
+    self.gmf_item_features = self._feature_embedding(schema.ITEM, embedding_dim,
+                                                     "gmf_item_features")
+    self.mlp_user_features = self._feature_embedding(schema.USER, mlp_embedding_dim,
+                                                     "mlp_user_features")
+    self.mlp_item_features = self._feature_embedding(schema.ITEM, mlp_embedding_dim,
+                                                     "mlp_item_features")
     self.tower = _tower(self, self.layer_sizes, dropout, "mlp")
     self.score = self._output()
 
   def forward(self, inputs, training=False):
     users, items = inputs[schema.USER], inputs[schema.ITEM]
-    rows = [self.gmf_user_embedding(users), self.gmf_item_embedding(items),
-            self.mlp_user_embedding(users), self.mlp_item_embedding(items)]
+    f, penalized = self._gather_features(inputs), []
+    rows = [self._represent(self.gmf_user_embedding, self.gmf_user_features, users, f,
+                            schema.USER, penalized),
+            self._represent(self.gmf_item_embedding, self.gmf_item_features, items, f,
+                            schema.ITEM, penalized),
+            self._represent(self.mlp_user_embedding, self.mlp_user_features, users, f,
+                            schema.USER, penalized),
+            self._represent(self.mlp_item_embedding, self.mlp_item_features, items, f,
+                            schema.ITEM, penalized)]
     gmf = rows[0] * rows[1]  # [b, d]
     mlp = _run(self.tower, ops.concatenate(rows[2:], axis=-1), training)  # [b, layers[-1]]
-    return ops.squeeze(self.score(ops.concatenate([gmf, mlp], axis=-1)), axis=-1), rows
+    return ops.squeeze(self.score(ops.concatenate([gmf, mlp], axis=-1)), axis=-1), penalized
 
   def load_pretrained(self, gmf: "GMF", mlp: "MLP", alpha: float = 0.5) -> None:
     """Starts from trained GMF and MLP models (He et al. 2017, section 3.4.1): their
@@ -289,15 +362,25 @@ class MF(Recommender):
     self.item_bias = Embedding(num_items + 1, 1, embeddings_initializer=zeros, name="item_bias")
     self.global_bias = self.add_weight(
         shape=(), initializer=keras.initializers.Constant(self.output_bias), name="global_bias")
+    # Features shift the factors and the biases alike (a cold item gets a bias by genre).
+    self.user_features = self._feature_embedding(schema.USER, embedding_dim, "user_features")
+    self.item_features = self._feature_embedding(schema.ITEM, embedding_dim, "item_features")
+    self.user_bias_features = self._feature_embedding(schema.USER, 1, "user_bias_features")
+    self.item_bias_features = self._feature_embedding(schema.ITEM, 1, "item_bias_features")
 
   def forward(self, inputs, training=False):
     users, items = inputs[schema.USER], inputs[schema.ITEM]
-    rows = [self.user_embedding(users), self.item_embedding(items), self.user_bias(users),
-            self.item_bias(items)]
+    f, penalized = self._gather_features(inputs), []
+    represent = lambda layer, features, ids, side: self._represent(  # noqa: E731
+        layer, features, ids, f, side, penalized)
+    rows = [represent(self.user_embedding, self.user_features, users, schema.USER),
+            represent(self.item_embedding, self.item_features, items, schema.ITEM),
+            represent(self.user_bias, self.user_bias_features, users, schema.USER),
+            represent(self.item_bias, self.item_bias_features, items, schema.ITEM)]
     dot = ops.sum(rows[0] * rows[1], axis=-1)  # [b]
     bias = ops.squeeze(rows[2], -1) + ops.squeeze(rows[3], -1)
     # Read in the compute dtype, as Keras's call would under a mixed-precision policy.
-    return dot + bias + ops.cast(self.global_bias, dot.dtype), rows
+    return dot + bias + ops.cast(self.global_bias, dot.dtype), penalized
 
   def get_config(self):
     config = super().get_config()
@@ -308,7 +391,9 @@ class MF(Recommender):
 def build_model(name: str, num_users: int, num_items: int, embedding_dim: int = 64,
                 hidden_units: int = 256, rating_mean: float = 0.0, *,
                 layers: Sequence[int] = (64, 32, 16, 8), mlp_embedding_dim: int = 32,
-                dropout: float = 0.0, l2: float = 0.0) -> keras.Model:
+                dropout: float = 0.0, l2: float = 0.0,
+                features: Optional[Mapping[str, feature_layers.SideFeatures]] = None
+                ) -> keras.Model:
   """Creates model `name` with its variables built (a custom loop needs them before step 1).
 
   Args:
@@ -318,11 +403,13 @@ def build_model(name: str, num_users: int, num_items: int, embedding_dim: int = 
     rating_mean: the output bias's starting value.
     layers, mlp_embedding_dim, dropout: the MLP tower (mlp, neumf).
     l2: the embedding penalty's weight.
+    features: {side: SideFeatures}: side features added to every representation of the side
+      (`trainer.feature_layers`); None or empty: IDs only.
 
   Raises:
     ValueError: naming --model when `name` is unknown.
   """
-  common = dict(l2=l2, output_bias=rating_mean, name=name)
+  common = dict(l2=l2, output_bias=rating_mean, features=features, name=name)
   if name == "seed_mlp":
     model = SeedMLP(num_users, num_items, embedding_dim, hidden_units, **common)
   elif name == "gmf":

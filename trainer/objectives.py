@@ -28,6 +28,7 @@ import math
 from typing import Callable, Dict, Optional, Tuple
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from trainer import config as config_lib
@@ -169,16 +170,20 @@ class Explicit(Objective):
   def evaluators(self, model, strategy, data):
     metadata, replicas = data.metadata, strategy.num_replicas_in_sync
     evaluate = metrics.make_rating_evaluation(model, strategy, metadata.rating_min,
-                                              metadata.rating_max, metadata.train_rating_mean)
+                                              metadata.rating_max, metadata.train_rating_mean,
+                                              _user_means(data))
     eval_data = strategy.distribute_datasets_from_function(
         lambda ctx: pipeline.make_dataset(data.eval_pattern,
                                           self.config.eval_batch_for(replicas), False, ctx))
     return {"explicit": lambda: evaluate(eval_data)}
 
   def result_fields(self, eval_metrics):
-    return {"eval_rmse": eval_metrics["rmse"], "eval_mae": eval_metrics["mae"],
-            "eval_examples": eval_metrics["count"],
-            "eval_rmse_global_mean_baseline": eval_metrics["baseline_rmse"]}
+    out = {"eval_rmse": eval_metrics["rmse"], "eval_mae": eval_metrics["mae"],
+           "eval_examples": eval_metrics["count"],
+           "eval_rmse_global_mean_baseline": eval_metrics["baseline_rmse"]}
+    if "user_mean_rmse" in eval_metrics:
+      out["eval_rmse_user_mean_baseline"] = eval_metrics["user_mean_rmse"]
+    return out
 
   def serve(self, scores, metadata):
     return {"rating": tf.clip_by_value(scores, metadata.rating_min, metadata.rating_max)}
@@ -261,6 +266,17 @@ class ImplicitBPR(Implicit):
 
   def serve(self, scores, metadata):
     return {"score": scores}
+
+
+def _user_means(data: artifacts.PreparedData):
+  """Each user's mean training rating (the global mean for users without any), or None for
+  data prepared before the per-user sums were written."""
+  positives = data.train_positives
+  if "rating_sum" not in positives:
+    return None
+  counts = np.diff(positives["indptr"])
+  return np.where(counts > 0, positives["rating_sum"] / np.maximum(counts, 1),
+                  data.metadata.train_rating_mean)
 
 
 def _named(evaluate: Callable, dataset, protocol: str) -> Evaluator:

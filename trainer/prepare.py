@@ -55,10 +55,13 @@ flags.DEFINE_string("tfds_manual_dir", None, "tfds: a folder holding the archive
 flags.DEFINE_enum("split", _D.split, config_lib.SPLITS,
                   "random: a hash-random --eval_fraction of the interactions; leave_one_out: "
                   "each user's latest interaction (ties: the later row of the input), the NCF "
-                  "protocol; temporal: interactions at or after a time cut.")
+                  "protocol; temporal: interactions at or after a time cut; cold_items: a "
+                  "hash-random --eval_fraction of the items with all their interactions "
+                  "(cold start: scored from side features).")
 flags.DEFINE_float("eval_fraction", _D.eval_fraction,
                    "random: fraction held out; temporal: fraction of the latest interactions "
-                   "held out when --temporal_cutoff is not given.")
+                   "held out when --temporal_cutoff is not given; cold_items: fraction of the "
+                   "items held out.")
 flags.DEFINE_integer("temporal_cutoff", None, "temporal: hold out timestamps >= this.")
 flags.DEFINE_integer("min_user_interactions", _D.min_user_interactions,
                      "Drop users with fewer interactions (the NCF papers use 20).", lower_bound=1)
@@ -70,6 +73,25 @@ flags.DEFINE_enum("duplicates", _D.duplicates, config_lib.DUPLICATE_POLICIES,
                   "order) or mean (of the ratings).")
 flags.DEFINE_bool("skip_bad_rows", _D.skip_bad_rows,
                   "Count, report and skip malformed rows instead of failing on the first.")
+flags.DEFINE_string("user_features", None, "A users' feature file (local or gs://): a MovieLens "
+                    "u.user or users.dat, or with --user_feature_columns any delimited file.")
+flags.DEFINE_string("item_features", None, "An items' feature file: a MovieLens u.item, "
+                    "movies.dat or movies.csv, or with --item_feature_columns any delimited file.")
+flags.DEFINE_string("user_id_column", None, "The user ID column of --user_features (name, or "
+                    "0-based index with --nofeatures_header).")
+flags.DEFINE_string("item_id_column", None, "The item ID column of --item_features.")
+flags.DEFINE_string("user_feature_columns", None, "Typed columns of --user_features: "
+                    "name:kind[:argument],... with kind categorical, multi_hot:SEPARATOR, "
+                    "numeric or bucketized:BUCKETS, e.g. country:categorical,age:bucketized:8.")
+flags.DEFINE_string("item_feature_columns", None, "Typed columns of --item_features, e.g. "
+                    "category:categorical,tags:multi_hot:|,price:numeric.")
+flags.DEFINE_string("features_delimiter", _D.features_delimiter, "Field delimiter of the "
+                    "feature files (one character, or '::'); 'tab' for a tab.")
+flags.DEFINE_bool("features_header", _D.features_header, "The feature files' first line names "
+                  "the columns.")
+flags.DEFINE_integer("min_feature_count", _D.min_feature_count, "Categorical and multi-hot "
+                     "values on fewer entities map to the out-of-vocabulary index.",
+                     lower_bound=1)
 flags.DEFINE_integer("num_shards", _D.num_shards, "TFRecord files per split.", lower_bound=1)
 flags.DEFINE_float("target_shard_mb", None, "Size shards to about this many MB (overrides "
                    "--num_shards).")
@@ -86,8 +108,12 @@ flags.DEFINE_bool("implicit", _D.implicit, "synthetic: implicit feedback (every 
 flags.mark_flag_as_required("output_dir")
 
 
+def _delimiter(value: str) -> str:
+  return "\t" if value in ("tab", "\\t") else value
+
+
 def config_from_flags() -> config_lib.PrepareConfig:
-  delimiter = "\t" if FLAGS.delimiter in ("tab", "\\t") else FLAGS.delimiter
+  delimiter = _delimiter(FLAGS.delimiter)
   return config_lib.PrepareConfig(
       output_dir=FLAGS.output_dir, source=FLAGS.source, input=tuple(FLAGS.input),
       user_column=FLAGS.user_column, item_column=FLAGS.item_column,
@@ -100,7 +126,14 @@ def config_from_flags() -> config_lib.PrepareConfig:
       duplicates=FLAGS.duplicates, skip_bad_rows=FLAGS.skip_bad_rows,
       num_shards=FLAGS.num_shards, target_shard_mb=FLAGS.target_shard_mb, seed=FLAGS.seed,
       num_users=FLAGS.num_users, num_items=FLAGS.num_items, num_ratings=FLAGS.num_ratings,
-      rank=FLAGS.rank, noise=FLAGS.noise, implicit=FLAGS.implicit).validate()
+      rank=FLAGS.rank, noise=FLAGS.noise, implicit=FLAGS.implicit,
+      user_features=FLAGS.user_features, item_features=FLAGS.item_features,
+      user_id_column=FLAGS.user_id_column, item_id_column=FLAGS.item_id_column,
+      user_feature_columns=FLAGS.user_feature_columns,
+      item_feature_columns=FLAGS.item_feature_columns,
+      features_delimiter=_delimiter(FLAGS.features_delimiter),
+      features_header=FLAGS.features_header,
+      min_feature_count=FLAGS.min_feature_count).validate()
 
 
 def main(argv):

@@ -31,10 +31,21 @@ BLOCK_SIZE = 1024
 METADATA_FILE = "metadata.json"
 USER_VOCAB_FILE = "users.vocab"
 ITEM_VOCAB_FILE = "items.vocab"
-# Each user's training items as compressed sparse rows: `indptr` [users + 1], `indices` [rows].
+# Each user's training items as compressed sparse rows: `indptr` [users + 1], `indices` [rows];
+# and `rating_sum` [users], the sum of each user's training ratings.
 TRAIN_POSITIVES_FILE = "train_positives.npz"
 # Leave-one-out with eval negatives: `users`, `positives` [eval users], `negatives` [eval users, N].
 EVAL_NEGATIVES_FILE = "eval_negatives.npz"
+
+def feature_table_file(side: str) -> str:
+  """One side's feature table (`user` or `item`): an `.npz` of arrays indexed by dense ID."""
+  return f"{side}_features.npz"
+
+
+def feature_vocab_file(side: str, name: str) -> str:
+  """The vocabulary of one categorical or multi-hot feature: line n is index n + 1."""
+  return f"{side}_{name}.vocab"
+
 
 TRAIN = "train"
 EVAL = "eval"
@@ -199,6 +210,11 @@ class Metadata:
   # Examples in each training shard, in shard order: where an input pipeline's epochs begin,
   # so a resumed run can continue mid-epoch. Empty in directories of older versions.
   train_shard_examples: Sequence[int] = dataclasses.field(default_factory=list)
+  # Side features (trainer.data.features): one entry per feature ({side, name, kind, missing,
+  # vocab_size / width / mean, std / edges}), and per side's file where it came from, its rows
+  # whose ID is not in the log and the log's IDs with no row.
+  features: Sequence[Dict[str, Any]] = dataclasses.field(default_factory=list)
+  feature_files: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)
   schema_version: int = SCHEMA_VERSION
 
   def to_json(self) -> str:

@@ -68,6 +68,9 @@ flags.DEFINE_integer("num_negatives", _D.num_negatives,
 flags.DEFINE_bool("exclude_positives", _D.exclude_positives,
                   "implicit: never sample a user's training positive as a negative.")
 flags.DEFINE_integer("top_k", _D.top_k, "K of HR@K and NDCG@K.", lower_bound=1)
+flags.DEFINE_string("features", _D.features, "Side features the model adds to its ID "
+                    "embeddings: all (every feature the data directory holds), none (IDs only), "
+                    "or a comma-separated list of names or side:name (e.g. item:genres,age).")
 flags.DEFINE_string("pretrained_gmf_dir", None, "neumf: model_dir of a trained gmf run.")
 flags.DEFINE_string("pretrained_mlp_dir", None, "neumf: model_dir of a trained mlp run.")
 flags.DEFINE_float("alpha", _D.alpha, "neumf with pretraining: weight of the GMF output.")
@@ -134,7 +137,7 @@ def config_from_flags() -> config_lib.TrainConfig:
       embedding_dim=FLAGS.embedding_dim, hidden_units=FLAGS.hidden_units,
       layers=_layers(FLAGS.layers), mlp_embedding_dim=FLAGS.mlp_embedding_dim,
       dropout=FLAGS.dropout, l2=FLAGS.l2, num_negatives=FLAGS.num_negatives,
-      exclude_positives=FLAGS.exclude_positives, top_k=FLAGS.top_k,
+      exclude_positives=FLAGS.exclude_positives, top_k=FLAGS.top_k, features=FLAGS.features,
       pretrained_gmf_dir=FLAGS.pretrained_gmf_dir, pretrained_mlp_dir=FLAGS.pretrained_mlp_dir,
       alpha=FLAGS.alpha, mixed_precision=FLAGS.mixed_precision, jit_compile=FLAGS.jit_compile,
       deterministic=FLAGS.deterministic, target_metric=FLAGS.target_metric,

@@ -95,13 +95,15 @@ def _format_eta(seconds: float) -> str:
   return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def build_model(config: TrainConfig, metadata) -> keras.Model:
-  """The configured model for a prepared data directory's vocabularies."""
+def build_model(config: TrainConfig, data: artifacts.PreparedData) -> keras.Model:
+  """The configured model for a prepared data directory (vocabularies, side features)."""
+  metadata = data.metadata
   bias = objectives.for_config(config).output_bias(metadata)
   return models.build_model(config.model, metadata.num_users, metadata.num_items,
                             config.embedding_dim, config.hidden_units, bias,
                             layers=config.layers, mlp_embedding_dim=config.mlp_embedding_dim,
-                            dropout=config.dropout, l2=config.l2)
+                            dropout=config.dropout, l2=config.l2,
+                            features=data.side_features(config.features))
 
 
 def load_config(model_dir: str) -> TrainConfig:
@@ -114,11 +116,11 @@ def load_config(model_dir: str) -> TrainConfig:
   return TrainConfig(**fields)
 
 
-def load_trained_model(model_dir: str, metadata,
+def load_trained_model(model_dir: str, data: artifacts.PreparedData,
                        checkpoint_dir: Optional[str] = None) -> keras.Model:
   """Rebuilds the model of a finished run from its config.json and latest checkpoint."""
   config = load_config(model_dir)
-  model = build_model(config, metadata)
+  model = build_model(config, data)
   directory = checkpoint_dir or config.resolved_checkpoint_dir
   latest = tf.train.latest_checkpoint(directory)
   if latest is None:
@@ -127,9 +129,10 @@ def load_trained_model(model_dir: str, metadata,
   return model
 
 
-def _load_pretrained(model: keras.Model, config: TrainConfig, metadata) -> None:
-  gmf = load_trained_model(config.pretrained_gmf_dir, metadata)
-  mlp = load_trained_model(config.pretrained_mlp_dir, metadata)
+def _load_pretrained(model: keras.Model, config: TrainConfig,
+                     data: artifacts.PreparedData) -> None:
+  gmf = load_trained_model(config.pretrained_gmf_dir, data)
+  mlp = load_trained_model(config.pretrained_mlp_dir, data)
   if not isinstance(gmf, models.GMF) or not isinstance(mlp, models.MLP):
     raise ConfigError(f"--pretrained_gmf_dir={config.pretrained_gmf_dir!r} must hold a gmf run "
                       f"and --pretrained_mlp_dir={config.pretrained_mlp_dir!r} an mlp run")
@@ -156,7 +159,7 @@ def _precision(policy: str):
 # What a checkpoint's shapes and meaning depend on: a run that differs in any of these cannot
 # continue from it.
 _SHAPING_FIELDS = ("data_dir", "model", "task", "embedding_dim", "hidden_units", "layers",
-                   "mlp_embedding_dim")
+                   "mlp_embedding_dim", "features")
 
 
 def _check_compatible(config: TrainConfig) -> bool:
@@ -175,7 +178,9 @@ def _check_compatible(config: TrainConfig) -> bool:
   if not tf.io.gfile.exists(path) or not tf.train.latest_checkpoint(
       config.resolved_checkpoint_dir):
     return True
-  previous = json.loads(fileio.read_text(path))
+  # A field that an older version did not write had its default then.
+  previous = {**json.loads(TrainConfig(data_dir="", model_dir="").to_json()),
+              **json.loads(fileio.read_text(path))}
   current = json.loads(config.to_json())
   differ = [f"{name}={previous.get(name)!r} there, {current[name]!r} now"
             for name in _SHAPING_FIELDS if previous.get(name) != current[name]]
@@ -238,7 +243,7 @@ def train_and_evaluate(config: TrainConfig,
   _prepare_model_dir(config, strategy)
   with _failures_classified(config, strategy), _precision(config.mixed_precision):
     with strategy.scope():
-      model = build_model(config, data.metadata)
+      model = build_model(config, data)
       optimizer = optimizers.make_optimizer(
           config.optimizer, config.learning_rate, config.warmup_steps,
           _steps_per_epoch(config, data) * config.epochs, config.decay,
@@ -327,7 +332,7 @@ def _restore_or_initialise(config: TrainConfig, checkpointer: Checkpointer, mode
     logging.info("Resumed from %s (epoch %d of %d done, step %d)", latest,
                  int(state.epoch.numpy()), config.epochs, int(state.step.numpy()))
   elif config.pretrained_gmf_dir:
-    _load_pretrained(model, config, data.metadata)
+    _load_pretrained(model, config, data)
   if int(state.step.numpy()) and (len(data.metadata.train_shard_examples)
                                   != data.metadata.num_shards):
     raise ConfigError(f"--data_dir={config.data_dir} was prepared by an older version (no "

@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
-from trainer import fileio, schema
+from trainer import feature_layers, fileio, schema
 from trainer.config import ConfigError
 from trainer.data import pipeline
 
@@ -105,3 +105,48 @@ class PreparedData:
                        f"{len(items)} items but the metadata says {self.metadata.num_users} "
                        f"and {self.metadata.num_items}")
     return users, items
+
+  def feature_infos(self) -> List[feature_layers.FeatureInfo]:
+    """Every prepared side feature, as the metadata lists them."""
+    return [feature_layers.FeatureInfo.from_metadata(e) for e in self.metadata.features]
+
+  def side_features(self, selection: str = "all") -> Dict[str, feature_layers.SideFeatures]:
+    """{side: its selected features and their tables}, for the model.
+
+    Args:
+      selection: `all` (every prepared feature), `none`, or a comma-separated list of
+        `name` or `side:name`.
+
+    Raises:
+      ConfigError: naming --features and a feature the directory does not hold.
+    """
+    infos = select_features(self.feature_infos(), selection, self.data_dir)
+    out = {}
+    for side in sorted({i.side for i in infos}):
+      tables = load_npz(self.path(schema.feature_table_file(side)))
+      chosen = [i for i in infos if i.side == side]
+      out[side] = feature_layers.SideFeatures(chosen, {i.name: tables[i.name] for i in chosen})
+    return out
+
+  def feature_vocabulary(self, side: str, name: str) -> List[str]:
+    """The values of a categorical or multi-hot feature: line n is index n + 1."""
+    return fileio.read_lines(self.path(schema.feature_vocab_file(side, name)))
+
+
+def select_features(infos: List[feature_layers.FeatureInfo], selection: str,
+                    data_dir: str) -> List[feature_layers.FeatureInfo]:
+  """The features `--features` selects among those prepared (see `side_features`)."""
+  if selection == "none":
+    return []
+  if selection == "all":
+    return list(infos)
+  chosen = []
+  for entry in (e.strip() for e in selection.split(",") if e.strip()):
+    side, _, name = entry.rpartition(":")
+    matches = [i for i in infos if i.name == name and side in ("", i.side)]
+    if not matches:
+      known = ", ".join(f"{i.side}:{i.name}" for i in infos) or "none"
+      raise ConfigError(f"--features={selection}: --data_dir={data_dir} has no feature "
+                        f"{entry!r} (it has: {known})")
+    chosen += [m for m in matches if m not in chosen]
+  return chosen

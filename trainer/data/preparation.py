@@ -44,7 +44,7 @@ from absl import logging
 
 from trainer import fileio, schema
 from trainer.config import ConfigError, PrepareConfig
-from trainer.data import sources, splits
+from trainer.data import features, sources, splits
 
 T = TypeVar("T")
 
@@ -378,6 +378,7 @@ def prepare(config: PrepareConfig) -> schema.Metadata:
   for pattern in config.input:
     fileio.check_gcs_access(pattern, "input", write=False)
   source = make_source(config)
+  raw_features = read_features(config)  # before the log: a bad feature file fails at once
   splitter = splits.make_splitter(config)
   if splitter.needs_timestamps and not source.has_timestamps:
     raise ConfigError(f"--split={config.split} needs timestamps, and the input has none "
@@ -385,13 +386,14 @@ def prepare(config: PrepareConfig) -> schema.Metadata:
   started = time.time()
   scratch_dir = tempfile.mkdtemp(prefix="neumf-prepare-")
   try:
-    return _prepare(config, source, splitter, scratch_dir, started)
+    return _prepare(config, source, splitter, raw_features, scratch_dir, started)
   finally:
     shutil.rmtree(scratch_dir, ignore_errors=True)
 
 
 def _prepare(config: PrepareConfig, source: sources.Source, splitter: splits.Splitter,
-             scratch_dir: str, started: float) -> schema.Metadata:
+             raw_features: List[features.RawFeatures], scratch_dir: str,
+             started: float) -> schema.Metadata:
   """The passes, in order; everything lands in a temporary folder, published at the end."""
   formats = source.id_format or (None, None)
   ids = _Ids(IdEncoder(formats[0]), IdEncoder(formats[1]))
@@ -410,7 +412,12 @@ def _prepare(config: PrepareConfig, source: sources.Source, splitter: splits.Spl
                      f"{written.num_eval} evaluation rows of {kept_rows}; both need at least "
                      "one" + splitter.empty_message())
   names = written.shard_names + _write_side_files(scratch, config, vocab, written, tmp_dir)
-  metadata = _metadata(config, source, splitter, vocab, stats, written, total)
+  tables = [features.encode(raw, vocab.raw_users if raw.side == schema.USER
+                            else vocab.raw_items, config.min_feature_count)
+            for raw in raw_features]
+  names += [_write_feature_table(table, tmp_dir, scratch.directory) for table in tables]
+  names += [schema.feature_vocab_file(t.side, name) for t in tables for name in t.vocabularies]
+  metadata = _metadata(config, source, splitter, vocab, stats, written, total, tables)
   fileio.write_text_atomic(fileio.join(tmp_dir, schema.METADATA_FILE), metadata.to_json())
   _publish(tmp_dir, config.output_dir, names)
   elapsed = time.time() - started
@@ -556,6 +563,7 @@ class _Written:
   train_shard_rows: List[int]
   histogram: Dict[float, int]
   train_user_count: np.ndarray  # [num_users]
+  train_user_rating_sum: np.ndarray  # [num_users] float64: for the user-mean baseline
   train_item_count: np.ndarray  # [num_items]
   eval_user_seen: np.ndarray  # [num_users] bool: the user has an eval row
   eval_item_seen: np.ndarray  # [num_items] bool
@@ -577,7 +585,7 @@ def _pass_write(scratch: _Scratch, config: PrepareConfig, splitter: splits.Split
                                         kept_rows - expected_eval),
              schema.EVAL: _BlockWriter(tmp_dir, schema.EVAL, num_shards, expected_eval)}
   out = _Written(0, 0, [], [], {}, np.zeros(vocab.num_users, np.int64),
-                 np.zeros(vocab.num_items, np.int64), np.zeros(vocab.num_users, bool),
+                 np.zeros(vocab.num_users, np.float64), np.zeros(vocab.num_items, np.int64), np.zeros(vocab.num_users, bool),
                  np.zeros(vocab.num_items, bool), 0.0, np.inf, -np.inf,
                  [] if config.eval_negatives else None)
   progress = _Progress("write", kept_rows)
@@ -612,6 +620,8 @@ def _tally(out: _Written, users: np.ndarray, items: np.ndarray, ratings: np.ndar
   """Adds one bucket's rows to the write pass's counts, masks and rating statistics."""
   train = ~held_out
   out.train_user_count += np.bincount(users[train], minlength=len(out.train_user_count))
+  out.train_user_rating_sum += np.bincount(users[train], weights=ratings[train],
+                                           minlength=len(out.train_user_count))
   out.train_item_count += np.bincount(items[train], minlength=len(out.train_item_count))
   out.eval_user_seen[users[held_out]] = True
   out.eval_item_seen[items[held_out]] = True
@@ -633,7 +643,7 @@ def _write_side_files(scratch: _Scratch, config: PrepareConfig, vocab: _Vocabula
   indptr, indices = _train_positives(scratch, scratch.num_buckets, written.train_user_count,
                                      vocab.num_items)
   _write_npz(fileio.join(tmp_dir, schema.TRAIN_POSITIVES_FILE), scratch.directory,
-             indptr=indptr, indices=indices)
+             indptr=indptr, indices=indices, rating_sum=written.train_user_rating_sum)
   fileio.write_lines(fileio.join(tmp_dir, schema.USER_VOCAB_FILE), vocab.raw_users.tolist())
   fileio.write_lines(fileio.join(tmp_dir, schema.ITEM_VOCAB_FILE), vocab.raw_items.tolist())
   names = [schema.USER_VOCAB_FILE, schema.ITEM_VOCAB_FILE, schema.TRAIN_POSITIVES_FILE]
@@ -648,11 +658,43 @@ def _write_side_files(scratch: _Scratch, config: PrepareConfig, vocab: _Vocabula
   return names
 
 
+def read_features(config: PrepareConfig) -> List[features.RawFeatures]:
+  """The side feature files of the configuration, read (entity-sized) and checked."""
+  out = []
+  for side, path in config.feature_files():
+    columns = getattr(config, f"{side}_feature_columns")
+    if columns is None:
+      out.append(features.read_movielens_features(side, path))
+      continue
+    specs = features.parse_specs(columns, f"{side}_feature_columns")
+    out.append(features.read_feature_file(side, path, getattr(config, f"{side}_id_column"),
+                                          specs, config.features_delimiter,
+                                          config.features_header))
+  return out
+
+
+def _write_feature_table(table: features.FeatureTable, tmp_dir: str, scratch_dir: str) -> str:
+  """Writes a side's feature arrays and vocabularies; returns the table's file name."""
+  name = schema.feature_table_file(table.side)
+  _write_npz(fileio.join(tmp_dir, name), scratch_dir, **table.arrays)
+  for feature, values in table.vocabularies.items():
+    fileio.write_lines(fileio.join(tmp_dir, schema.feature_vocab_file(table.side, feature)),
+                       values)
+  if table.rows_without_entity or table.entities_without_row:
+    logging.warning("%s features: %d rows of IDs not in the log (ignored); %d %ss of the log "
+                    "have no row (every feature missing)", table.side,
+                    table.rows_without_entity, table.entities_without_row, table.side)
+  return name
+
+
 def _metadata(config: PrepareConfig, source: sources.Source, splitter: splits.Splitter,
-              vocab: _Vocabulary, stats: _Stats, written: _Written,
-              total: int) -> schema.Metadata:
+              vocab: _Vocabulary, stats: _Stats, written: _Written, total: int,
+              tables: Sequence[features.FeatureTable] = ()) -> schema.Metadata:
   """The metadata of the prepared directory (written last, marking it complete)."""
   bad = source.bad
+  feature_files = {t.side: {"path": getattr(config, f"{t.side}_features"),
+                            "rows_without_entity": t.rows_without_entity,
+                            "entities_without_row": t.entities_without_row} for t in tables}
   return schema.Metadata(
       num_users=vocab.num_users, num_items=vocab.num_items, num_train=written.num_train,
       num_eval=written.num_eval, rating_min=float(written.rating_min),
@@ -671,7 +713,9 @@ def _metadata(config: PrepareConfig, source: sources.Source, splitter: splits.Sp
       users_filtered=int((~vocab.kept_user & (stats.user_count > 0)).sum()),
       density=(written.num_train + written.num_eval) / float(vocab.num_users * vocab.num_items),
       rating_histogram=_histogram(written.histogram), input_fingerprint=source.fingerprint(),
-      train_shard_examples=written.train_shard_rows, **splitter.metadata_fields())
+      train_shard_examples=written.train_shard_rows,
+      features=[info for t in tables for info in t.info], feature_files=feature_files,
+      **splitter.metadata_fields())
 
 
 def _train_positives(scratch: _Scratch, num_buckets: int, user_count: np.ndarray,
@@ -711,7 +755,8 @@ def _train_positives(scratch: _Scratch, num_buckets: int, user_count: np.ndarray
 
 _OUTPUT_PATTERNS = [schema.shard_pattern(s) for s in schema.SPLITS] + [
     schema.TRAIN_POSITIVES_FILE, schema.EVAL_NEGATIVES_FILE, schema.USER_VOCAB_FILE,
-    schema.ITEM_VOCAB_FILE]
+    schema.ITEM_VOCAB_FILE] + [schema.feature_table_file(side) for side in features.SIDES] + [
+        schema.feature_vocab_file(side, "*") for side in features.SIDES]
 
 
 def _publish(tmp_dir: str, output_dir: str, names: Sequence[str]) -> None:

@@ -10,6 +10,9 @@ shards' blocks), the held-out mask of each bucket of rows, and its fields of the
                  uniform sample of timestamps that holds out `--eval_fraction`
   leave_one_out  each user's latest interaction (ties: the later row of the input), for users
                  with at least two: the NCF protocol (He et al. 2017)
+  cold_items     whole items, a hash-random `--eval_fraction` of them with all their
+                 interactions: the model never trains on an eval item's ID, so it can score it
+                 only from its side features (cold start)
 
 Rows reach a splitter in provisional codes (`user`, `item`, `ts`, `row` columns, one hash
 bucket at a time), so memory is vocabulary-sized, never log-sized.
@@ -163,8 +166,19 @@ class LeaveOneOutSplit(Splitter):
     return {"eval_fraction": 0.0, "temporal_cutoff": None}
 
 
+class ColdItemsSplit(Splitter):
+  """Whole items, with every interaction they have; the rest trains."""
+
+  def held_out(self, rows):
+    items = rows["item"]
+    return uniform_pairs(items, items, self.config.seed + 11) < self.config.eval_fraction
+
+  def empty_message(self):
+    return " (too few items for --eval_fraction: hold out more)"
+
+
 _SPLITTERS = {"random": RandomSplit, "temporal": TemporalSplit,
-              "leave_one_out": LeaveOneOutSplit}
+              "leave_one_out": LeaveOneOutSplit, "cold_items": ColdItemsSplit}
 
 
 def make_splitter(config: PrepareConfig) -> Splitter:

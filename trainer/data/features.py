@@ -1,0 +1,413 @@
+"""Side features: user and item metadata read from feature files and turned into tables.
+
+A feature file describes one side (users or items): one row per raw ID, with typed columns.
+Preparation reads it before the interaction log (so a malformed file fails before any long
+pass), then writes one table per side indexed by the *dense* ID of the vocabulary, plus a
+vocabulary per categorical feature. Records stay small and the model gathers a batch's
+features in-graph from the tables. Memory is O(entities x features), never O(interactions).
+
+Kinds of feature (`name:kind[:argument]` in `--user_feature_columns`/`--item_feature_columns`):
+
+  categorical       one value; a vocabulary of values seen at least `--min_feature_count`
+                    times, most frequent first; others (and missing values) map to index 0
+  multi_hot:SEP     values separated by SEP (e.g. `tags:multi_hot:|`); the same vocabulary
+                    rule; stored as [rows, width] indices padded with 0
+  numeric           a number, standardised by the mean and standard deviation over the
+                    entities that have one; missing -> 0 (the mean)
+  bucketized:N      a number, cut into up to N buckets at quantiles over the entities; index
+                    0 is missing, 1..N the buckets
+
+MovieLens side files are read by their known layouts (told apart by content, as the ratings):
+100K `u.item` (19 genre flags -> `genres`; release year -> `year`, bucketized) and `u.user`
+(`age` bucketized, `gender`, `occupation`, `zip` prefix); 1M `movies.dat` (`genres`, `year`
+from the title) and `users.dat` (`gender`, `age`, `occupation`, `zip`); latest/20M/25M
+`movies.csv` (`genres`, `year` from the title).
+
+Row 0 of every vocabulary is the missing/out-of-vocabulary value; a table has one row per
+dense ID plus a last row for the out-of-vocabulary ID, all missing.
+"""
+
+import csv
+import dataclasses
+import io
+import re
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
+
+from trainer import schema
+
+KINDS = ("categorical", "multi_hot", "numeric", "bucketized")
+SIDES = (schema.USER, schema.ITEM)
+_YEAR_BUCKETS = 10
+_AGE_BUCKETS = 7
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSpec:
+  """One feature of a side: its name, kind and the column it comes from."""
+
+  name: str
+  kind: str
+  column: str  # header name, or 0-based index without a header
+  separator: str = "|"  # multi_hot
+  buckets: int = 10  # bucketized
+
+  def describe(self) -> str:
+    arg = {"multi_hot": f":{self.separator}", "bucketized": f":{self.buckets}"}.get(self.kind, "")
+    return f"{self.name}:{self.kind}{arg}"
+
+
+def parse_specs(text: str, flag: str) -> Tuple[FeatureSpec, ...]:
+  """Parses `name:kind[:argument],...` (a column's name is the feature's name).
+
+  Raises:
+    ValueError: naming the flag and the offending entry.
+  """
+  specs: List[FeatureSpec] = []
+  for entry in (e.strip() for e in _split_entries(text)):
+    if not entry:
+      continue
+    parts = entry.split(":", 2)
+    if len(parts) < 2 or not parts[0] or parts[1] not in KINDS:
+      raise ValueError(f"--{flag}: {entry!r} is not name:kind[:argument] with kind one of "
+                       f"{', '.join(KINDS)}")
+    name, kind, arg = parts[0], parts[1], parts[2] if len(parts) == 3 else None
+    if kind == "multi_hot":
+      if not arg:
+        raise ValueError(f"--{flag}: {entry!r}: multi_hot needs a separator, e.g. {name}:"
+                         "multi_hot:|")
+      specs.append(FeatureSpec(name, kind, name, separator=arg))
+    elif kind == "bucketized":
+      if arg is None or not arg.isdigit() or int(arg) < 2:
+        raise ValueError(f"--{flag}: {entry!r}: bucketized needs a bucket count of at least 2, "
+                         f"e.g. {name}:bucketized:10")
+      specs.append(FeatureSpec(name, kind, name, buckets=int(arg)))
+    else:
+      if arg is not None:
+        raise ValueError(f"--{flag}: {entry!r}: {kind} takes no argument")
+      specs.append(FeatureSpec(name, kind, name))
+  names = [s.name for s in specs]
+  duplicated = sorted({n for n in names if names.count(n) > 1})
+  if duplicated:
+    raise ValueError(f"--{flag}: features {duplicated} are declared twice")
+  return tuple(specs)
+
+
+def _split_entries(text: str) -> List[str]:
+  """Splits on commas, except a comma that is a multi_hot separator (`tags:multi_hot:,`)."""
+  out, current = [], ""
+  for piece in text.split(","):
+    if current.endswith(":multi_hot:"):
+      current += ","
+      if piece:
+        out.append(current)
+        current = piece
+      continue
+    if current:
+      out.append(current)
+    current = piece
+  if current:
+    out.append(current)
+  return out
+
+
+@dataclasses.dataclass
+class RawFeatures:
+  """A side's feature file, read: raw ID -> raw values (strings, None when empty)."""
+
+  side: str
+  path: str
+  specs: Tuple[FeatureSpec, ...]
+  ids: List[str]
+  values: Dict[str, List[Optional[str]]]  # feature name -> one value per row, in `ids` order
+  lines: List[int]  # each row's line number
+
+
+# ----------------------------------------------------------------------------- reading files
+
+
+def read_feature_file(side: str, path: str, id_column: Optional[str],
+                      specs: Sequence[FeatureSpec], delimiter: str = ",",
+                      header: bool = True) -> RawFeatures:
+  """Reads a delimited feature file: an ID column and the declared feature columns.
+
+  Raises:
+    ValueError: naming file:line and the value: an unknown column, a duplicate ID row, a row
+      with too few fields, an empty ID.
+  """
+  if not id_column:
+    raise ValueError(f"--{side}_features={path}: name its ID column with --{side}_id_column")
+  if not specs:
+    raise ValueError(f"--{side}_features={path}: declare its columns with "
+                     f"--{side}_feature_columns (name:kind[:argument],...)")
+  text = _read_text(path, "utf-8")
+  rows = csv.reader(io.StringIO(text), delimiter=delimiter) if len(delimiter) == 1 else (
+      line.split(delimiter) for line in io.StringIO(text).read().splitlines())
+  first = 1
+  columns = [id_column] + [s.column for s in specs]
+  if header:
+    names = [c.strip() for c in next(iter(rows), [])]
+    unknown = [c for c in columns if c not in names]
+    if unknown:
+      raise ValueError(f"{path}:1: no column {unknown[0]!r} in the header "
+                       f"{delimiter.join(names)!r}")
+    positions = [names.index(c) for c in columns]
+    first = 2
+  else:
+    try:
+      positions = [int(c) for c in columns]
+    except ValueError:
+      raise ValueError(f"--{side}_id_column / --{side}_feature_columns must name 0-based "
+                       "column indices when the feature file has no header") from None
+  return _collect(side, path, specs, ((first + k, row) for k, row in enumerate(rows)),
+                  positions)
+
+
+def _read_text(path: str, encoding: str) -> str:
+  if not tf.io.gfile.exists(path):
+    raise ValueError(f"feature file {path!r} does not exist")
+  with tf.io.gfile.GFile(path, "rb") as f:
+    return f.read().decode(encoding, errors="replace")
+
+
+def _collect(side: str, path: str, specs: Sequence[FeatureSpec],
+             rows: Iterator[Tuple[int, List[str]]], positions: List[int]) -> RawFeatures:
+  """Rows (line, fields) -> RawFeatures, refusing short rows, empty and duplicate IDs."""
+  out = RawFeatures(side, path, tuple(specs), [], {s.name: [] for s in specs}, [])
+  first_line: Dict[str, int] = {}
+  width = max(positions) + 1
+  for line, row in rows:
+    if not row or not any(field.strip() for field in row):
+      continue
+    if len(row) < width:
+      raise ValueError(f"{path}:{line}: expected at least {width} fields, got {len(row)}: "
+                       f"{row!r}")
+    raw_id = row[positions[0]].strip()
+    if not raw_id:
+      raise ValueError(f"{path}:{line}: empty ID")
+    if raw_id in first_line:
+      raise ValueError(f"{path}:{line}: duplicate row for {side} {raw_id!r}, first at "
+                       f"{path}:{first_line[raw_id]}")
+    first_line[raw_id] = line
+    out.ids.append(raw_id)
+    out.lines.append(line)
+    for spec, position in zip(specs, positions[1:]):
+      value = row[position].strip()
+      out.values[spec.name].append(value or None)
+  if not out.ids:
+    raise ValueError(f"{path}: no feature rows")
+  for spec in specs:  # numbers are checked now, before preparation reads the log
+    if spec.kind in ("numeric", "bucketized"):
+      _numbers(spec, out.values[spec.name], out.lines, path)
+  return out
+
+
+# MovieLens side files: fixed layouts, read into named features.
+_ML100K_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
+                  "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
+                  "Romance", "Sci-Fi", "Thriller", "War", "Western")
+_YEAR_IN_TITLE = re.compile(r"\((\d{4})\)\s*$")
+MOVIELENS_ITEM_SPECS = (FeatureSpec("genres", "multi_hot", "genres", separator="|"),
+                        FeatureSpec("year", "bucketized", "year", buckets=_YEAR_BUCKETS))
+ML100K_USER_SPECS = (FeatureSpec("age", "bucketized", "age", buckets=_AGE_BUCKETS),
+                     FeatureSpec("gender", "categorical", "gender"),
+                     FeatureSpec("occupation", "categorical", "occupation"),
+                     FeatureSpec("zip", "categorical", "zip"))
+ML1M_USER_SPECS = (FeatureSpec("age", "categorical", "age"),  # already in 7 age groups
+                   FeatureSpec("gender", "categorical", "gender"),
+                   FeatureSpec("occupation", "categorical", "occupation"),
+                   FeatureSpec("zip", "categorical", "zip"))
+_ZIP_PREFIX = 2  # leading characters of a zip code kept: about a hundred US regions
+
+
+def read_movielens_features(side: str, path: str) -> RawFeatures:
+  """A MovieLens users or items file, its layout told apart by its first line.
+
+  Raises:
+    ValueError: naming file:line: not a MovieLens file of this side, or a malformed row.
+  """
+  # MovieLens 100K and 1M files are ISO-8859-1; latest/20M/25M are UTF-8.
+  text = _read_text(path, "latin-1")
+  first = text.split("\n", 1)[0].rstrip("\r")
+  lines = ((k + 1, line.rstrip("\r")) for k, line in enumerate(text.split("\n")))
+  if side == schema.ITEM and first.startswith("movieId,title,genres"):
+    text = _read_text(path, "utf-8")
+    rows = csv.reader(io.StringIO(text))
+    next(rows)
+    return _collect(side, path, MOVIELENS_ITEM_SPECS, (
+        (k + 2, [r[0], _movielens_genres(r[2]), _title_year(r[1])]) if len(r) >= 3 else (k + 2, r)
+        for k, r in enumerate(rows)), [0, 1, 2])
+  if side == schema.ITEM and first.count("|") == 23:  # 100K u.item
+    return _collect(side, path, MOVIELENS_ITEM_SPECS, (
+        (k, _ml100k_item(path, k, line)) for k, line in lines), [0, 1, 2])
+  if side == schema.ITEM and first.count("::") == 2:  # 1M movies.dat
+    return _collect(side, path, MOVIELENS_ITEM_SPECS, (
+        (k, _ml1m_item(line)) for k, line in lines), [0, 1, 2])
+  if side == schema.USER and first.count("|") == 4:  # 100K u.user
+    return _collect(side, path, ML100K_USER_SPECS, (
+        (k, _ml_user(line.split("|"), (1, 2, 3, 4))) for k, line in lines), [0, 1, 2, 3, 4])
+  if side == schema.USER and first.count("::") == 4:  # 1M users.dat
+    return _collect(side, path, ML1M_USER_SPECS, (
+        (k, _ml_user(line.split("::"), (2, 1, 3, 4))) for k, line in lines), [0, 1, 2, 3, 4])
+  expected = ("u.item, movies.dat or movies.csv" if side == schema.ITEM
+              else "u.user or users.dat")
+  raise ValueError(f"{path}:1: not a MovieLens {side}s file (expected {expected}); first line "
+                   f"is {first[:80]!r}")
+
+
+def _movielens_genres(text: str) -> str:
+  return "" if text.strip() in ("", "(no genres listed)") else text
+
+
+def _title_year(title: str) -> str:
+  match = _YEAR_IN_TITLE.search(title.strip())
+  return match.group(1) if match else ""
+
+
+def _ml100k_item(path: str, line_number: int, line: str) -> List[str]:
+  fields = line.split("|")
+  if len(fields) != 24:
+    return fields  # blank, or too short: _collect names it
+  flags = fields[5:]
+  if any(f not in ("0", "1") for f in flags):
+    raise ValueError(f"{path}:{line_number}: genre flags must be 0 or 1, got {flags!r}")
+  genres = "|".join(g for g, f in zip(_ML100K_GENRES, flags) if f == "1")
+  year = fields[2][-4:] if fields[2].strip() else ""
+  return [fields[0], genres, year]
+
+
+def _ml1m_item(line: str) -> List[str]:
+  fields = line.split("::")
+  if len(fields) != 3:
+    return fields
+  return [fields[0], _movielens_genres(fields[2]), _title_year(fields[1])]
+
+
+def _ml_user(fields: List[str], order: Tuple[int, int, int, int]) -> List[str]:
+  """ID, then age, gender, occupation (their positions in `order`), zip prefix."""
+  if len(fields) != 5:
+    return fields
+  age, gender, occupation, zip_code = (fields[k].strip() for k in order)
+  return [fields[0], age, gender, occupation, zip_code[:_ZIP_PREFIX]]
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+@dataclasses.dataclass
+class FeatureTable:
+  """One side's encoded features, indexed by dense ID (last row: the out-of-vocabulary ID)."""
+
+  side: str
+  specs: Tuple[FeatureSpec, ...]
+  arrays: Dict[str, np.ndarray]  # int32 [rows] / [rows, width], or float32 [rows]
+  vocabularies: Dict[str, List[str]]  # categorical and multi_hot: values of index 1..
+  info: List[dict]  # per feature, for the metadata
+  rows_without_entity: int  # feature rows whose ID is not in the interaction log
+  entities_without_row: int  # IDs of the log with no feature row (every feature missing)
+
+
+def encode(raw: RawFeatures, dense_ids: Sequence[str], min_count: int) -> FeatureTable:
+  """Encodes raw features into tables over the log's dense IDs.
+
+  Args:
+    raw: the side's feature file, read.
+    dense_ids: the vocabulary: raw ID of dense index n.
+    min_count: values seen on fewer entities map to the out-of-vocabulary index 0.
+
+  Raises:
+    ValueError: naming file:line and the value: a numeric column holding text.
+  """
+  index = {raw_id: n for n, raw_id in enumerate(dense_ids)}
+  row_of = np.full(len(dense_ids) + 1, -1, np.int64)  # dense ID -> row of the file
+  unmatched = 0
+  for k, raw_id in enumerate(raw.ids):
+    n = index.get(raw_id)
+    if n is None:
+      unmatched += 1
+    else:
+      row_of[n] = k
+  arrays, vocabularies, info = {}, {}, []
+  for spec in raw.specs:
+    values = [raw.values[spec.name][k] if k >= 0 else None for k in row_of.tolist()]
+    lines = [raw.lines[k] if k >= 0 else 0 for k in row_of.tolist()]
+    array, vocabulary, extra = _ENCODERS[spec.kind](spec, values, lines, raw.path, min_count)
+    arrays[spec.name] = array
+    if vocabulary is not None:
+      vocabularies[spec.name] = vocabulary
+    missing = int(sum(v is None for v in values[:-1]))
+    info.append({"side": raw.side, "name": spec.name, "kind": spec.kind, "missing": missing,
+                 **extra})
+  return FeatureTable(raw.side, raw.specs, arrays, vocabularies, info, unmatched,
+                      int(np.sum(row_of[:-1] < 0)))
+
+
+def _vocabulary(tokens: List[List[str]], min_count: int) -> List[str]:
+  """Values on at least `min_count` entities, most frequent first, ties by value."""
+  counts: Dict[str, int] = {}
+  for entity in tokens:
+    for value in set(entity):
+      counts[value] = counts.get(value, 0) + 1
+  kept = [v for v, c in counts.items() if c >= min_count]
+  return sorted(kept, key=lambda v: (-counts[v], v))
+
+
+def _encode_categorical(spec, values, lines, path, min_count):
+  vocabulary = _vocabulary([[v] for v in values if v is not None], min_count)
+  lookup = {v: n + 1 for n, v in enumerate(vocabulary)}
+  array = np.array([lookup.get(v, 0) if v is not None else 0 for v in values], np.int32)
+  return array, vocabulary, {"vocab_size": len(vocabulary) + 1}
+
+
+def _encode_multi_hot(spec, values, lines, path, min_count):
+  tokens = [[t.strip() for t in v.split(spec.separator) if t.strip()] if v is not None else []
+            for v in values]
+  vocabulary = _vocabulary(tokens, min_count)
+  lookup = {v: n + 1 for n, v in enumerate(vocabulary)}
+  width = max(1, max(len(t) for t in tokens))
+  array = np.zeros((len(values), width), np.int32)
+  for row, entity in enumerate(tokens):
+    codes = sorted({lookup[t] for t in entity if t in lookup})
+    array[row, :len(codes)] = codes
+  return array, vocabulary, {"vocab_size": len(vocabulary) + 1, "width": width}
+
+
+def _numbers(spec, values, lines, path) -> np.ndarray:
+  out = np.full(len(values), np.nan, np.float64)
+  for k, v in enumerate(values):
+    if v is None:
+      continue
+    try:
+      out[k] = float(v)
+    except ValueError:
+      pass
+    if not np.isfinite(out[k]):
+      raise ValueError(f"{path}:{lines[k]}: {spec.kind} feature {spec.name!r} {v!r} is not a "
+                       "finite number")
+  return out
+
+
+def _encode_numeric(spec, values, lines, path, min_count):
+  numbers = _numbers(spec, values, lines, path)
+  present = numbers[np.isfinite(numbers)]
+  mean = float(present.mean()) if len(present) else 0.0
+  std = float(present.std()) if len(present) else 1.0
+  std = std if std > 0 else 1.0
+  array = np.where(np.isfinite(numbers), (numbers - mean) / std, 0.0).astype(np.float32)
+  return array, None, {"mean": mean, "std": std}
+
+
+def _encode_bucketized(spec, values, lines, path, min_count):
+  numbers = _numbers(spec, values, lines, path)
+  present = np.isfinite(numbers)
+  edges = np.unique(np.quantile(numbers[present], np.linspace(0, 1, spec.buckets + 1)[1:-1])
+                    ) if present.any() else np.zeros(0)
+  array = np.where(present, 1 + np.searchsorted(edges, np.where(present, numbers, 0.0),
+                                                side="right"), 0).astype(np.int32)
+  return array, None, {"vocab_size": len(edges) + 2, "edges": [float(e) for e in edges]}
+
+
+_ENCODERS = {"categorical": _encode_categorical, "multi_hot": _encode_multi_hot,
+             "numeric": _encode_numeric, "bucketized": _encode_bucketized}
