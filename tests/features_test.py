@@ -104,6 +104,11 @@ def test_movielens_1m_and_latest_side_files():
 def test_a_file_of_the_wrong_side_is_refused(tmp_path):
   with pytest.raises(ValueError, match=r"u.user:1: not a MovieLens items file"):
     features.read_movielens_features("item", str(shared_file("ml-100k/u.user")))
+  other = _write(tmp_path / "catalogue.csv", "sku,color\na,red\n")
+  with pytest.raises(ValueError, match=r"catalogue.csv:1: not a MovieLens items file .* "
+                     "Declare the columns of any other file with --item_id_column and "
+                     "--item_feature_columns"):
+    features.read_movielens_features("item", other)
   bad = _write(tmp_path / "u.item", "1|Toy Story (1995)|01-Jan-1995||url|0|0|0|1|1|1|0|0|0|0|0|0|"
                "0|0|0|0|0|0|0\n2|GoldenEye (1995)|01-Jan-1995||url|0|1|1|0|0|0|0|0|0|0|0|0|0|0"
                "|0|0|yes|0|0\n")
@@ -154,7 +159,6 @@ def test_a_bad_feature_file_fails_before_the_log_is_read(tmp_path):
 
 
 @pytest.mark.parametrize("changes,message", [
-    (dict(item_features="x.csv"), "--item_features=x.csv: declare its columns"),
     (dict(item_feature_columns="a:numeric"), "--item_feature_columns/--item_id_column need "
      "--item_features"),
     (dict(source="csv", input=("l",), user_column="u", item_column="i", item_features="x",

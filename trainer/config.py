@@ -150,10 +150,7 @@ class PrepareConfig:
       if path is None:
         _require(columns is None and id_column is None,
                  f"--{side}_feature_columns/--{side}_id_column need --{side}_features")
-      elif columns is None:
-        _require(self.source == "movielens",
-                 f"--{side}_features={path}: declare its columns with --{side}_id_column and "
-                 f"--{side}_feature_columns (only MovieLens side files are read by layout)")
+      elif columns is None:  # a MovieLens side file, read by its layout
         _require(id_column is None, f"--{side}_id_column={id_column} needs "
                  f"--{side}_feature_columns")
       else:
@@ -202,6 +199,9 @@ class TrainConfig:
   target_metric: Optional[str] = None
   target_value: Optional[float] = None
   early_stopping_patience: int = 0  # 0: off
+  # Export and report the best epoch by the eval metric (True), or the last epoch (False: what
+  # an honest figure needs when the epoch count was tuned on a validation split).
+  keep_best: bool = True
   overwrite: bool = False  # discard checkpoints of an earlier run in model_dir
   seed: int = 0
   shuffle_buffer_blocks: int = 256  # records of BLOCK_SIZE examples each

@@ -87,6 +87,10 @@ flags.DEFINE_float("target_value", None, "See --target_metric.")
 flags.DEFINE_bool("overwrite", _D.overwrite,
                   "Discard the checkpoints of an earlier run in --model_dir and start afresh "
                   "(without it, a model_dir of another configuration is refused).")
+flags.DEFINE_bool("keep_best", _D.keep_best,
+                  "Export and report the epoch with the best eval metric; --nokeep_best: the "
+                  "last epoch (for figures whose epoch count was tuned on a validation split, "
+                  "so that the eval split picks nothing).")
 flags.DEFINE_integer("early_stopping_patience", _D.early_stopping_patience,
                      "Stop after this many epochs without improvement (0: never).",
                      lower_bound=0)
@@ -142,6 +146,7 @@ def config_from_flags() -> config_lib.TrainConfig:
       alpha=FLAGS.alpha, mixed_precision=FLAGS.mixed_precision, jit_compile=FLAGS.jit_compile,
       deterministic=FLAGS.deterministic, target_metric=FLAGS.target_metric,
       target_value=FLAGS.target_value, early_stopping_patience=FLAGS.early_stopping_patience,
+      keep_best=FLAGS.keep_best,
       overwrite=FLAGS.overwrite,
       seed=FLAGS.seed,
       shuffle_buffer_blocks=FLAGS.shuffle_buffer_blocks, log_every_steps=FLAGS.log_every_steps,

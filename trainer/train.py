@@ -299,7 +299,8 @@ def _run(config: TrainConfig, strategy: tf.distribute.Strategy,
                "task %s", config.model, config.task, config.epochs, runner.steps_per_epoch,
                config.batch_size, strategy.num_replicas_in_sync, distribute.task_role(strategy))
   progress = _train_epochs(config, state, runner, evaluate, tracker, board)
-  best = checkpointer.restore_best()  # serve and report the best epoch's model
+  # Serve and report the best epoch's model (or, --nokeep_best, the last one's).
+  best = checkpointer.restore_best() if config.keep_best else None
   if best:
     logging.info("Best %s %.4f: %s", tracker.metric, float(state.best.numpy()), best)
   final = evaluate()

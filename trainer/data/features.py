@@ -254,7 +254,8 @@ def read_movielens_features(side: str, path: str) -> RawFeatures:
   expected = ("u.item, movies.dat or movies.csv" if side == schema.ITEM
               else "u.user or users.dat")
   raise ValueError(f"{path}:1: not a MovieLens {side}s file (expected {expected}); first line "
-                   f"is {first[:80]!r}")
+                   f"is {first[:80]!r}. Declare the columns of any other file with "
+                   f"--{side}_id_column and --{side}_feature_columns")
 
 
 def _movielens_genres(text: str) -> str:
