@@ -4,10 +4,11 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
-from conftest import last_json_line, run_cli, shared_file
+from conftest import REPO_ROOT, last_json_line, run_cli, shared_file
 
 pytestmark = pytest.mark.slow
 
@@ -138,3 +139,25 @@ def test_prepare_cli_reads_csv_with_leave_one_out_and_negatives(tmp_path):
     metadata = json.load(f)
   assert metadata["implicit"] and metadata["eval_negatives"] == 5
   assert os.path.exists(tmp_path / "out" / "eval_negatives.npz")
+
+
+_PARSE_FLAGFILE = """
+import json, sys
+from trainer import task
+task.FLAGS([sys.argv[0], "--flagfile=" + sys.argv[1], "--data_dir=d", "--model_dir=m"])
+config = task.config_from_flags()
+print(json.dumps({"model": config.model, "task": config.task, "features": config.features}))
+"""
+
+
+@pytest.mark.parametrize("name,model,task", [("ml100k_explicit", "mf", "explicit"),
+                                             ("ml100k_implicit", "neumf", "implicit")])
+def test_the_recipes_are_valid_flagfiles_of_model_flags_only(name, model, task):
+  path = REPO_ROOT / "configs" / f"{name}.flags"
+  flags = [line.split("=")[0] for line in path.read_text().splitlines()
+           if line.startswith("--")]
+  assert not {"--data_dir", "--model_dir", "--export_dir"} & set(flags)  # given per run
+  result = subprocess.run([sys.executable, "-c", _PARSE_FLAGFILE, str(path)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, check=True)
+  assert json.loads(result.stdout.strip().splitlines()[-1]) == {
+      "model": model, "task": task, "features": "all"}
