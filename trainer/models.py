@@ -15,12 +15,17 @@ With p_u, q_i the user and item embeddings:
   mf        s(u, i) = <p_u, q_i> + b_u + b_i + b                       (Rendle et al. 2020:
             a well-tuned dot product, the baseline NeuMF must beat)
 
-Objectives (in `trainer.train`): explicit, mean squared error on ratings; implicit, binary
-cross-entropy of s(u, i) against 1 for observed pairs and 0 for sampled negatives. Every model
+Objectives (in `trainer.objectives`): explicit, mean squared error on ratings; implicit, binary
+cross-entropy of s(u, i) against 1 for observed pairs and 0 for sampled negatives; implicit_bpr,
+the pairwise logistic loss of each positive against its negatives. Every model
 adds `l2 * (|p_u|^2 + |q_i|^2 (+ b_u^2 + b_i^2))` per example (`scores_and_penalty`, from the
 rows the scores were computed with): the regulariser touches only the rows of the batch, which
 keeps embedding updates sparse.
 The output bias starts at `output_bias` (the mean rating for explicit feedback).
+
+Side features (`features`, `trainer.feature_layers`): each of a side's representations above
+(p_u, q_i, and MF's biases) becomes its ID row plus the side's feature embedding of the same
+size, f(u) = sum of the embeddings of u's features; the L2 penalty stays on the ID rows.
 """
 
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
