@@ -163,7 +163,7 @@ def main(argv):
   try:
     config = config_from_flags()
     malloc.keep_freed_memory()  # a process that trains: keep freed tensors' memory (malloc.py)
-    from trainer import distribute  # TensorFlow loads here, after flag checks
+    from trainer import distribute  # (the objective's flag rules already loaded TensorFlow)
     distribute.configure_cpu_devices(config.num_cpu_devices)
     # The strategy comes first: MultiWorkerMirroredStrategy must exist before other ops run.
     strategy = distribute.get_strategy(config.strategy, config.num_cpu_devices)
