@@ -85,7 +85,7 @@ def test_movielens_100k_side_files(tmp_path):
   users = features.read_movielens_features("user", str(shared_file("ml-100k/u.user")))
   assert len(items.ids) == 1682 and len(users.ids) == 943
   assert items.values["genres"][0] == "Animation|Children's|Comedy"  # Toy Story
-  assert items.values["year"][0] == "1995"
+  assert items.values["year"][0] == 1995.0  # numbers are parsed when read
   assert users.values["gender"][:2] == ["M", "F"] and users.values["zip"][0] == "85"
   assert [s.name for s in users.specs] == ["age", "gender", "occupation", "zip"]
 
@@ -93,7 +93,7 @@ def test_movielens_100k_side_files(tmp_path):
 def test_movielens_1m_and_latest_side_files():
   movies = features.read_movielens_features("item", str(shared_file("ml-1m/movies.dat")))
   assert movies.values["genres"][0] == "Animation|Children's|Comedy"
-  assert movies.values["year"][0] == "1995" and len(movies.ids) == 3883
+  assert movies.values["year"][0] == 1995.0 and len(movies.ids) == 3883
   users = features.read_movielens_features("user", str(shared_file("ml-1m/users.dat")))
   assert users.values["age"][:2] == ["1", "56"] and users.values["occupation"][0] == "10"
   latest = features.read_movielens_features("item",

@@ -31,7 +31,7 @@ import csv
 import dataclasses
 import io
 import re
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -39,6 +39,7 @@ import tensorflow as tf
 from trainer import schema
 
 KINDS = ("categorical", "multi_hot", "numeric", "bucketized")
+_NUMERIC_KINDS = ("numeric", "bucketized")  # parsed as numbers when the file is read
 SIDES = (schema.USER, schema.ITEM)
 _YEAR_BUCKETS = 10
 _AGE_BUCKETS = 7
@@ -121,7 +122,9 @@ class RawFeatures:
   path: str
   specs: Tuple[FeatureSpec, ...]
   ids: List[str]
-  values: Dict[str, List[Optional[str]]]  # feature name -> one value per row, in `ids` order
+  # feature name -> one value per row, in `ids` order: strings (None when empty), or for
+  # numeric and bucketized features float64 numbers (NaN when empty), parsed once when read
+  values: Dict[str, Any]
   lines: List[int]  # each row's line number
 
 
@@ -198,9 +201,9 @@ def _collect(side: str, path: str, specs: Sequence[FeatureSpec],
       out.values[spec.name].append(value or None)
   if not out.ids:
     raise ValueError(f"{path}: no feature rows")
-  for spec in specs:  # numbers are checked now, before preparation reads the log
-    if spec.kind in ("numeric", "bucketized"):
-      _numbers(spec, out.values[spec.name], out.lines, path)
+  for spec in specs:  # numbers are parsed now, so a bad one fails before the log is read
+    if spec.kind in _NUMERIC_KINDS:
+      out.values[spec.name] = _numbers(spec, out.values[spec.name], out.lines, path)
   return out
 
 
@@ -318,8 +321,6 @@ def encode(raw: RawFeatures, dense_ids: Sequence[str], min_count: int) -> Featur
     dense_ids: the vocabulary: raw ID of dense index n.
     min_count: values seen on fewer entities map to the out-of-vocabulary index 0.
 
-  Raises:
-    ValueError: naming file:line and the value: a numeric column holding text.
   """
   index = {raw_id: n for n, raw_id in enumerate(dense_ids)}
   row_of = np.full(len(dense_ids) + 1, -1, np.int64)  # dense ID -> row of the file
@@ -332,13 +333,17 @@ def encode(raw: RawFeatures, dense_ids: Sequence[str], min_count: int) -> Featur
       row_of[n] = k
   arrays, vocabularies, info = {}, {}, []
   for spec in raw.specs:
-    values = [raw.values[spec.name][k] if k >= 0 else None for k in row_of.tolist()]
-    lines = [raw.lines[k] if k >= 0 else 0 for k in row_of.tolist()]
-    array, vocabulary, extra = _ENCODERS[spec.kind](spec, values, lines, raw.path, min_count)
+    column = raw.values[spec.name]
+    if spec.kind in _NUMERIC_KINDS:  # by dense ID; NaN where the file has no row
+      values = np.where(row_of >= 0, column[np.maximum(row_of, 0)], np.nan)
+      missing = int(np.isnan(values[:-1]).sum())
+    else:
+      values = [column[k] if k >= 0 else None for k in row_of.tolist()]
+      missing = int(sum(v is None for v in values[:-1]))
+    array, vocabulary, extra = _ENCODERS[spec.kind](spec, values, min_count)
     arrays[spec.name] = array
     if vocabulary is not None:
       vocabularies[spec.name] = vocabulary
-    missing = int(sum(v is None for v in values[:-1]))
     info.append({"side": raw.side, "name": spec.name, "kind": spec.kind, "missing": missing,
                  **extra})
   return FeatureTable(raw.side, raw.specs, arrays, vocabularies, info, unmatched,
@@ -355,14 +360,14 @@ def _vocabulary(tokens: List[List[str]], min_count: int) -> List[str]:
   return sorted(kept, key=lambda v: (-counts[v], v))
 
 
-def _encode_categorical(spec, values, lines, path, min_count):
+def _encode_categorical(spec, values, min_count):
   vocabulary = _vocabulary([[v] for v in values if v is not None], min_count)
   lookup = {v: n + 1 for n, v in enumerate(vocabulary)}
   array = np.array([lookup.get(v, 0) if v is not None else 0 for v in values], np.int32)
   return array, vocabulary, {"vocab_size": len(vocabulary) + 1}
 
 
-def _encode_multi_hot(spec, values, lines, path, min_count):
+def _encode_multi_hot(spec, values, min_count):
   tokens = [[t.strip() for t in v.split(spec.separator) if t.strip()] if v is not None else []
             for v in values]
   vocabulary = _vocabulary(tokens, min_count)
@@ -376,6 +381,7 @@ def _encode_multi_hot(spec, values, lines, path, min_count):
 
 
 def _numbers(spec, values, lines, path) -> np.ndarray:
+  """A column's strings as float64 (NaN for None); a non-finite value names file:line."""
   out = np.full(len(values), np.nan, np.float64)
   for k, v in enumerate(values):
     if v is None:
@@ -390,8 +396,7 @@ def _numbers(spec, values, lines, path) -> np.ndarray:
   return out
 
 
-def _encode_numeric(spec, values, lines, path, min_count):
-  numbers = _numbers(spec, values, lines, path)
+def _encode_numeric(spec, numbers, min_count):
   present = numbers[np.isfinite(numbers)]
   mean = float(present.mean()) if len(present) else 0.0
   std = float(present.std()) if len(present) else 1.0
@@ -400,8 +405,7 @@ def _encode_numeric(spec, values, lines, path, min_count):
   return array, None, {"mean": mean, "std": std}
 
 
-def _encode_bucketized(spec, values, lines, path, min_count):
-  numbers = _numbers(spec, values, lines, path)
+def _encode_bucketized(spec, numbers, min_count):
   present = np.isfinite(numbers)
   edges = np.unique(np.quantile(numbers[present], np.linspace(0, 1, spec.buckets + 1)[1:-1])
                     ) if present.any() else np.zeros(0)
