@@ -203,3 +203,50 @@ def test_the_l2_penalty_falls_on_id_rows_only():
   item_row = model.item_embedding.embeddings.numpy()[2]
   expected = np.sum(user_row ** 2) + np.sum(item_row ** 2)  # not the feature embeddings
   np.testing.assert_allclose(penalty.numpy(), [expected], rtol=1e-5)
+
+
+def test_feature_embedding_dense_and_sparse_products_agree(monkeypatch):
+  """A small batch reads the features through a dense weight matrix, a large one through a
+  SparseTensor (`DENSE_MATRIX_ENTRIES`): both must give the same terms and gradients."""
+  from trainer import feature_layers as fl
+  side = _feature_tables()["item"]
+  tables = fl.FeatureTables(side.infos, 11, side.tables)
+  layer = fl.FeatureEmbedding(side.infos, 3)
+  layer.embeddings.assign(np.random.default_rng(5).normal(size=(9, 3)).astype("float32"))
+  combined = tables(tf.constant([0, 3, 3, 1, 10]))
+  upstream = tf.constant(np.random.default_rng(6).normal(size=(5, 3)).astype("float32"))
+
+  def terms_and_gradient(limit):
+    monkeypatch.setattr(fl, "DENSE_MATRIX_ENTRIES", limit)
+    with tf.GradientTape() as tape:
+      out = layer(combined)
+      loss = tf.reduce_sum(out * upstream)
+    return out.numpy(), tf.convert_to_tensor(tape.gradient(loss, layer.embeddings.value))
+
+  dense, dense_gradient = terms_and_gradient(1 << 24)
+  sparse, sparse_gradient = terms_and_gradient(0)
+  np.testing.assert_allclose(dense, sparse, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(dense_gradient, sparse_gradient, rtol=1e-6, atol=1e-7)
+  # Item 3: tags 4 and 1 (offsets 4 + 4, 4 + 1), each weighted 1/2, and its price.
+  rows = layer.embeddings.numpy()
+  expected = 0.5 * (rows[8] + rows[5]) + side.tables["price"][3] * layer.projection.numpy()[0]
+  np.testing.assert_allclose(dense[1], expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_features_train_under_mixed_precision(name):
+  keras.mixed_precision.set_global_policy("mixed_bfloat16")
+  try:
+    model = models.build_model(name, 20, 10, 4, 8, layers=(8, 4), mlp_embedding_dim=4, l2=0.1,
+                               features=_feature_tables())
+    batch = {schema.USER: tf.constant([0, 3, 20]), schema.ITEM: tf.constant([1, 9, 10])}
+    with tf.GradientTape() as tape:
+      scores, _ = model.scores_and_penalty(batch)
+      loss = tf.reduce_sum(tf.cast(scores, tf.float32))
+    features = [v for v in model.trainable_variables if "features" in v.path]
+    gradients = tape.gradient(loss, features)
+  finally:
+    keras.mixed_precision.set_global_policy("float32")
+  assert scores.dtype == tf.bfloat16
+  assert features and all(g is not None for g in gradients)
+  assert any(float(tf.reduce_max(tf.abs(tf.convert_to_tensor(g)))) > 0 for g in gradients)

@@ -160,24 +160,47 @@ class FeatureTables(layers.Layer):
     return config
 
 
-# Combined vocabularies up to this size are read by a sparse x dense matmul, whose gradient is
-# a dense [vocabulary, dim] table: a feature's few values repeat across a batch, and summing
-# their rows in the matmul's backward pass is cheaper than handing the optimizer one sparse row
-# per (example, value). Larger ones are gathered (sparse gradient, lazy updates of the rows
-# seen). Measured here (ad-hoc, in memory, the benchmark's synthetic features, batch 8190):
-# neumf 759K examples/s this way, 520K gathering, 513K gathering with a dense gradient summed
-# by value (unsorted_segment_sum); IDs only 1,364K.
+# Combined vocabularies up to this size are read as a weight matrix M [b, V] times the table,
+# whose gradient is a dense [V, dim] table: a feature's few values repeat across a batch, and
+# summing their rows in the product's backward pass is cheaper than handing the optimizer one
+# sparse row per (example, value). Larger ones are gathered (sparse gradient, lazy updates of
+# the rows seen).
 DENSE_VOCABULARY = 16384
+# M is dense while it has at most this many entries (64 MB), else a SparseTensor: TensorFlow's
+# CPU sparse x dense matmul costs in proportion to the width, a dense one barely at these sizes.
+# Measured here (in-process, alternating, the benchmark's synthetic features, batch 8190, 2
+# cores): neumf with features 646-649K examples/s dense, 542K sparse, IDs only 1,043K;
+# seed_mlp 482K dense, 407K sparse, IDs only 671K. (A gather forward with a dense backward,
+# 646K and 464K, and gathers all the way, ~520K for neumf, were no better.)
+DENSE_MATRIX_ENTRIES = 1 << 24
 
 
-def _weighted_rows(table, indices, weights):
-  """sum_w weights[b, w] * table[indices[b, w]] as sparse [b, V] x dense [V, d]: [b, d]."""
+def _weight_matrix(indices, weights, vocabulary):
+  """M [b, V] with M[b, indices[b, w]] = sum of weights[b, w] (duplicates add up)."""
+  batch = tf.shape(indices)[0]
+  flat = tf.reshape(indices + vocabulary * tf.range(batch)[:, None], [-1])
+  return tf.reshape(tf.math.unsorted_segment_sum(tf.reshape(weights, [-1]), flat,
+                                                 batch * vocabulary), [batch, vocabulary])
+
+
+def _sparse_weighted_rows(table, indices, weights):
+  """The same product with M as a SparseTensor (for batches where a dense M is too large)."""
   batch, width = tf.shape(indices)[0], tf.shape(indices)[1]
   rows = tf.repeat(tf.range(tf.cast(batch, tf.int64)), width)
   coordinates = tf.stack([rows, tf.reshape(tf.cast(indices, tf.int64), [-1])], axis=1)
-  matrix = tf.sparse.SparseTensor(coordinates, tf.reshape(tf.cast(weights, table.dtype), [-1]),
+  matrix = tf.sparse.SparseTensor(coordinates, tf.reshape(weights, [-1]),
                                   tf.cast(tf.stack([batch, tf.shape(table)[0]]), tf.int64))
   return tf.sparse.sparse_dense_matmul(matrix, table)
+
+
+def _weighted_rows(table, indices, weights):
+  """sum_w weights[b, w] * table[indices[b, w]] = M table: [b, d]."""
+  weights = tf.cast(weights, table.dtype)
+  vocabulary = tf.shape(table)[0]
+  entries = tf.cast(tf.shape(indices)[0], tf.int64) * tf.cast(vocabulary, tf.int64)
+  return tf.cond(entries <= DENSE_MATRIX_ENTRIES,
+                 lambda: tf.matmul(_weight_matrix(indices, weights, vocabulary), table),
+                 lambda: _sparse_weighted_rows(table, indices, weights))
 
 
 @keras.saving.register_keras_serializable(package="neumf_trainer")

@@ -24,8 +24,10 @@ keeps embedding updates sparse.
 The output bias starts at `output_bias` (the mean rating for explicit feedback).
 
 Side features (`features`, `trainer.feature_layers`): each of a side's representations above
-(p_u, q_i, and MF's biases) becomes its ID row plus the side's feature embedding of the same
-size, f(u) = sum of the embeddings of u's features; the L2 penalty stays on the ID rows.
+(p_u, q_i, and MF's biases) becomes its ID row plus its part of the side's feature embedding,
+f(u) = sum of the embeddings of u's features, one embedding per side as wide as the side's
+representations together (NeuMF: [GMF ; MLP], MF: [factors ; bias]); the L2 penalty stays on
+the ID rows.
 """
 
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -106,36 +108,44 @@ class Recommender(keras.Model):
       setattr(self, f"{side}_feature_tables", layer)
       self.feature_sides[side] = layer
 
-  def _feature_embedding(self, side: str, dim: int,
-                         name: str) -> Optional[feature_layers.FeatureEmbedding]:
-    """The feature term of one of `side`'s representations (None without features)."""
-    tables = self.feature_sides.get(side)
-    if tables is None:
-      return None
-    layer = feature_layers.FeatureEmbedding(tables.infos, dim, name=name)
-    setattr(self, name, layer)
-    return layer
-
-  def _gather_features(self, inputs: Mapping) -> Dict[str, Dict[str, tf.Tensor]]:
-    """{side: {feature: values}}: the batch's rows of the tables, or (cold start) the values
-    given in `inputs["<side>_features"]`."""
-    out = {}
+  def _side_features(self, parts: Sequence[int]) -> None:
+    """One feature embedding per side, as wide as the side's representations together
+    (`parts`: their sizes, e.g. NeuMF's GMF and MLP embeddings), split per representation in
+    `_feature_parts`. One per side, not one per representation: each costs a sparse matmul
+    forward and back whatever its width (NeuMF: 2 instead of 4)."""
+    self.feature_parts = tuple(int(p) for p in parts)
+    self.feature_embeddings = {}
     for side, tables in self.feature_sides.items():
+      layer = feature_layers.FeatureEmbedding(tables.infos, sum(self.feature_parts),
+                                              name=f"{side}_features")
+      setattr(self, f"{side}_features", layer)
+      self.feature_embeddings[side] = layer
+
+  def _feature_parts(self, inputs: Mapping) -> Dict[str, List[Optional[tf.Tensor]]]:
+    """{side: one [b, part] feature term per representation of the side}, all None for a side
+    without features. The batch's feature rows come from the tables, or (cold start) from the
+    values given in `inputs["<side>_features"]`."""
+    out = {}
+    for side in (schema.USER, schema.ITEM):
+      layer = self.feature_embeddings.get(side)
+      if layer is None:
+        out[side] = [None] * len(self.feature_parts)
+        continue
       given = inputs.get(f"{side}_features")
-      out[side] = given if given is not None else tables(inputs[side])
+      total = layer(given if given is not None else self.feature_sides[side](inputs[side]))
+      out[side] = (ops.split(total, list(_cumulative(self.feature_parts[:-1])), axis=-1)
+                   if len(self.feature_parts) > 1 else [total])
     return out
 
   @staticmethod
-  def _represent(embedding: "Embedding", feature_embedding, ids, features: Mapping, side: str,
+  def _represent(embedding: "Embedding", term: Optional[tf.Tensor], ids,
                  penalized: List[tf.Tensor]) -> tf.Tensor:
-    """ID embedding plus (with features) the side's feature embedding: [b, d]. The ID rows go
+    """ID embedding plus (with features) the side's feature term: [b, d]. The ID rows go
     to `penalized`: the L2 penalty falls on per-entity parameters only, so that what many
     entities share is learnt by their features, which also serve entities never trained."""
     rows = embedding(ids)
     penalized.append(rows)
-    if feature_embedding is None:
-      return rows
-    return rows + feature_embedding(features[side])
+    return rows if term is None else rows + term
 
   def _embedding(self, rows: int, dim: int, name: str) -> Embedding:
     # +1: the out-of-vocabulary row. Small normal init, as in the NCF reference code.
@@ -173,6 +183,15 @@ class Recommender(keras.Model):
     return config
 
 
+def _cumulative(sizes: Sequence[int]) -> List[int]:
+  """Split points: [a, b, c] -> [a, a + b, a + b + c]."""
+  out, total = [], 0
+  for size in sizes:
+    total += size
+    out.append(total)
+  return out
+
+
 def _tower(owner: keras.Model, units: Sequence[int], dropout: float, prefix: str):
   """A ReLU tower whose layers are attributes of `owner`: TensorFlow checkpoints track
   attributes, not layers held only in a Python list."""
@@ -204,17 +223,16 @@ class SeedMLP(Recommender):
     # Keras's default uniform initialiser here, as in the classic regressor.
     self.user_embedding = Embedding(num_users + 1, embedding_dim, name="user_embedding")
     self.item_embedding = Embedding(num_items + 1, embedding_dim, name="item_embedding")
-    self.user_features = self._feature_embedding(schema.USER, embedding_dim, "user_features")
-    self.item_features = self._feature_embedding(schema.ITEM, embedding_dim, "item_features")
+    self._side_features([embedding_dim])
     self.hidden = layers.Dense(hidden_units, activation="relu", name="hidden")
     self.rating = self._output("rating")
 
   def forward(self, inputs, training=False):
-    features, penalized = self._gather_features(inputs), []
-    users = self._represent(self.user_embedding, self.user_features, inputs[schema.USER],
-                            features, schema.USER, penalized)  # [b, d]
-    items = self._represent(self.item_embedding, self.item_features, inputs[schema.ITEM],
-                            features, schema.ITEM, penalized)  # [b, d]
+    terms, penalized = self._feature_parts(inputs), []
+    users = self._represent(self.user_embedding, terms[schema.USER][0], inputs[schema.USER],
+                            penalized)  # [b, d]
+    items = self._represent(self.item_embedding, terms[schema.ITEM][0], inputs[schema.ITEM],
+                            penalized)  # [b, d]
     x = ops.concatenate([users, items], axis=-1)  # [b, 2d]
     return ops.squeeze(self.rating(self.hidden(x)), axis=-1), penalized  # [b]
 
@@ -233,16 +251,15 @@ class GMF(Recommender):
     self.embedding_dim = embedding_dim
     self.user_embedding = self._embedding(num_users, embedding_dim, "gmf_user_embedding")
     self.item_embedding = self._embedding(num_items, embedding_dim, "gmf_item_embedding")
-    self.user_features = self._feature_embedding(schema.USER, embedding_dim, "gmf_user_features")
-    self.item_features = self._feature_embedding(schema.ITEM, embedding_dim, "gmf_item_features")
+    self._side_features([embedding_dim])
     self.score = self._output()
 
   def forward(self, inputs, training=False):
-    features, penalized = self._gather_features(inputs), []
-    users = self._represent(self.user_embedding, self.user_features, inputs[schema.USER],
-                            features, schema.USER, penalized)
-    items = self._represent(self.item_embedding, self.item_features, inputs[schema.ITEM],
-                            features, schema.ITEM, penalized)
+    terms, penalized = self._feature_parts(inputs), []
+    users = self._represent(self.user_embedding, terms[schema.USER][0], inputs[schema.USER],
+                            penalized)
+    items = self._represent(self.item_embedding, terms[schema.ITEM][0], inputs[schema.ITEM],
+                            penalized)
     return ops.squeeze(self.score(users * items), axis=-1), penalized  # [b]
 
   def get_config(self):
@@ -263,17 +280,16 @@ class MLP(Recommender):
     self.dropout = dropout
     self.user_embedding = self._embedding(num_users, embedding_dim, "mlp_user_embedding")
     self.item_embedding = self._embedding(num_items, embedding_dim, "mlp_item_embedding")
-    self.user_features = self._feature_embedding(schema.USER, embedding_dim, "mlp_user_features")
-    self.item_features = self._feature_embedding(schema.ITEM, embedding_dim, "mlp_item_features")
+    self._side_features([embedding_dim])
     self.tower = _tower(self, self.layer_sizes, dropout, "mlp")
     self.score = self._output()
 
   def forward(self, inputs, training=False):
-    features, penalized = self._gather_features(inputs), []
-    users = self._represent(self.user_embedding, self.user_features, inputs[schema.USER],
-                            features, schema.USER, penalized)
-    items = self._represent(self.item_embedding, self.item_features, inputs[schema.ITEM],
-                            features, schema.ITEM, penalized)
+    terms, penalized = self._feature_parts(inputs), []
+    users = self._represent(self.user_embedding, terms[schema.USER][0], inputs[schema.USER],
+                            penalized)
+    items = self._represent(self.item_embedding, terms[schema.ITEM][0], inputs[schema.ITEM],
+                            penalized)
     x = _run(self.tower, ops.concatenate([users, items], axis=-1), training)  # [b, layers[-1]]
     return ops.squeeze(self.score(x), axis=-1), penalized
 
@@ -302,28 +318,18 @@ class NeuMF(Recommender):
                                               "mlp_user_embedding")
     self.mlp_item_embedding = self._embedding(num_items, mlp_embedding_dim,
                                               "mlp_item_embedding")
-    self.gmf_user_features = self._feature_embedding(schema.USER, embedding_dim,
-                                                     "gmf_user_features")
-    self.gmf_item_features = self._feature_embedding(schema.ITEM, embedding_dim,
-                                                     "gmf_item_features")
-    self.mlp_user_features = self._feature_embedding(schema.USER, mlp_embedding_dim,
-                                                     "mlp_user_features")
-    self.mlp_item_features = self._feature_embedding(schema.ITEM, mlp_embedding_dim,
-                                                     "mlp_item_features")
+    self._side_features([embedding_dim, mlp_embedding_dim])  # [GMF ; MLP] per side
     self.tower = _tower(self, self.layer_sizes, dropout, "mlp")
     self.score = self._output()
 
   def forward(self, inputs, training=False):
     users, items = inputs[schema.USER], inputs[schema.ITEM]
-    f, penalized = self._gather_features(inputs), []
-    rows = [self._represent(self.gmf_user_embedding, self.gmf_user_features, users, f,
-                            schema.USER, penalized),
-            self._represent(self.gmf_item_embedding, self.gmf_item_features, items, f,
-                            schema.ITEM, penalized),
-            self._represent(self.mlp_user_embedding, self.mlp_user_features, users, f,
-                            schema.USER, penalized),
-            self._represent(self.mlp_item_embedding, self.mlp_item_features, items, f,
-                            schema.ITEM, penalized)]
+    parts, penalized = self._feature_parts(inputs), []
+    (gmf_u, mlp_u), (gmf_i, mlp_i) = parts[schema.USER], parts[schema.ITEM]
+    rows = [self._represent(self.gmf_user_embedding, gmf_u, users, penalized),
+            self._represent(self.gmf_item_embedding, gmf_i, items, penalized),
+            self._represent(self.mlp_user_embedding, mlp_u, users, penalized),
+            self._represent(self.mlp_item_embedding, mlp_i, items, penalized)]
     gmf = rows[0] * rows[1]  # [b, d]
     mlp = _run(self.tower, ops.concatenate(rows[2:], axis=-1), training)  # [b, layers[-1]]
     return ops.squeeze(self.score(ops.concatenate([gmf, mlp], axis=-1)), axis=-1), penalized
@@ -368,20 +374,16 @@ class MF(Recommender):
     self.global_bias = self.add_weight(
         shape=(), initializer=keras.initializers.Constant(self.output_bias), name="global_bias")
     # Features shift the factors and the biases alike (a cold item gets a bias by genre).
-    self.user_features = self._feature_embedding(schema.USER, embedding_dim, "user_features")
-    self.item_features = self._feature_embedding(schema.ITEM, embedding_dim, "item_features")
-    self.user_bias_features = self._feature_embedding(schema.USER, 1, "user_bias_features")
-    self.item_bias_features = self._feature_embedding(schema.ITEM, 1, "item_bias_features")
+    self._side_features([embedding_dim, 1])  # [factors ; bias] per side
 
   def forward(self, inputs, training=False):
     users, items = inputs[schema.USER], inputs[schema.ITEM]
-    f, penalized = self._gather_features(inputs), []
-    represent = lambda layer, features, ids, side: self._represent(  # noqa: E731
-        layer, features, ids, f, side, penalized)
-    rows = [represent(self.user_embedding, self.user_features, users, schema.USER),
-            represent(self.item_embedding, self.item_features, items, schema.ITEM),
-            represent(self.user_bias, self.user_bias_features, users, schema.USER),
-            represent(self.item_bias, self.item_bias_features, items, schema.ITEM)]
+    parts, penalized = self._feature_parts(inputs), []
+    (factors_u, bias_u), (factors_i, bias_i) = parts[schema.USER], parts[schema.ITEM]
+    rows = [self._represent(self.user_embedding, factors_u, users, penalized),
+            self._represent(self.item_embedding, factors_i, items, penalized),
+            self._represent(self.user_bias, bias_u, users, penalized),
+            self._represent(self.item_bias, bias_i, items, penalized)]
     dot = ops.sum(rows[0] * rows[1], axis=-1)  # [b]
     bias = ops.squeeze(rows[2], -1) + ops.squeeze(rows[3], -1)
     # Read in the compute dtype, as Keras's call would under a mixed-precision policy.
