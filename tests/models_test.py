@@ -206,8 +206,8 @@ def test_the_l2_penalty_falls_on_id_rows_only():
 
 
 def test_feature_embedding_dense_and_sparse_products_agree(monkeypatch):
-  """A small batch reads the features through a dense weight matrix, a large one through a
-  SparseTensor (`DENSE_MATRIX_ENTRIES`): both must give the same terms and gradients."""
+  """A small vocabulary is read through a dense weight matrix, a large one through a
+  SparseTensor (`DENSE_MATRIX_VOCABULARY`): both must give the same terms and gradients."""
   from trainer import feature_layers as fl
   side = _feature_tables()["item"]
   tables = fl.FeatureTables(side.infos, 11, side.tables)
@@ -217,13 +217,13 @@ def test_feature_embedding_dense_and_sparse_products_agree(monkeypatch):
   upstream = tf.constant(np.random.default_rng(6).normal(size=(5, 3)).astype("float32"))
 
   def terms_and_gradient(limit):
-    monkeypatch.setattr(fl, "DENSE_MATRIX_ENTRIES", limit)
+    monkeypatch.setattr(fl, "DENSE_MATRIX_VOCABULARY", limit)
     with tf.GradientTape() as tape:
       out = layer(combined)
       loss = tf.reduce_sum(out * upstream)
     return out.numpy(), tf.convert_to_tensor(tape.gradient(loss, layer.embeddings.value))
 
-  dense, dense_gradient = terms_and_gradient(1 << 24)
+  dense, dense_gradient = terms_and_gradient(1024)
   sparse, sparse_gradient = terms_and_gradient(0)
   np.testing.assert_allclose(dense, sparse, rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(dense_gradient, sparse_gradient, rtol=1e-6, atol=1e-7)

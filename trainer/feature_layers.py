@@ -166,13 +166,15 @@ class FeatureTables(layers.Layer):
 # sparse row per (example, value). Larger ones are gathered (sparse gradient, lazy updates of
 # the rows seen).
 DENSE_VOCABULARY = 16384
-# M is dense while it has at most this many entries (64 MB), else a SparseTensor: TensorFlow's
-# CPU sparse x dense matmul costs in proportion to the width, a dense one barely at these sizes.
-# Measured here (in-process, alternating, the benchmark's synthetic features, batch 8190, 2
-# cores): neumf with features 646-649K examples/s dense, 542K sparse, IDs only 1,043K;
-# seed_mlp 482K dense, 407K sparse, IDs only 671K. (A gather forward with a dense backward,
-# 646K and 464K, and gathers all the way, ~520K for neumf, were no better.)
-DENSE_MATRIX_ENTRIES = 1 << 24
+# M is dense for combined vocabularies up to this size (at batch 65536, 256 MB), else a
+# SparseTensor: TensorFlow's CPU sparse x dense matmul costs in proportion to the width, a
+# dense one barely at these sizes. Measured here (in-process, alternating, the benchmark's
+# synthetic features of 40 and 260 values, batch 8190, 2 cores): neumf with features 646-649K
+# examples/s dense, 542K sparse, IDs only 1,043K; seed_mlp 482K dense, 407K sparse, IDs only
+# 671K. (A gather forward with a dense backward, 646K and 464K, and gathers all the way, ~520K
+# for neumf, were no better.) Decided by the vocabulary, not the batch: a tf.cond on the batch
+# size inside the training loop trips TensorFlow's type inference (a warning every run).
+DENSE_MATRIX_VOCABULARY = 1024
 
 
 def _weight_matrix(indices, weights, vocabulary):
@@ -184,7 +186,7 @@ def _weight_matrix(indices, weights, vocabulary):
 
 
 def _sparse_weighted_rows(table, indices, weights):
-  """The same product with M as a SparseTensor (for batches where a dense M is too large)."""
+  """The same product with M as a SparseTensor (for vocabularies where a dense M is large)."""
   batch, width = tf.shape(indices)[0], tf.shape(indices)[1]
   rows = tf.repeat(tf.range(tf.cast(batch, tf.int64)), width)
   coordinates = tf.stack([rows, tf.reshape(tf.cast(indices, tf.int64), [-1])], axis=1)
@@ -196,11 +198,9 @@ def _sparse_weighted_rows(table, indices, weights):
 def _weighted_rows(table, indices, weights):
   """sum_w weights[b, w] * table[indices[b, w]] = M table: [b, d]."""
   weights = tf.cast(weights, table.dtype)
-  vocabulary = tf.shape(table)[0]
-  entries = tf.cast(tf.shape(indices)[0], tf.int64) * tf.cast(vocabulary, tf.int64)
-  return tf.cond(entries <= DENSE_MATRIX_ENTRIES,
-                 lambda: tf.matmul(_weight_matrix(indices, weights, vocabulary), table),
-                 lambda: _sparse_weighted_rows(table, indices, weights))
+  if table.shape[0] <= DENSE_MATRIX_VOCABULARY:
+    return tf.matmul(_weight_matrix(indices, weights, table.shape[0]), table)
+  return _sparse_weighted_rows(table, indices, weights)
 
 
 @keras.saving.register_keras_serializable(package="neumf_trainer")

@@ -119,6 +119,12 @@ class Objective:
     """{protocol: evaluator}: what evaluation runs each epoch."""
     raise NotImplementedError
 
+  def baselines(self, strategy: tf.distribute.Strategy,
+                data: artifacts.PreparedData) -> Dict[str, float]:
+    """Item-free baselines measured once, after training, for the final report (explicit
+    ones come out of the evaluation pass itself)."""
+    return {}
+
   def primary_metric(self, evaluators: Dict[str, Evaluator]) -> str:
     """The metric that picks the best checkpoint and stops early: --target_metric, else the
     objective's default.
@@ -211,12 +217,28 @@ class Implicit(Objective):
     return tf.nn.sigmoid_cross_entropy_with_logits(batch[schema.LABEL], scores)
 
   def evaluators(self, model, strategy, data):
+    return self._ranking_evaluators(strategy, data, lambda batch: model(batch, training=False))
+
+  def baselines(self, strategy, data):
+    """Popularity: every user gets the items with the most training interactions, each
+    protocol's metrics as `<metric>_popularity_baseline`. On a cold_items split it ranks the
+    held-out items last (none has an interaction), the bar the IDs alone cannot clear."""
+    counts = np.bincount(data.train_positives["indices"],
+                         minlength=data.metadata.num_items + 1).astype(np.float32)
+    popularity = tf.constant(counts)  # [items + 1]
+    evaluators = self._ranking_evaluators(
+        strategy, data, lambda batch: tf.gather(popularity, batch[schema.ITEM]))
+    return {f"{name}_popularity_baseline": value for run in evaluators.values()
+            for name, value in run().items() if not name.startswith("count")}
+
+  def _ranking_evaluators(self, strategy, data, score: Callable) -> Dict[str, Evaluator]:
+    """{protocol: evaluator} of the ranking scores `score(batch)` (ties count against them)."""
     config, metadata = self.config, data.metadata
     replicas = strategy.num_replicas_in_sync
     positives = data.train_positives
-    protocols = metrics.make_ranking_evaluation(model, strategy, config.top_k,
+    protocols = metrics.make_ranking_evaluation(None, strategy, config.top_k,
                                                 metadata.num_items, positives["indptr"],
-                                                positives["indices"])
+                                                positives["indices"], score)
     out = {}
     sampled = data.eval_negatives
     if sampled is not None:

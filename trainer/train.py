@@ -303,7 +303,7 @@ def _run(config: TrainConfig, strategy: tf.distribute.Strategy,
   best = checkpointer.restore_best() if config.keep_best else None
   if best:
     logging.info("Best %s %.4f: %s", tracker.metric, float(state.best.numpy()), best)
-  final = evaluate()
+  final = {**evaluate(), **objective.baselines(strategy, data)}
   _export(config, strategy, objective, data, model)
   checkpointer.clean_up()
   if not distribute.is_chief(strategy):
