@@ -185,3 +185,59 @@ def test_implicit_cold_items_rank_by_features_above_popularity(implicit_cold_dat
   assert with_features["eval_hr_full"] > 0.8, with_features
   assert with_features["eval_hr_full"] > ids_only["eval_hr_full"] + 0.2, (with_features,
                                                                           ids_only)
+
+
+@pytest.fixture(scope="module")
+def cold_user_run(tmp_path_factory):
+  """Young users rate good items 5 and bad ones 1, old users the other way round: a user's
+  group and the item decide the rating. Trained on every user; serving meets new ones."""
+  root = tmp_path_factory.mktemp("cold_users")
+  rng = np.random.default_rng(2)
+  group = lambda u: "young" if u % 2 == 0 else "old"  # noqa: E731
+  rows = ["user,item,rating"]
+  for u in range(NUM_USERS):
+    for i in rng.choice(NUM_ITEMS, 30, replace=False):
+      rows.append(f"u{u},i{i},{5 if (_kind(i) == 'good') == (group(u) == 'young') else 1}")
+  (root / "log.csv").write_text("\n".join(rows) + "\n")
+  (root / "users.csv").write_text("id,group\n" + "".join(f"u{u},{group(u)}\n"
+                                                          for u in range(NUM_USERS)))
+  data_dir = str(root / "data")
+  preparation.prepare(PrepareConfig(
+      output_dir=data_dir, source="csv", input=(str(root / "log.csv"),), user_column="user",
+      item_column="item", rating_column="rating", user_features=str(root / "users.csv"),
+      user_id_column="id", user_feature_columns="group:categorical", eval_fraction=0.1,
+      num_shards=2, seed=3))
+  config = _config(data_dir, str(root / "model"), epochs=20)
+  return config, train.train_and_evaluate(config)
+
+
+_SERVE_NEW_USERS = """
+import json, sys
+import tensorflow as tf
+loaded = tf.saved_model.load(sys.argv[1])
+assert {"score_user_features", "recommend_user_features"} <= set(loaded.signatures)
+assert "score_features" not in loaded.signatures  # no item features were prepared
+score = loaded.signatures["score_user_features"](
+    item=tf.constant(["i0", "i1", "i0", "i1", "nothing"]),
+    user_group=tf.constant(["young", "young", "old", "old", "young"]))
+top = loaded.signatures["recommend_user_features"](k=tf.constant(5),
+                                                   user_group=tf.constant(["young", "old"]))
+print(json.dumps({"ratings": score["rating"].numpy().tolist(),
+                  "item_known": score["item_known"].numpy().tolist(),
+                  "top": top["items"].numpy().astype(str).tolist()}))
+"""
+
+
+def test_the_export_serves_new_users_by_their_profile(cold_user_run):
+  config, result = cold_user_run
+  assert result["eval_rmse"] < result["eval_rmse_user_mean_baseline"] / 2, result
+  served = json.loads(subprocess.run(
+      [sys.executable, "-c", _SERVE_NEW_USERS, config.resolved_export_dir],
+      capture_output=True, text=True, check=True,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")).stdout.strip().splitlines()[-1])
+  young_good, young_bad, old_good, old_bad, _ = served["ratings"]  # i0 is good, i1 bad
+  assert young_good > 4 and young_bad < 2 and old_good < 2 and old_bad > 4, served
+  assert served["item_known"] == [True, True, True, True, False]
+  young, old = served["top"]
+  assert all(_kind(int(i[1:])) == "good" for i in young), served
+  assert all(_kind(int(i[1:])) == "bad" for i in old), served

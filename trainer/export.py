@@ -33,6 +33,8 @@ SERVING_DEFAULT = "serving_default"
 RECOMMEND = "recommend"
 SCORE_FEATURES = "score_features"
 RECOMMEND_FEATURES = "recommend_features"
+SCORE_USER_FEATURES = "score_user_features"
+RECOMMEND_USER_FEATURES = "recommend_user_features"
 
 
 def _lookup_table(keys, name: str) -> tf.lookup.StaticHashTable:
@@ -61,7 +63,7 @@ def export_saved_model(model: keras.Model, export_dir: str, data: artifacts.Prep
   signatures = {SERVING_DEFAULT: module.serve, RECOMMEND: module.recommend}
   item_features = model.feature_sides.get(schema.ITEM)
   if item_features is not None:  # cold start: items described by their features alone
-    encoder = ItemFeatureEncoder(item_features.infos, data)
+    encoder = FeatureEncoder(item_features.infos, data)
     module.item_feature_encoder = encoder
     module.score_features = _score_features_function(module, model, data.metadata, objective,
                                                      encoder)
@@ -69,6 +71,16 @@ def export_saved_model(model: keras.Model, export_dir: str, data: artifacts.Prep
                                                              encoder)
     signatures.update({SCORE_FEATURES: module.score_features,
                        RECOMMEND_FEATURES: module.recommend_features})
+  user_features = model.feature_sides.get(schema.USER)
+  if user_features is not None:  # cold start: new users described by their profile
+    encoder = FeatureEncoder(user_features.infos, data)
+    module.user_feature_encoder = encoder
+    module.score_user_features = _score_user_features_function(module, model, data.metadata,
+                                                               objective, encoder)
+    module.recommend_user_features = _recommend_user_features_function(module, model,
+                                                                       data.metadata, encoder)
+    signatures.update({SCORE_USER_FEATURES: module.score_user_features,
+                       RECOMMEND_USER_FEATURES: module.recommend_user_features})
   tf.saved_model.save(module, export_dir, signatures=signatures)
   logging.info("Exported SavedModel with signatures %s to %s", ", ".join(signatures),
                export_dir)
@@ -140,12 +152,13 @@ def _recommend_function(module: tf.Module, model: keras.Model, metadata: schema.
   return recommend
 
 
-class ItemFeatureEncoder(tf.Module):
-  """Raw item feature values -> the model's feature layout, in the serving graph.
+class FeatureEncoder(tf.Module):
+  """Raw feature values of one side -> the model's feature layout, in the serving graph.
 
-  Inputs, one per item feature, named `item_<feature>`: categorical, a string [n] ("" for
-  missing); multi_hot, a string [n, m] padded with ""; numeric and bucketized, a float [n]
-  (NaN for missing). Values outside a vocabulary count as missing, as in training.
+  Inputs, one per feature of the side, named `<side>_<feature>` (item_genres, user_age):
+  categorical, a string [n] ("" for missing); multi_hot, a string [n, m] padded with "";
+  numeric and bucketized, a float [n] (NaN for missing). Values outside a vocabulary count as
+  missing, as in training.
   """
 
   def __init__(self, infos, data: artifacts.PreparedData):
@@ -170,7 +183,7 @@ class ItemFeatureEncoder(tf.Module):
   def input_specs(self):
     return [tf.TensorSpec([None, None] if i.kind == "multi_hot" else [None],
                           tf.float32 if i.kind in ("numeric", "bucketized") else tf.string,
-                          name=f"item_{i.name}") for i in self.infos]
+                          name=f"{i.side}_{i.name}") for i in self.infos]
 
   def encode(self, values):
     """The combined layout (`feature_layers.combine`) of features given in `infos` order."""
@@ -190,7 +203,7 @@ class ItemFeatureEncoder(tf.Module):
 
 
 def _score_features_function(module: tf.Module, model: keras.Model, metadata: schema.Metadata,
-                             objective: objectives.Objective, encoder: ItemFeatureEncoder):
+                             objective: objectives.Objective, encoder: FeatureEncoder):
   """score_features(user [b], item_<feature> [b]...): what serving_default serves, for items
   given by their features (scored with the out-of-vocabulary item ID)."""
   num_users, num_items = metadata.num_users, metadata.num_items
@@ -209,7 +222,7 @@ def _score_features_function(module: tf.Module, model: keras.Model, metadata: sc
 
 
 def _recommend_features_function(module: tf.Module, model: keras.Model,
-                                 metadata: schema.Metadata, encoder: ItemFeatureEncoder):
+                                 metadata: schema.Metadata, encoder: FeatureEncoder):
   """recommend_features(user [b], k, item_<feature> [n]...): each user's top k of a supplied
   catalogue of n items given by their features: `indices` int32 [b, k'] into the catalogue,
   `scores` float [b, k'] (model scores, best first)."""
@@ -231,3 +244,46 @@ def _recommend_features_function(module: tf.Module, model: keras.Model,
     return {"indices": top.indices, "scores": top.values, "user_known": users < num_users}
 
   return recommend_features
+
+
+def _score_user_features_function(module: tf.Module, model: keras.Model,
+                                  metadata: schema.Metadata, objective: objectives.Objective,
+                                  encoder: FeatureEncoder):
+  """score_user_features(item [b], user_<feature> [b]...): what serving_default serves, for
+  users given by their profile (scored with the out-of-vocabulary user ID)."""
+  num_users, num_items = metadata.num_users, metadata.num_items
+
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="item"),
+                                *encoder.input_specs()])
+  def score_user_features(item, *features):
+    items = module.item_table.lookup(item)  # [b]
+    users = tf.fill(tf.shape(items), tf.constant(num_users, tf.int64))  # the OOV row
+    scores = tf.cast(model({schema.USER: users, schema.ITEM: items,
+                            "user_features": encoder.encode(features)}, training=False),
+                     tf.float32)
+    return {**objective.serve(scores, metadata), "item_known": items < num_items}
+
+  return score_user_features
+
+
+def _recommend_user_features_function(module: tf.Module, model: keras.Model,
+                                      metadata: schema.Metadata, encoder: FeatureEncoder):
+  """recommend_user_features(k, user_<feature> [b]...): the top k of every trained item for
+  each of b new users given by their profile: items string [b, k'], scores float [b, k']."""
+  num_users, num_items = metadata.num_users, metadata.num_items
+
+  @tf.function(input_signature=[tf.TensorSpec([], tf.int32, name="k"),
+                                *encoder.input_specs()])
+  def recommend_user_features(k, *features):
+    tf.debugging.assert_positive(k, message="recommend_user_features: k must be positive")
+    combined = encoder.encode(features)  # [b, ...]
+    batch = tf.shape(combined["indices"])[0]
+    repeated = {name: tf.repeat(value, num_items, axis=0) for name, value in combined.items()}
+    scores = tf.cast(model({schema.USER: tf.fill([batch * num_items],
+                                                 tf.constant(num_users, tf.int64)),
+                            schema.ITEM: tf.tile(tf.range(num_items, dtype=tf.int64), [batch]),
+                            "user_features": repeated}, training=False), tf.float32)
+    top = tf.math.top_k(tf.reshape(scores, [batch, num_items]), k=tf.minimum(k, num_items))
+    return {"items": tf.gather(module.item_ids, top.indices), "scores": top.values}
+
+  return recommend_user_features
