@@ -50,6 +50,7 @@ class PrepareConfig:
   tfds_name: Optional[str] = None
   tfds_data_dir: Optional[str] = None
   tfds_manual_dir: Optional[str] = None
+  tfds_features: bool = True  # the builder's own side features, for sides without a file
   # split and filters
   split: str = "random"
   eval_fraction: float = 0.1

@@ -48,6 +48,9 @@ flags.DEFINE_float("rating_max", None, "csv: the highest valid rating (with --ra
 flags.DEFINE_string("tfds_name", None, "tfds: e.g. movielens/100k-ratings, movielens/1m-ratings, "
                     "movielens/20m-ratings, movielens/25m-ratings, "
                     "movielens/latest-small-ratings.")
+flags.DEFINE_bool("tfds_features", True, "tfds: use the builder's own side features (items: "
+                  "genres, year from the title; 100K/1M users: age group, gender, occupation, "
+                  "zip prefix) for each side without a --user_features/--item_features file.")
 flags.DEFINE_string("tfds_data_dir", None, "tfds: TensorFlow Datasets' data directory.")
 flags.DEFINE_string("tfds_manual_dir", None, "tfds: a folder holding the archive under its "
                     "registered name (e.g. ml-latest-small.zip), used instead of downloading; "
@@ -120,7 +123,7 @@ def config_from_flags() -> config_lib.PrepareConfig:
       rating_column=FLAGS.rating_column, timestamp_column=FLAGS.timestamp_column,
       delimiter=delimiter, header=FLAGS.header, rating_min=FLAGS.rating_min,
       rating_max=FLAGS.rating_max, tfds_name=FLAGS.tfds_name, tfds_data_dir=FLAGS.tfds_data_dir,
-      tfds_manual_dir=FLAGS.tfds_manual_dir, split=FLAGS.split,
+      tfds_manual_dir=FLAGS.tfds_manual_dir, tfds_features=FLAGS.tfds_features, split=FLAGS.split,
       eval_fraction=FLAGS.eval_fraction, temporal_cutoff=FLAGS.temporal_cutoff,
       min_user_interactions=FLAGS.min_user_interactions, eval_negatives=FLAGS.eval_negatives,
       duplicates=FLAGS.duplicates, skip_bad_rows=FLAGS.skip_bad_rows,

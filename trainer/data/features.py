@@ -31,7 +31,7 @@ import csv
 import dataclasses
 import io
 import re
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -261,6 +261,34 @@ def read_movielens_features(side: str, path: str) -> RawFeatures:
                    f"--{side}_id_column and --{side}_feature_columns")
 
 
+def from_movielens_examples(examples: Iterable[Mapping[str, Any]],
+                            path: str) -> List[RawFeatures]:
+  """Side features from TensorFlow Datasets' MovieLens rating examples, decoded (genre and
+  occupation names as strings): items' `genres` and `year` (as `movies.csv` gives them), and
+  when the examples carry demographics (100K, 1M) users' `age` (the builder's age group),
+  `gender`, `occupation`, `zip` (prefix). One row per ID, from its first example; memory is
+  O(entities)."""
+  items: Dict[str, Tuple[str, List[str]]] = {}
+  users: Dict[str, Tuple[str, List[str]]] = {}
+  for n, example in enumerate(examples):
+    item = str(example["movie_id"])
+    if item not in items:
+      genres = "|".join(g for g in example["movie_genres"] if g != "(no genres listed)")
+      items[item] = (n + 1, [item, genres, _title_year(str(example["movie_title"]))])
+    user = str(example["user_id"])
+    if "user_gender" in example and user not in users:
+      users[user] = (n + 1, [user, str(int(example["bucketized_user_age"])),
+                             "M" if example["user_gender"] else "F",
+                             str(example["user_occupation_text"]),
+                             str(example["user_zip_code"])[:_ZIP_PREFIX]])
+  out = []
+  if items:
+    out.append(_collect(schema.ITEM, path, MOVIELENS_ITEM_SPECS, items.values(), [0, 1, 2]))
+  if users:
+    out.append(_collect(schema.USER, path, ML1M_USER_SPECS, users.values(), [0, 1, 2, 3, 4]))
+  return out
+
+
 def _movielens_genres(text: str) -> str:
   return "" if text.strip() in ("", "(no genres listed)") else text
 
@@ -311,6 +339,7 @@ class FeatureTable:
   info: List[dict]  # per feature, for the metadata
   rows_without_entity: int  # feature rows whose ID is not in the interaction log
   entities_without_row: int  # IDs of the log with no feature row (every feature missing)
+  path: str = ""  # where the features came from (a file, or tfds:<name>)
 
 
 def encode(raw: RawFeatures, dense_ids: Sequence[str], min_count: int) -> FeatureTable:
@@ -347,7 +376,7 @@ def encode(raw: RawFeatures, dense_ids: Sequence[str], min_count: int) -> Featur
     info.append({"side": raw.side, "name": spec.name, "kind": spec.kind, "missing": missing,
                  **extra})
   return FeatureTable(raw.side, raw.specs, arrays, vocabularies, info, unmatched,
-                      int(np.sum(row_of[:-1] < 0)))
+                      int(np.sum(row_of[:-1] < 0)), raw.path)
 
 
 def _vocabulary(tokens: List[List[str]], min_count: int) -> List[str]:

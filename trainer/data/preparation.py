@@ -378,7 +378,7 @@ def prepare(config: PrepareConfig) -> schema.Metadata:
   for pattern in config.input:
     fileio.check_gcs_access(pattern, "input", write=False)
   source = make_source(config)
-  raw_features = read_features(config)  # before the log: a bad feature file fails at once
+  raw_features = read_features(config, source)  # before the log: a bad file fails at once
   splitter = splits.make_splitter(config)
   if splitter.needs_timestamps and not source.has_timestamps:
     raise ConfigError(f"--split={config.split} needs timestamps, and the input has none "
@@ -658,9 +658,14 @@ def _write_side_files(scratch: _Scratch, config: PrepareConfig, vocab: _Vocabula
   return names
 
 
-def read_features(config: PrepareConfig) -> List[features.RawFeatures]:
-  """The side feature files of the configuration, read (entity-sized) and checked."""
+def read_features(config: PrepareConfig,
+                  source: Optional[sources.Source] = None) -> List[features.RawFeatures]:
+  """The side feature files of the configuration, read (entity-sized) and checked; for a side
+  without one, the features the source carries (--tfds_features)."""
   out = []
+  given = {side for side, _ in config.feature_files()}
+  if source is not None and config.source == "tfds" and config.tfds_features:
+    out += [raw for raw in source.side_features() if raw.side not in given]
   for side, path in config.feature_files():
     columns = getattr(config, f"{side}_feature_columns")
     if columns is None:
@@ -692,7 +697,7 @@ def _metadata(config: PrepareConfig, source: sources.Source, splitter: splits.Sp
               tables: Sequence[features.FeatureTable] = ()) -> schema.Metadata:
   """The metadata of the prepared directory (written last, marking it complete)."""
   bad = source.bad
-  feature_files = {t.side: {"path": getattr(config, f"{t.side}_features"),
+  feature_files = {t.side: {"path": t.path,
                             "rows_without_entity": t.rows_without_entity,
                             "entities_without_row": t.entities_without_row} for t in tables}
   return schema.Metadata(

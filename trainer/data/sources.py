@@ -21,6 +21,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from trainer.data import features
+
 CHUNK_ROWS = 1 << 20
 
 
@@ -78,6 +80,10 @@ class Source:
 
   def where(self, file_index: int, line: int) -> str:
     return f"{self.files[file_index]}:{line}" if self.files else f"row {line}"
+
+  def side_features(self) -> List[features.RawFeatures]:
+    """Side features the log itself carries (TensorFlow Datasets' MovieLens), else none."""
+    return []
 
 
 def _to_float(values: Sequence[str], where: Callable[[int], str], rows: Sequence[str],
@@ -361,12 +367,36 @@ class TfdsSource(Source):
   def fingerprint(self):
     return {"tfds": self.name, "version": str(self.builder.info.version)}
 
+  def _dataset(self):
+    """The builder's examples, downloaded (or taken from manual_dir) and prepared once."""
+    if not getattr(self, "_prepared", False):
+      config = self._tfds.download.DownloadConfig(manual_dir=self.manual_dir)
+      logging.info("Preparing %s with TensorFlow Datasets in %s", self.name,
+                   self.builder.data_dir)
+      self.builder.download_and_prepare(download_config=config)
+      self._prepared = True
+    return self.builder.as_dataset(split="train", shuffle_files=False)
+
+  def side_features(self) -> List["features.RawFeatures"]:
+    """The side features the builder's examples carry (`features.from_movielens_examples`),
+    read in one pass of the examples' feature columns."""
+    info = self.builder.info.features
+    genre_names = info["movie_genres"].feature.names
+    columns = ["movie_id", "movie_title", "movie_genres", "user_id"]
+    if "user_gender" in info:
+      columns += ["user_gender", "bucketized_user_age", "user_occupation_text", "user_zip_code"]
+    ds = self._dataset().map(lambda x: {c: x[c] for c in columns})
+
+    def examples():
+      for example in self._tfds.as_numpy(ds):
+        decoded = {c: v.decode() if isinstance(v, bytes) else v for c, v in example.items()}
+        decoded["movie_genres"] = [genre_names[g] for g in example["movie_genres"]]
+        yield decoded
+
+    return features.from_movielens_examples(examples(), self.files[0])
+
   def chunks(self) -> Iterator[Chunk]:
-    config = self._tfds.download.DownloadConfig(manual_dir=self.manual_dir)
-    logging.info("Preparing %s with TensorFlow Datasets in %s", self.name,
-                 self.builder.data_dir)
-    self.builder.download_and_prepare(download_config=config)
-    ds = self.builder.as_dataset(split="train", shuffle_files=False)
+    ds = self._dataset()
     ds = ds.map(lambda x: {"user": x["user_id"], "item": x["movie_id"],
                            "rating": x["user_rating"], "timestamp": x["timestamp"]})
     line = 1
