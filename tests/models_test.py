@@ -205,9 +205,9 @@ def test_the_l2_penalty_falls_on_id_rows_only():
   np.testing.assert_allclose(penalty.numpy(), [expected], rtol=1e-5)
 
 
-def test_feature_embedding_dense_and_sparse_products_agree(monkeypatch):
-  """A small vocabulary is read through a dense weight matrix, a large one through a
-  SparseTensor (`DENSE_MATRIX_VOCABULARY`): both must give the same terms and gradients."""
+def test_feature_embedding_training_path_matches_plain_gathers():
+  """Training reads the features through XLA-compiled sums with a hand-written gradient; it
+  must give the terms and table gradient that TensorFlow's own gathers and autodiff give."""
   from trainer import feature_layers as fl
   side = _feature_tables()["item"]
   tables = fl.FeatureTables(side.infos, 11, side.tables)
@@ -216,21 +216,22 @@ def test_feature_embedding_dense_and_sparse_products_agree(monkeypatch):
   combined = tables(tf.constant([0, 3, 3, 1, 10]))
   upstream = tf.constant(np.random.default_rng(6).normal(size=(5, 3)).astype("float32"))
 
-  def terms_and_gradient(limit):
-    monkeypatch.setattr(fl, "DENSE_MATRIX_VOCABULARY", limit)
+  def terms_and_gradient(training):
     with tf.GradientTape() as tape:
-      out = layer(combined)
+      out = layer(combined, training=training)
       loss = tf.reduce_sum(out * upstream)
     return out.numpy(), tf.convert_to_tensor(tape.gradient(loss, layer.embeddings.value))
 
-  dense, dense_gradient = terms_and_gradient(1024)
-  sparse, sparse_gradient = terms_and_gradient(0)
-  np.testing.assert_allclose(dense, sparse, rtol=1e-6, atol=1e-7)
-  np.testing.assert_allclose(dense_gradient, sparse_gradient, rtol=1e-6, atol=1e-7)
+  compiled, compiled_gradient = terms_and_gradient(True)
+  plain, plain_gradient = terms_and_gradient(False)
+  np.testing.assert_allclose(compiled, plain, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(compiled_gradient, plain_gradient, rtol=1e-6, atol=1e-7)
   # Item 3: tags 4 and 1 (offsets 4 + 4, 4 + 1), each weighted 1/2, and its price.
   rows = layer.embeddings.numpy()
   expected = 0.5 * (rows[8] + rows[5]) + side.tables["price"][3] * layer.projection.numpy()[0]
-  np.testing.assert_allclose(dense[1], expected, rtol=1e-5)
+  np.testing.assert_allclose(compiled[1], expected, rtol=1e-5)
+  # Row 8 (tag 4) is read by item 3 twice (rows 1 and 2 of the batch), at weight 1/2 each.
+  np.testing.assert_allclose(compiled_gradient[8], 0.5 * (upstream[1] + upstream[2]), rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", MODELS)

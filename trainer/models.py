@@ -121,7 +121,8 @@ class Recommender(keras.Model):
       setattr(self, f"{side}_features", layer)
       self.feature_embeddings[side] = layer
 
-  def _feature_parts(self, inputs: Mapping) -> Dict[str, List[Optional[tf.Tensor]]]:
+  def _feature_parts(self, inputs: Mapping,
+                     training: bool = False) -> Dict[str, List[Optional[tf.Tensor]]]:
     """{side: one [b, part] feature term per representation of the side}, all None for a side
     without features. The batch's feature rows come from the tables, or (cold start) from the
     values given in `inputs["<side>_features"]`."""
@@ -132,7 +133,8 @@ class Recommender(keras.Model):
         out[side] = [None] * len(self.feature_parts)
         continue
       given = inputs.get(f"{side}_features")
-      total = layer(given if given is not None else self.feature_sides[side](inputs[side]))
+      total = layer(given if given is not None else self.feature_sides[side](inputs[side]),
+                    training=training)
       out[side] = (ops.split(total, list(_cumulative(self.feature_parts[:-1])), axis=-1)
                    if len(self.feature_parts) > 1 else [total])
     return out
@@ -228,7 +230,7 @@ class SeedMLP(Recommender):
     self.rating = self._output("rating")
 
   def forward(self, inputs, training=False):
-    terms, penalized = self._feature_parts(inputs), []
+    terms, penalized = self._feature_parts(inputs, training), []
     users = self._represent(self.user_embedding, terms[schema.USER][0], inputs[schema.USER],
                             penalized)  # [b, d]
     items = self._represent(self.item_embedding, terms[schema.ITEM][0], inputs[schema.ITEM],
@@ -255,7 +257,7 @@ class GMF(Recommender):
     self.score = self._output()
 
   def forward(self, inputs, training=False):
-    terms, penalized = self._feature_parts(inputs), []
+    terms, penalized = self._feature_parts(inputs, training), []
     users = self._represent(self.user_embedding, terms[schema.USER][0], inputs[schema.USER],
                             penalized)
     items = self._represent(self.item_embedding, terms[schema.ITEM][0], inputs[schema.ITEM],
@@ -285,7 +287,7 @@ class MLP(Recommender):
     self.score = self._output()
 
   def forward(self, inputs, training=False):
-    terms, penalized = self._feature_parts(inputs), []
+    terms, penalized = self._feature_parts(inputs, training), []
     users = self._represent(self.user_embedding, terms[schema.USER][0], inputs[schema.USER],
                             penalized)
     items = self._represent(self.item_embedding, terms[schema.ITEM][0], inputs[schema.ITEM],
@@ -324,7 +326,7 @@ class NeuMF(Recommender):
 
   def forward(self, inputs, training=False):
     users, items = inputs[schema.USER], inputs[schema.ITEM]
-    parts, penalized = self._feature_parts(inputs), []
+    parts, penalized = self._feature_parts(inputs, training), []
     (gmf_u, mlp_u), (gmf_i, mlp_i) = parts[schema.USER], parts[schema.ITEM]
     rows = [self._represent(self.gmf_user_embedding, gmf_u, users, penalized),
             self._represent(self.gmf_item_embedding, gmf_i, items, penalized),
@@ -378,7 +380,7 @@ class MF(Recommender):
 
   def forward(self, inputs, training=False):
     users, items = inputs[schema.USER], inputs[schema.ITEM]
-    parts, penalized = self._feature_parts(inputs), []
+    parts, penalized = self._feature_parts(inputs, training), []
     (factors_u, bias_u), (factors_i, bias_i) = parts[schema.USER], parts[schema.ITEM]
     rows = [self._represent(self.user_embedding, factors_u, users, penalized),
             self._represent(self.item_embedding, factors_i, items, penalized),
