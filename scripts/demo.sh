@@ -30,6 +30,7 @@ m = json.load(open(sys.argv[1]))
 print(f"eval RMSE {m['eval_rmse']:.4f} (MAE {m['eval_mae']:.4f}) after {m['epochs']} epochs on "
       f"{m['replicas']} replicas; predicting the global mean gives RMSE "
       f"{m['eval_rmse_global_mean_baseline']:.4f}")
+print(f"report (loss, eval metrics, time, examples/s per epoch): {m['report']}")
 PY
 
 echo "== 3/3 recommend from the exported SavedModel"

@@ -83,7 +83,9 @@ def test_train_on_gcs_killed_and_resumed_ends_as_the_local_uninterrupted_run(
   assert "run/export/saved_model.pb" in names
   assert any(n.startswith("run/logs/events.out.tfevents") for n in names)
   assert any(n.startswith("run/checkpoints/best/ckpt-") for n in names)
-  assert "run/config.json" in names
+  assert "run/config.json" in names and "run/history.json" in names
+  png = storage_client.bucket(BUCKET).blob("run/report.png").download_as_bytes()
+  assert png[:8] == b"\x89PNG\r\n\x1a\n"
   metrics = json.loads(storage_client.bucket(BUCKET).blob("run/metrics.json").download_as_text())
   assert metrics["weights_sha256"] == result["weights_sha256"]
 

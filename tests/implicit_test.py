@@ -107,6 +107,13 @@ def test_early_stopping_at_a_target_and_the_best_checkpoint_is_exported(implicit
   assert best is not None and result["best_epoch"] == int(best.rsplit("-", 1)[1])
   with open(tmp_path / "metrics.json") as f:
     assert json.load(f)["stopped_early"] == result["stopped_early"]
+  # Time to target: the epoch that reached it (the last one) and the time up to its end.
+  with open(tmp_path / "history.json") as f:
+    epochs = json.load(f)["epochs"]
+  first = next(e for e in epochs if e["eval"]["hr_full"] >= 0.05)
+  assert result["target_reached_epoch"] == first["epoch"] == result["epochs"]
+  assert result["time_to_target_seconds"] == first["elapsed_seconds"] > 0
+  assert (result["target_metric"], result["target_value"]) == ("hr_full", 0.05)
 
 
 @pytest.mark.parametrize("changes", [

@@ -73,6 +73,25 @@ def _saved(checkpoint: str, counter: str) -> int:
   return int(tf.train.load_variable(checkpoint, f"{counter}/.ATTRIBUTES/VARIABLE_VALUE"))
 
 
+def test_writes_the_report_and_the_history(trained):
+  from PIL import Image
+  config, metrics = trained
+  assert metrics["report"] == os.path.join(config.model_dir, "report.png")
+  with Image.open(metrics["report"]) as image:
+    image.verify()  # a whole, valid PNG
+  with Image.open(metrics["report"]) as image:
+    assert image.format == "PNG" and image.size == (880, 600)
+    assert image.text["Description"] == ("panels: train loss; eval metrics; primary metric "
+                                         "against elapsed time; train examples/s")
+    assert "seed_mlp (explicit)" in image.text["Title"]
+  with open(os.path.join(config.model_dir, "history.json")) as f:
+    epochs = json.load(f)["epochs"]
+  assert [e["epoch"] for e in epochs] == list(range(1, 7))
+  assert all(e["examples_per_sec"] > 0 and set(e["eval"]) >= {"rmse", "mae"} for e in epochs)
+  assert np.all(np.diff([e["elapsed_seconds"] for e in epochs]) > 0)
+  assert "time_to_target_seconds" not in metrics  # no --target_value
+
+
 def test_writes_checkpoints_and_tensorboard_summaries(trained):
   config, _ = trained
   checkpoints = config.resolved_checkpoint_dir
@@ -101,6 +120,12 @@ def test_rerun_resumes_from_the_latest_checkpoint(trained, tmp_path):
   more = train.train_and_evaluate(dataclasses.replace(same, epochs=7))
   assert more["epochs"] == 7 and more["train_examples_per_sec"] > 0
   assert _saved(tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")), "epoch") == 7
+  # The history keeps the first run's epochs and adds the new one, its time after theirs.
+  with open(os.path.join(model_dir, "history.json")) as f:
+    epochs = json.load(f)["epochs"]
+  assert [e["epoch"] for e in epochs] == list(range(1, 8))
+  assert epochs[-1]["elapsed_seconds"] > epochs[-2]["elapsed_seconds"]
+  assert epochs[-1]["eval"]["rmse"] == pytest.approx(more["eval_rmse"], rel=1e-6)
 
 
 _SERVE = textwrap.dedent("""

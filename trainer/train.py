@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import distribute, export, fileio, models, objectives, optimizers
+from trainer import distribute, export, fileio, models, objectives, optimizers, report
 from trainer.checkpointer import Checkpointer, TrainingState, best_epoch, start_afresh
 from trainer.config import TrainConfig
 from trainer.data import artifacts, pipeline
@@ -294,11 +294,13 @@ def _run(config: TrainConfig, strategy: tf.distribute.Strategy,
   evaluate = functools.partial(_evaluate_all, evaluators)
   tracker = BestTracker(config, objective, objective.primary_metric(evaluators), state,
                         checkpointer)
-  board = EpochBoard(config, optimizer, distribute.is_chief(strategy))
+  chief = distribute.is_chief(strategy)
+  board = EpochBoard(config, optimizer, chief)
+  history = report.History.resume(config.model_dir, chief, int(state.epoch.numpy()))
   logging.info("Training %s (%s): %d epochs x %d steps of %d examples on %d replica(s), "
                "task %s", config.model, config.task, config.epochs, runner.steps_per_epoch,
                config.batch_size, strategy.num_replicas_in_sync, distribute.task_role(strategy))
-  progress = _train_epochs(config, state, runner, evaluate, tracker, board)
+  progress = _train_epochs(config, state, runner, evaluate, tracker, board, history)
   # Serve and report the best epoch's model (or, --nokeep_best, the last one's).
   best = checkpointer.restore_best() if config.keep_best else None
   if best:
@@ -311,13 +313,36 @@ def _run(config: TrainConfig, strategy: tf.distribute.Strategy,
                  "directories, now removed", distribute.task_role(strategy))
   result = summarize(config, strategy, objective, state, model, progress,
                      best_epoch(best), tracker.metric, final)
-  if distribute.is_chief(strategy):
+  result.update(_time_to_target(config, objective, tracker.metric, history))
+  if chief:
+    result["report"] = fileio.retry(
+        lambda: report.write_report(history, config.model_dir, _report_title(config, result),
+                                    tracker.metric, config.target_value),
+        f"writing {report.REPORT_FILE} to {config.model_dir}", config.storage_retries)
     fileio.retry(lambda: fileio.write_text_atomic(
         fileio.join(config.model_dir, METRICS_FILE),
         json.dumps(result, indent=2, sort_keys=True) + "\n"),
         f"writing {METRICS_FILE} to {config.model_dir}", config.storage_retries)
   logging.info("Final eval %s; exported to %s", _shown(final), config.resolved_export_dir)
   return result
+
+
+def _time_to_target(config: TrainConfig, objective: objectives.Objective, metric: str,
+                    history: report.History) -> Dict[str, object]:
+  """With --target_value: the first epoch that reached it and the training and evaluation
+  time it took (summed over every process that trained those epochs), or None for both."""
+  if config.target_value is None:
+    return {}
+  first = history.first_reaching(metric,
+                                 lambda v: objective.reached(metric, v, config.target_value))
+  return {"target_metric": metric, "target_value": config.target_value,
+          "target_reached_epoch": first["epoch"] if first else None,
+          "time_to_target_seconds": first["elapsed_seconds"] if first else None}
+
+
+def _report_title(config: TrainConfig, result: Dict[str, object]) -> str:
+  return (f"{config.model} ({config.task}), batch {config.batch_size}, "
+          f"{result['replicas']} replica(s): best epoch {result['best_epoch']}")
 
 
 def _evaluate_all(evaluators: Dict[str, objectives.Evaluator]) -> Dict[str, float]:
@@ -351,10 +376,11 @@ class Progress:
 
 def _train_epochs(config: TrainConfig, state: TrainingState, runner: "EpochRunner",
                   evaluate: Callable[[], Dict[str, float]], tracker: "BestTracker",
-                  board: "EpochBoard") -> Progress:
+                  board: "EpochBoard", history: report.History) -> Progress:
   """Trains the remaining epochs: each is trained, evaluated, checkpointed and logged."""
   progress = Progress()
   for e in range(int(state.epoch.numpy()), config.epochs):
+    started = time.time()
     stats = runner.run(e)
     progress.train_seconds += stats.seconds
     progress.trained_steps += stats.steps
@@ -364,6 +390,9 @@ def _train_epochs(config: TrainConfig, state: TrainingState, runner: "EpochRunne
     state.epoch_loss.assign(0.0)
     runner.checkpointer.save(int(state.step.numpy()))
     board.write(e + 1, stats, eval_metrics, improved)
+    history.add(e + 1, stats.loss, stats.examples_per_sec, time.time() - started, eval_metrics)
+    fileio.retry(history.save, f"writing {report.HISTORY_FILE} to {config.model_dir}",
+                 config.storage_retries)
     progress.stopped = tracker.stop_reason(eval_metrics)
     if progress.stopped:
       logging.info("Stopping early after epoch %d: %s", e + 1, progress.stopped)
