@@ -68,6 +68,9 @@ def test_every_model_beats_popularity(implicit_data, tmp_path, mirrored_strategy
   assert result["eval_hr_full_popularity_baseline"] == pytest.approx(
       _popularity(implicit_data, protocol="full"))
   assert result["eval_hr_full"] > result["eval_hr_full_popularity_baseline"]
+  # Krichene-Rendle: the sampled HR corrected toward the full one (1 of 200 items, 50 drawn).
+  assert abs(result["eval_hr_corrected_sampled"] - result["eval_hr_full"]) < abs(
+      result["eval_hr_sampled"] - result["eval_hr_full"]), result
 
 
 def test_same_seed_same_metrics_and_weights(implicit_data, tmp_path):

@@ -18,6 +18,11 @@ Protocols:
   full     the competitors are all items except the user's training positives (and the
            held-out item itself)
 
+The sampled protocol also reports its metrics corrected as Krichene and Rendle propose ("On
+Sampled Metrics for Item Recommendation", KDD 2020, section 5): each sampled rank r counts as
+x[r], the vector that best makes the sampled metric an estimate of the full one
+(`sampled_metric_correction`), reported as `hr_corrected_sampled`, `ndcg_corrected_sampled`.
+
 Each replica scores its share of the evaluation rows; the sums are reduced across replicas.
 """
 
@@ -99,6 +104,56 @@ def _summed(strategy: tf.distribute.Strategy, step_fn: Callable, size: int, dtyp
   return sums
 
 
+def _log_factorials(n: int) -> np.ndarray:
+  """log k! for k = 0..n."""
+  return np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, n + 1, dtype=np.float64)))])
+
+
+def sampled_metric_correction(num_items: int, num_negatives: int, metric: str, k: int,
+                              gamma: float = 0.01, chunk: int = 1 << 16) -> np.ndarray:
+  """Krichene and Rendle's bias-variance corrected metric: x [num_negatives + 1], the value to
+  count for a held-out item ranked r-th (0-based) among its sampled negatives.
+
+  With R the item's 0-based rank among all `num_items` candidates (uniform prior over R) and
+  P[R, r] the chance that r of `num_negatives` items drawn without replacement from the other
+  num_items - 1 rank above it (hypergeometric), x minimises the expected squared error of
+  x[r] against the full metric M(R) plus gamma times its variance:
+
+    x = ((1 - gamma) A'A + gamma diag(c))^-1 A'b,  A = P / sqrt(n),  b = M / sqrt(n),
+    c = P'1 / n
+
+  gamma = 0 is the least-squares (minimal bias) correction; gamma = 1 weighs each r by its
+  expected metric; the paper's experiments favour small gamma. P is summed in chunks of R, so
+  catalogues of millions of items take O(num_negatives^2) memory.
+
+  Args:
+    metric: "hr" (M(R) = 1 if R < k) or "ndcg" (1 / log2(R + 2) if R < k).
+  """
+  n, m = num_items, num_negatives
+  if metric not in ("hr", "ndcg"):
+    raise ValueError(f"metric {metric!r} is not hr or ndcg")
+  if m >= n:
+    raise ValueError(f"{m} negatives need more than {n} items")
+  log_factorial = _log_factorials(n)
+  log_choose = lambda a, b: log_factorial[a] - log_factorial[b] - log_factorial[a - b]  # noqa
+  r = np.arange(m + 1)
+  gram, moment, column = np.zeros((m + 1, m + 1)), np.zeros(m + 1), np.zeros(m + 1)
+  for start in range(0, n, chunk):
+    above = np.arange(start, min(start + chunk, n))[:, None]  # R: items ranked above
+    below = n - 1 - above
+    valid = (r <= above) & (m - r <= below)  # [chunk, m + 1]
+    pick = lambda values: np.where(valid, values, 0)  # noqa: E731 (any valid index)
+    log_p = (log_choose(pick(above), pick(r)) + log_choose(pick(below), pick(m - r))
+             - log_choose(n - 1, m))
+    p = np.where(valid, np.exp(log_p), 0.0)  # [chunk, m + 1]: P(r | R), hypergeometric
+    rank = above[:, 0]
+    full = (rank < k) * (1.0 if metric == "hr" else 1.0 / np.log2(rank + 2.0))
+    gram += p.T @ p / n
+    moment += p.T @ full / n
+    column += p.sum(axis=0) / n
+  return np.linalg.solve((1.0 - gamma) * gram + gamma * np.diag(column), moment)
+
+
 def rank_hit_ndcg(positive: tf.Tensor, competitors: tf.Tensor, mask: Optional[tf.Tensor],
                   k: int):
   """Ranks of positives among competitors, and their HR@k and NDCG@k terms.
@@ -137,7 +192,9 @@ def sampled_dataset(users: np.ndarray, positives: np.ndarray, negatives: np.ndar
 
 def make_ranking_evaluation(model: keras.Model, strategy: tf.distribute.Strategy, k: int,
                             num_items: int, indptr: np.ndarray, indices: np.ndarray,
-                            score_fn: Callable = None) -> Dict[str, Callable]:
+                            score_fn: Callable = None,
+                            corrections: Optional[Dict[str, np.ndarray]] = None
+                            ) -> Dict[str, Callable]:
   """Returns {protocol: evaluate(distributed dataset) -> {hr, ndcg, count}}.
 
   Args:
@@ -146,6 +203,9 @@ def make_ranking_evaluation(model: keras.Model, strategy: tf.distribute.Strategy
     num_items: items to rank in the full protocol.
     indptr, indices: each user's training positives (compressed sparse rows), excluded from
       the full protocol's competitors.
+    score_fn: scores a batch instead of the model.
+    corrections: {"hr": x, "ndcg": x} (`sampled_metric_correction`, x [negatives + 1]): the
+      sampled protocol then also reports hr_corrected and ndcg_corrected.
   """
   score = score_fn or (lambda batch: model(batch, training=False))
   positives = tf.RaggedTensor.from_row_splits(tf.constant(indices, tf.int64),
@@ -157,9 +217,13 @@ def make_ranking_evaluation(model: keras.Model, strategy: tf.distribute.Strategy
     positive = score({schema.USER: users, schema.ITEM: items})  # [b]
     competitors = tf.reshape(score({schema.USER: tf.repeat(users, n),
                                     schema.ITEM: tf.reshape(negatives, [-1])}), [-1, n])
-    _, hit, ndcg = rank_hit_ndcg(positive, competitors, None, k)
-    return tf.stack([tf.reduce_sum(hit), tf.reduce_sum(ndcg),
-                     tf.cast(tf.size(hit), tf.float32)])
+    rank, hit, ndcg = rank_hit_ndcg(positive, competitors, None, k)
+    sums = tf.stack([tf.reduce_sum(hit), tf.reduce_sum(ndcg), tf.cast(tf.size(hit), tf.float32)])
+    if not corrections:
+      return sums
+    ranks = len(corrections["hr"])  # how often each sampled rank occurs
+    return tf.concat([sums, tf.cast(tf.math.bincount(rank, minlength=ranks, maxlength=ranks),
+                                    tf.float32)], 0)
 
   def full_step(batch):
     users, items = batch[schema.USER], batch[schema.ITEM]
@@ -178,18 +242,24 @@ def make_ranking_evaluation(model: keras.Model, strategy: tf.distribute.Strategy
     return tf.stack([tf.reduce_sum(hit), tf.reduce_sum(ndcg),
                      tf.cast(tf.size(hit), tf.float32)])
 
-  def reducer(step_fn):
-    sums = _summed(strategy, step_fn, 3, tf.float32)
+  def reducer(step_fn, corrected: bool = False):
+    sums = _summed(strategy, step_fn, 3 + (len(corrections["hr"]) if corrected else 0),
+                   tf.float32)
 
     def evaluate(dataset) -> Dict[str, float]:
-      hits, ndcg, count = (float(x) for x in sums(dataset).numpy())
+      totals = sums(dataset).numpy().astype(np.float64)
+      hits, ndcg, count = totals[:3]
       if count == 0:
         raise ValueError("the evaluation data is empty")
-      return {"hr": hits / count, "ndcg": ndcg / count, "count": int(count)}
+      out = {"hr": hits / count, "ndcg": ndcg / count, "count": int(count)}
+      if corrected:  # the mean of x[r] over the held-out items' sampled ranks
+        out.update({f"{name}_corrected": float(totals[3:] @ x / count)
+                    for name, x in corrections.items()})
+      return out
 
     return evaluate
 
-  return {SAMPLED: reducer(sampled_step), FULL: reducer(full_step)}
+  return {SAMPLED: reducer(sampled_step, bool(corrections)), FULL: reducer(full_step)}
 
 
 def full_batch_size(num_items: int, replicas: int, budget: int = 1 << 22) -> int:

@@ -217,7 +217,8 @@ class Implicit(Objective):
     return tf.nn.sigmoid_cross_entropy_with_logits(batch[schema.LABEL], scores)
 
   def evaluators(self, model, strategy, data):
-    return self._ranking_evaluators(strategy, data, lambda batch: model(batch, training=False))
+    return self._ranking_evaluators(strategy, data, lambda batch: model(batch, training=False),
+                                    _sampled_corrections(data, self.config.top_k))
 
   def baselines(self, strategy, data):
     """Popularity: every user gets the items with the most training interactions, each
@@ -231,14 +232,16 @@ class Implicit(Objective):
     return {f"{name}_popularity_baseline": value for run in evaluators.values()
             for name, value in run().items() if not name.startswith("count")}
 
-  def _ranking_evaluators(self, strategy, data, score: Callable) -> Dict[str, Evaluator]:
+  def _ranking_evaluators(self, strategy, data, score: Callable,
+                          corrections: Optional[Dict[str, np.ndarray]] = None
+                          ) -> Dict[str, Evaluator]:
     """{protocol: evaluator} of the ranking scores `score(batch)` (ties count against them)."""
     config, metadata = self.config, data.metadata
     replicas = strategy.num_replicas_in_sync
     positives = data.train_positives
     protocols = metrics.make_ranking_evaluation(None, strategy, config.top_k,
                                                 metadata.num_items, positives["indptr"],
-                                                positives["indices"], score)
+                                                positives["indices"], score, corrections)
     out = {}
     sampled = data.eval_negatives
     if sampled is not None:
@@ -299,6 +302,23 @@ def _user_means(data: artifacts.PreparedData):
   counts = np.diff(positives["indptr"])
   return np.where(counts > 0, positives["rating_sum"] / np.maximum(counts, 1),
                   data.metadata.train_rating_mean)
+
+
+def _sampled_corrections(data: artifacts.PreparedData,
+                         k: int) -> Optional[Dict[str, np.ndarray]]:
+  """Krichene and Rendle's corrections of the sampled protocol's HR@k and NDCG@k, for the
+  data's catalogue: the candidates of a held-out item are the items the user has not trained
+  on (their mean count), its competitors the prepared eval negatives. None without them."""
+  sampled = data.eval_negatives
+  if sampled is None:
+    return None
+  counts = np.diff(data.train_positives["indptr"])
+  candidates = int(round(data.metadata.num_items - counts[sampled["users"]].mean()))
+  negatives = sampled["negatives"].shape[1]
+  if negatives >= candidates:
+    return None
+  return {name: metrics.sampled_metric_correction(candidates, negatives, name, k)
+          for name in ("hr", "ndcg")}
 
 
 def _named(evaluate: Callable, dataset, protocol: str) -> Evaluator:
