@@ -251,3 +251,21 @@ def test_features_train_under_mixed_precision(name):
   assert scores.dtype == tf.bfloat16
   assert features and all(g is not None for g in gradients)
   assert any(float(tf.reduce_max(tf.abs(tf.convert_to_tensor(g)))) > 0 for g in gradients)
+
+
+def test_feature_embedding_takes_serving_inputs_of_any_width():
+  """Serving hands in multi-hot values as a [n, None] matrix: the width is known only when the
+  request comes, and the embedding must not need it when the graph is built."""
+  from trainer import feature_layers as fl
+  side = _feature_tables()["item"]
+  tables = fl.FeatureTables(side.infos, 11, side.tables)
+  layer = fl.FeatureEmbedding(side.infos, 3)
+  combined = tables(tf.constant([0, 3, 1]))
+
+  @tf.function(input_signature=[{"indices": tf.TensorSpec([None, None], tf.int32),
+                                  "weights": tf.TensorSpec([None, None], tf.float32),
+                                  "numeric": tf.TensorSpec([None, 1], tf.float32)}])
+  def serve(given):
+    return layer(given)
+
+  np.testing.assert_allclose(serve(combined), layer(combined), rtol=1e-6)

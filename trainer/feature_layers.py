@@ -168,7 +168,10 @@ DENSE_VOCABULARY = 16384
 
 
 def _gathered_sum(table, indices, weights):
-  """sum_w weights[b, w] * table[indices[b, w]]: [b, d], one gather per column."""
+  """sum_w weights[b, w] * table[indices[b, w]]: [b, d], one gather per column (or, for
+  serving inputs whose width is not fixed, one gather of them all)."""
+  if indices.shape[1] is None:
+    return tf.einsum("bw,bwd->bd", weights, tf.gather(table, indices))
   total = weights[:, 0, None] * tf.gather(table, indices[:, 0])
   for w in range(1, indices.shape[1]):
     total += weights[:, w, None] * tf.gather(table, indices[:, w])
