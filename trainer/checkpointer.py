@@ -33,20 +33,25 @@ class TrainingState:
   epoch_loss: tf.Variable  # sum of the current epoch's step losses so far
   best: tf.Variable  # best value of the primary metric (NaN: none yet)
   since_best: tf.Variable  # epochs since it improved
+  # Parameter-server training only: the global batches each worker has trained.
+  worker_batches: Optional[tf.Variable] = None
 
   @classmethod
-  def create(cls) -> "TrainingState":
+  def create(cls, num_workers: int = 0) -> "TrainingState":
     """Fresh counters; create them under the strategy's scope, like the model."""
     make = lambda value, dtype, name: tf.Variable(value, dtype=dtype, trainable=False,  # noqa
                                                   name=name)
     return cls(epoch=make(0, tf.int64, "epoch"), step=make(0, tf.int64, "step"),
                epoch_loss=make(0.0, tf.float64, "epoch_loss"),
                best=make(float("nan"), tf.float64, "best"),
-               since_best=make(0, tf.int64, "since_best"))
+               since_best=make(0, tf.int64, "since_best"),
+               worker_batches=(make([0] * num_workers, tf.int64, "worker_batches")
+                               if num_workers else None))
 
   def variables(self) -> dict:
     """The counters by name (not `dataclasses.asdict`, which would copy the variables)."""
-    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+            if getattr(self, f.name) is not None}
 
 
 def _seed_states(model: keras.Model) -> list:

@@ -22,7 +22,7 @@ METRICS = RATING_METRICS + RANKING_METRICS
 SOURCES = ("synthetic", "movielens", "csv", "tfds")
 SPLITS = ("random", "leave_one_out", "temporal", "cold_items")
 DUPLICATE_POLICIES = ("error", "keep_latest", "mean")
-STRATEGIES = ("auto", "default", "mirrored", "multi_worker_mirrored")
+STRATEGIES = ("auto", "default", "mirrored", "multi_worker_mirrored", "parameter_server")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -214,6 +214,10 @@ class TrainConfig:
   storage_retries: int = 3  # further attempts of a failed checkpoint/export/metrics write
   strategy: str = "auto"
   num_cpu_devices: int = 1
+  # Parameter-server training: ID tables in this many shards (0: by --ps_shard_min_mb, at most
+  # one per ps task), shards of at least this many MiB.
+  ps_shards: int = 0
+  ps_shard_min_mb: float = 16.0
 
   @property
   def resolved_export_dir(self) -> str:
@@ -249,7 +253,9 @@ class TrainConfig:
                  "max_checkpoints", "num_cpu_devices", "top_k"):
       value = getattr(self, name)
       _require(value >= 1, f"--{name}={value} must be at least 1")
-    for name in ("warmup_steps", "num_negatives", "early_stopping_patience",
+    _require(self.ps_shard_min_mb > 0, f"--ps_shard_min_mb={self.ps_shard_min_mb} must be "
+             "positive")
+    for name in ("warmup_steps", "num_negatives", "early_stopping_patience", "ps_shards",
                  "checkpoint_every_steps", "checkpoint_every_secs", "storage_retries"):
       value = getattr(self, name)
       _require(value >= 0, f"--{name}={value} must not be negative")

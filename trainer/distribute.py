@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import tensorflow as tf
 from absl import logging
 
-from trainer import fileio
+from trainer import fileio, parameter_server
 from trainer.config import ConfigError
 
 # Vertex AI worker pools, in order, and the TF_CONFIG task types they play.
@@ -38,6 +38,9 @@ def _check_cluster(config: Any, source: str) -> Dict[str, Any]:
     if task_type not in _TASK_TYPES:
       raise ConfigError(f"{source}: cluster task type {task_type!r} is not one of "
                         f"{', '.join(_TASK_TYPES)}")
+    if task_type == "ps" and addresses == []:
+      raise ConfigError(f"{source}: cluster['ps'] is empty: parameter-server training needs at "
+                        "least one ps task (or drop 'ps' for MultiWorkerMirroredStrategy)")
     if (not isinstance(addresses, list) or not addresses
         or not all(isinstance(a, str) and ":" in a for a in addresses)):
       raise ConfigError(f"{source}: cluster[{task_type!r}] must be a list of 'host:port', "
@@ -50,9 +53,10 @@ def _check_cluster(config: Any, source: str) -> Dict[str, Any]:
   if not isinstance(task["index"], int) or not 0 <= task["index"] < len(cluster[task["type"]]):
     raise ConfigError(f"{source}: task index {task['index']!r} is out of range for the "
                       f"{len(cluster[task['type']])} {task['type']} task(s)")
-  if "ps" in cluster:
-    raise ConfigError(f"{source} lists 'ps' tasks: parameter-server training is not supported "
-                      "yet; use chief/worker tasks with MultiWorkerMirroredStrategy")
+  if "ps" in cluster and ("chief" not in cluster or "worker" not in cluster):
+    raise ConfigError(f"{source} lists 'ps' tasks but no {'chief' if 'chief' not in cluster else 'worker'}"
+                      " task: parameter-server training needs a chief (it coordinates), at "
+                      "least one worker and at least one ps task")
   return {"cluster": cluster, "task": {"type": task["type"], "index": task["index"]}}
 
 
@@ -93,6 +97,23 @@ def num_cluster_tasks(config: Optional[Dict[str, Any]]) -> int:
   if not config:
     return 1
   return sum(len(config["cluster"].get(t, [])) for t in ("chief", "worker"))
+
+
+def uses_parameter_servers(name: str, cluster: Optional[Dict[str, Any]]) -> bool:
+  """Whether --strategy=`name` over `cluster` is parameter-server training: `parameter_server`,
+  or `auto` with ps tasks in the cluster.
+
+  Raises:
+    ConfigError: parameter_server without ps tasks, or ps tasks with another strategy.
+  """
+  has_ps = bool(cluster) and "ps" in cluster["cluster"]
+  if name == "parameter_server" and not has_ps:
+    raise ConfigError("--strategy=parameter_server needs a cluster with 'ps' tasks in "
+                      "TF_CONFIG (or CLUSTER_SPEC's workerpool2)")
+  if has_ps and name not in ("auto", "parameter_server"):
+    raise ConfigError(f"TF_CONFIG lists 'ps' tasks but --strategy={name}: use "
+                      "--strategy=parameter_server (or auto)")
+  return has_ps
 
 
 def configure_cpu_devices(num_devices: int) -> None:
@@ -138,7 +159,8 @@ def _names(devices) -> List[str]:
 
 
 def get_strategy(name: str = "auto", num_cpu_devices: int = 1,
-                 environ: Optional[Mapping[str, str]] = None) -> tf.distribute.Strategy:
+                 environ: Optional[Mapping[str, str]] = None, ps_shards: int = 0,
+                 ps_shard_min_mb: float = 16.0) -> tf.distribute.Strategy:
   """Returns the strategy for `name`.
 
   auto: MultiWorkerMirroredStrategy when TF_CONFIG (or CLUSTER_SPEC) lists more than one task;
@@ -146,12 +168,19 @@ def get_strategy(name: str = "auto", num_cpu_devices: int = 1,
   logical CPUs when that is more than one; else the default strategy (one device, the GPU when
   there is one). mirrored: MirroredStrategy over the GPUs, or the logical CPUs.
   multi_worker_mirrored: MultiWorkerMirroredStrategy over the cluster (one task without one).
-  default: the default strategy.
+  default: the default strategy. parameter_server (auto when the cluster has ps tasks): on
+  the chief, ParameterServerStrategy with the ID tables in `ps_shards` shards (0: shards of at
+  least `ps_shard_min_mb` MiB, at most one per ps task); ps and worker tasks only serve
+  (`parameter_server.serve`), they never call this.
 
   Raises:
     ConfigError: an unknown name, or a malformed cluster description.
   """
   cluster = cluster_config(environ)
+  if uses_parameter_servers(name, cluster):
+    strategy = parameter_server.make_strategy(cluster, ps_shards, ps_shard_min_mb)
+    _log_strategy(strategy)
+    return strategy
   if name == "auto" and num_cluster_tasks(cluster) > 1:
     name = "multi_worker_mirrored"
   if name == "multi_worker_mirrored":  # before anything initialises the TensorFlow context
@@ -185,7 +214,9 @@ def _log_strategy(strategy: tf.distribute.Strategy) -> None:
 
 
 def _task(strategy: tf.distribute.Strategy):
-  resolver = getattr(strategy, "cluster_resolver", None)
+  # ParameterServerStrategy keeps its resolver to itself (its `cluster_resolver` is None).
+  resolver = (getattr(strategy, "cluster_resolver", None)
+              or getattr(strategy, "_cluster_resolver", None))
   if resolver is None or not resolver.cluster_spec().as_dict():
     return None, None, {}
   return resolver.task_type, resolver.task_id, resolver.cluster_spec().as_dict()

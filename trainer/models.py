@@ -36,7 +36,7 @@ import keras
 import tensorflow as tf
 from keras import layers, ops
 
-from trainer import distribute, feature_layers, schema
+from trainer import distribute, feature_layers, parameter_server, schema
 from trainer.config import MODELS
 
 
@@ -53,12 +53,33 @@ class Embedding(layers.Embedding):
   machine): seed_mlp 237K -> 327K training examples/s, neumf 610K -> 836K.
   """
 
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    # Built now, not at the first call: Keras would then create the table later, outside any
+    # scope of ours (deferred to the end of its symbolic build), and under a parameter server
+    # only tables created in `id_tables()` are sharded over the ps tasks.
+    with parameter_server.id_tables():
+      self.build()
+
+  def _trackable_children(self, save_type="checkpoint", **kwargs):
+    # A sharded table is saved by its ShardedVariable (one tensor, written slice by slice, that
+    # restores into any number of shards or into a plain variable): the Keras variable over it
+    # would hand TensorFlow's saver the ShardedVariable as if it were one tensor, and fail.
+    children = super()._trackable_children(save_type, **kwargs)
+    return {name: (child.value if isinstance(child, keras.Variable)
+                   and parameter_server.is_sharded(child.value) else child)
+            for name, child in children.items()}
+
   def call(self, inputs):
     if inputs.dtype not in ("int32", "int64"):
       inputs = ops.cast(inputs, "int32")
     # `autocast` is off for embeddings, so `.value` is the variable itself (a distributed
     # variable under a strategy, whose replica-local copy is gathered).
     table = distribute.local_variable(self.embeddings.value)
+    if parameter_server.is_sharded(table):
+      # Each shard's rows from the task that holds it ("div" partitioning, the one
+      # ParameterServerStrategy's partitions follow); `tf.gather` would concatenate the table.
+      return ops.cast(tf.nn.embedding_lookup(table.variables, inputs), self.compute_dtype)
     return ops.cast(tf.gather(table, inputs), self.compute_dtype)
 
 

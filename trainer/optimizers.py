@@ -128,6 +128,10 @@ class _RowBuffers:
 
   def __init__(self, var_list):
     self.buffers = {}
+    if isinstance(tf.distribute.get_strategy(), tf.distribute.ParameterServerStrategy):
+      # Variables of unknown shape on a parameter-server task crash the remote eager service
+      # (a check failure deserialising their handle): the updates there use plain ops.
+      return
     for index, variable in enumerate(var_list):
       if len(variable.shape) < 1:
         continue  # a scalar never gets a sparse gradient
@@ -181,6 +185,9 @@ class LazyAdam(keras.optimizers.Optimizer):
                                    v=_resource(v).handle, grad=gradient, **hyper)
       return
     g, rows = _sum_duplicates(gradient, tf.TensorShape(variable.shape))
+    if index not in self._rows.buffers:
+      self._apply_rows(g, rows, variable, m, v, hyper)
+      return
     buffers = [_resource(buffer) for buffer in self._rows.buffers[index]]
     for buffer, source in zip(buffers, (variable, m, v)):
       buffer.assign(tf.gather(_resource(source), rows))
@@ -191,6 +198,17 @@ class LazyAdam(keras.optimizers.Optimizer):
     # ResourceScatterUpdate here (8192 rows of 64), with the same arithmetic.
     for buffer, target in zip(buffers, (variable, m, v)):
       self.assign(target, tf.IndexedSlices(buffer.read_value(), rows))
+
+  def _apply_rows(self, g, rows, variable, m, v, hyper):
+    """The same update as ResourceApplyAdam on the rows, in element-wise ops: each gather and
+    scatter runs where the variable lives (under a parameter server, on the shard's task)."""
+    m_rows = hyper["beta1"] * tf.gather(_resource(m), rows) + (1 - hyper["beta1"]) * g
+    v_rows = hyper["beta2"] * tf.gather(_resource(v), rows) + (1 - hyper["beta2"]) * g * g
+    step = (hyper["lr"] * tf.sqrt(1 - hyper["beta2_power"]) / (1 - hyper["beta1_power"]))
+    w_rows = tf.gather(_resource(variable), rows) - step * m_rows / (
+        tf.sqrt(v_rows) + hyper["epsilon"])
+    for target, value in ((variable, w_rows), (m, m_rows), (v, v_rows)):
+      self.assign(target, tf.IndexedSlices(value, rows))
 
   def get_config(self):
     config = super().get_config()

@@ -114,9 +114,16 @@ flags.DEFINE_integer("storage_retries", _D.storage_retries,
                      "or metrics write (beyond TensorFlow's own per-request retries).",
                      lower_bound=0)
 flags.DEFINE_enum("strategy", _D.strategy, config_lib.STRATEGIES,
-                  "auto: MultiWorkerMirroredStrategy when TF_CONFIG or CLUSTER_SPEC lists "
-                  "several tasks, MirroredStrategy over several GPUs or logical CPUs, else one "
-                  "device.")
+                  "auto: ParameterServerStrategy when TF_CONFIG or CLUSTER_SPEC lists ps tasks, "
+                  "MultiWorkerMirroredStrategy when it lists several tasks, MirroredStrategy "
+                  "over several GPUs or logical CPUs, else one device.")
+flags.DEFINE_integer("ps_shards", _D.ps_shards,
+                     "parameter_server: split each ID embedding table (and its optimizer "
+                     "slots) into this many shards over the ps tasks; 0: shards of at least "
+                     "--ps_shard_min_mb, at most one per ps task.", lower_bound=0)
+flags.DEFINE_float("ps_shard_min_mb", _D.ps_shard_min_mb,
+                   "parameter_server with --ps_shards=0: the smallest shard, in MiB (a smaller "
+                   "table stays whole on one ps task).")
 flags.DEFINE_integer("num_cpu_devices", _D.num_cpu_devices,
                      "Split the CPU into this many logical devices (multi-replica runs "
                      "without GPUs: tests and debugging).", lower_bound=1)
@@ -153,31 +160,48 @@ def config_from_flags() -> config_lib.TrainConfig:
       max_checkpoints=FLAGS.max_checkpoints,
       checkpoint_every_steps=FLAGS.checkpoint_every_steps,
       checkpoint_every_secs=FLAGS.checkpoint_every_secs, storage_retries=FLAGS.storage_retries,
-      strategy=FLAGS.strategy,
-      num_cpu_devices=FLAGS.num_cpu_devices).validate()
+      strategy=FLAGS.strategy, num_cpu_devices=FLAGS.num_cpu_devices,
+      ps_shards=FLAGS.ps_shards, ps_shard_min_mb=FLAGS.ps_shard_min_mb).validate()
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cluster = None
   try:
     config = config_from_flags()
     malloc.keep_freed_memory()  # a process that trains: keep freed tensors' memory (malloc.py)
     from trainer import distribute  # (the objective's flag rules already loaded TensorFlow)
+    cluster = distribute.cluster_config()
+    if (distribute.uses_parameter_servers(config.strategy, cluster)
+        and cluster["task"]["type"] in ("ps", "worker")):
+      from trainer import parameter_server
+      parameter_server.serve(cluster)  # until stopped: the chief drives the cluster
+      return
     distribute.configure_cpu_devices(config.num_cpu_devices)
     # The strategy comes first: MultiWorkerMirroredStrategy must exist before other ops run.
-    strategy = distribute.get_strategy(config.strategy, config.num_cpu_devices)
+    strategy = distribute.get_strategy(config.strategy, config.num_cpu_devices,
+                                       ps_shards=config.ps_shards,
+                                       ps_shard_min_mb=config.ps_shard_min_mb)
     from trainer import train
     metrics = train.train_and_evaluate(config, strategy)
   except errors.TrainerError as e:  # the exit code comes with the error's type
     retry = e.exit_code >= 128  # a restart may cure it: say how training resumes
-    _fail(f"{e}. {errors.RESUME_HINT}" if retry else str(e), e.exit_code)
+    # A parameter-server chief that lost a task exits at once: the coordinator's clean-up
+    # waits on the lost task and never returns.
+    _fail(f"{e}. {errors.RESUME_HINT}" if retry else str(e), e.exit_code,
+          now=retry and "ps" in ((cluster or {}).get("cluster") or {}))
   print(json.dumps(metrics, sort_keys=True))
 
 
-def _fail(message: str, exit_code: int) -> None:
+def _fail(message: str, exit_code: int, now: bool = False) -> None:
   logging.error("%s", message)
   print(f"neumf-train: error: {message}", file=sys.stderr)
+  if now:
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)  # pylint: disable=protected-access
   sys.exit(exit_code)
 
 

@@ -19,14 +19,15 @@ import hashlib
 import json
 import math
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import distribute, export, fileio, models, objectives, optimizers, report
+from trainer import (distribute, export, fileio, models, objectives, optimizers,
+                     parameter_server, report)
 from trainer.checkpointer import Checkpointer, TrainingState, best_epoch, start_afresh
 from trainer.config import TrainConfig
 from trainer.data import artifacts, pipeline
@@ -86,6 +87,8 @@ def weights_checksum(model: keras.Model) -> str:
   """sha256 of every weight's bytes, in order: equal exactly when the weights are identical."""
   digest = hashlib.sha256()
   for variable in model.weights:
+    if parameter_server.is_sharded(variable.value):  # the whole table, shards concatenated
+      variable = tf.convert_to_tensor(variable.value)
     digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(variable)).tobytes())
   return digest.hexdigest()
 
@@ -248,8 +251,11 @@ def train_and_evaluate(config: TrainConfig,
           config.optimizer, config.learning_rate, config.warmup_steps,
           _steps_per_epoch(config, data) * config.epochs, config.decay,
           loss_scale=config.mixed_precision == "float16")
-      optimizer.build(model.trainable_variables)
-      state = TrainingState.create()
+      coordinated = parameter_server.is_parameter_server(strategy)
+      optimizer.build(parameter_server.trainable_leaves(model.trainable_variables)
+                      if coordinated else model.trainable_variables)
+      state = TrainingState.create(
+          parameter_server.num_workers(strategy) if coordinated else 0)
     return _run(config, strategy, objective, data, model, optimizer, state)
 
 
@@ -289,8 +295,12 @@ def _run(config: TrainConfig, strategy: tf.distribute.Strategy,
   """Wiring: restore, train and evaluate epoch by epoch, export the best model, report."""
   checkpointer = Checkpointer(config, strategy, model, optimizer, state)
   _restore_or_initialise(config, checkpointer, model, data, state)
-  runner = EpochRunner(config, strategy, objective, data, model, optimizer, state, checkpointer)
-  evaluators = objective.evaluators(model, strategy, data)
+  coordinated = parameter_server.is_parameter_server(strategy)
+  runner = (CoordinatedEpochRunner if coordinated else EpochRunner)(
+      config, strategy, objective, data, model, optimizer, state, checkpointer)
+  # Under a parameter server the chief evaluates by itself, reading rows from the ps tasks.
+  eval_strategy = tf.distribute.get_strategy() if coordinated else strategy
+  evaluators = objective.evaluators(model, eval_strategy, data)
   evaluate = functools.partial(_evaluate_all, evaluators)
   tracker = BestTracker(config, objective, objective.primary_metric(evaluators), state,
                         checkpointer)
@@ -305,7 +315,7 @@ def _run(config: TrainConfig, strategy: tf.distribute.Strategy,
   best = checkpointer.restore_best() if config.keep_best else None
   if best:
     logging.info("Best %s %.4f: %s", tracker.metric, float(state.best.numpy()), best)
-  final = {**evaluate(), **objective.baselines(strategy, data)}
+  final = {**evaluate(), **objective.baselines(eval_strategy, data)}
   _export(config, strategy, objective, data, model)
   checkpointer.clean_up()
   if not distribute.is_chief(strategy):
@@ -441,21 +451,25 @@ class EpochRunner:
     while done < per_epoch:
       n = min(config.log_every_steps, per_epoch - done,
               self.checkpointer.steps_until_due(global_step) or per_epoch)
-      loss, agreed = self.train_loop(self.iterator, tf.constant(n),
-                                     tf.constant(int(self.checkpointer.due_by_clock())))
-      loss = float(loss)
+      loss, agreed = self._train_steps(n)
       done, global_step, loss_sum = done + n, global_step + n, loss_sum + loss * n
       state.step.assign(global_step)
       state.epoch_loss.assign(loss_sum)
       self._log_progress(epoch, done, resumed_at, loss, start)
       # Mid-epoch checkpoints (the epoch's end saves after evaluation).
-      if done < per_epoch and self.checkpointer.save_if_due(global_step, bool(int(agreed))):
+      if done < per_epoch and self.checkpointer.save_if_due(global_step, agreed):
         logging.info("Saved checkpoint %d (epoch %d, step %d of %d)", global_step, epoch + 1,
                      done, per_epoch)
     seconds = time.time() - start
     steps = per_epoch - resumed_at
     return EpochStats(loss_sum / per_epoch, seconds, steps,
                       steps * config.batch_size / max(seconds, 1e-9))
+
+  def _train_steps(self, n: int) -> Tuple[float, bool]:
+    """Runs `n` steps: (their mean loss, whether a checkpoint is due by any task's clock)."""
+    loss, agreed = self.train_loop(self.iterator, tf.constant(n),
+                                   tf.constant(int(self.checkpointer.due_by_clock())))
+    return float(loss), bool(int(agreed))
 
   def _log_progress(self, epoch: int, done: int, resumed_at: int, loss: float,
                     start: float) -> None:
@@ -465,6 +479,73 @@ class EpochRunner:
     logging.info("epoch %d/%d step %d/%d loss %.4f %.0f examples/s ETA %s", epoch + 1,
                  config.epochs, done, per_epoch, loss, rate,
                  _format_eta(remaining * config.batch_size / rate))
+
+
+class CoordinatedEpochRunner(EpochRunner):
+  """EpochRunner under ParameterServerStrategy: the chief schedules each step onto a free
+  worker (`ClusterCoordinator`); each worker reads its share of the global batches
+  (`parameter_server` module docstring) and the chief counts the batches each has taken, which
+  checkpoints keep (`state.worker_batches`) so that a resumed run starts each worker where it
+  stopped."""
+
+  def __init__(self, config: TrainConfig, strategy: tf.distribute.Strategy,
+               objective: objectives.Objective, data: artifacts.PreparedData,
+               model: keras.Model, optimizer: keras.optimizers.Optimizer,
+               state: TrainingState, checkpointer: Checkpointer):
+    self.config, self.state, self.checkpointer = config, state, checkpointer
+    self.steps_per_epoch = _steps_per_epoch(config, data)
+    self.coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
+    positives_per_step = config.batch_size // objective.examples_per_positive
+    add_negatives = objective.negative_sampler(data)
+    counts = [int(c) for c in state.worker_batches.numpy()]
+    workers, first = len(counts), min(counts)
+
+    def dataset_fn(worker, skip):
+      return pipeline.make_dataset(data.train_pattern, positives_per_step, True, None,
+                                   config.seed, config.shuffle_buffer_blocks, add_negatives,
+                                   first * workers, data.metadata.train_shard_examples,
+                                   worker=(workers, worker, skip))
+
+    self.iterators = parameter_server.per_worker_iterators(self.coordinator, dataset_fn,
+                                                           [c - first for c in counts])
+    self.step = make_coordinated_step(model, optimizer, strategy, config.batch_size, objective)
+    self.workers = workers
+
+  def _train_steps(self, n: int) -> Tuple[float, bool]:
+    results = [self.coordinator.schedule(self.step, args=(self.iterators,)) for _ in range(n)]
+    self.coordinator.join()
+    counts = self.state.worker_batches.numpy()
+    total = 0.0
+    for result in results:
+      loss, batch_index = result.fetch()
+      total += float(loss)
+      counts[int(batch_index) % self.workers] += 1
+    self.state.worker_batches.assign(counts)
+    return total / n, self.checkpointer.due_by_clock()
+
+
+def make_coordinated_step(model: keras.Model, optimizer: keras.optimizers.Optimizer,
+                          strategy: tf.distribute.Strategy, global_batch_size: int,
+                          objective: objectives.Objective) -> Callable:
+  """Returns `step(iterator) -> (loss, the batch's global index)`, one training step for
+  `ClusterCoordinator.schedule`: the optimizer updates each table's shards where they live."""
+  variables = parameter_server.trainable_leaves(model.trainable_variables)
+  scales_loss = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+
+  def step_fn(batch):
+    with tf.GradientTape() as tape:
+      scores, penalty = model.scores_and_penalty(batch, training=True)
+      loss = objective.loss(batch, tf.cast(scores, tf.float32), penalty, global_batch_size)
+      scaled = optimizer.scale_loss(loss) if scales_loss else loss
+    optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables))
+    return loss
+
+  @tf.function
+  def step(iterator):
+    batch, index = next(iterator)
+    return strategy.run(step_fn, args=(batch,)), index
+
+  return step
 
 
 class BestTracker:
@@ -563,6 +644,9 @@ def summarize(config: TrainConfig, strategy: tf.distribute.Strategy,
       "task_role": distribute.task_role(strategy),
       "weights_sha256": weights_checksum(model),
       **objective.result_fields(final),
+      **({"workers": parameter_server.num_workers(strategy),
+          "sharded_tables": parameter_server.shard_layout(model)}
+         if parameter_server.is_parameter_server(strategy) else {}),
   }
 
 

@@ -7,7 +7,7 @@ stateless (so reproducible) permutation, and re-slices them to the per-replica b
 dropped at epoch ends and a batch never comes out short.
 """
 
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -150,7 +150,8 @@ def make_dataset(file_pattern: str, global_batch_size: int, training: bool,
                  input_context: Optional[tf.distribute.InputContext] = None, seed: int = 0,
                  shuffle_buffer_blocks: int = 256,
                  add_negatives: Optional[Callable] = None, start_step: int = 0,
-                 file_examples: Optional[Sequence[int]] = None) -> tf.data.Dataset:
+                 file_examples: Optional[Sequence[int]] = None,
+                 worker: Optional[Tuple[int, tf.Tensor, tf.Tensor]] = None) -> tf.data.Dataset:
   """Builds the dataset of one input pipeline.
 
   Training data is an endless sequence of epochs, each a fresh shuffle keyed by (seed, epoch):
@@ -174,6 +175,10 @@ def make_dataset(file_pattern: str, global_batch_size: int, training: bool,
       in the same order, the same negatives): exact resume in the middle of an epoch. The
       skipped part of the current epoch is read and discarded; earlier epochs are not read.
     file_examples: the examples in each file (in sorted file order); required with start_step.
+    worker: (num_workers, index, skip), training under a parameter server: of the global
+      batches from `start_step` on, this worker's are those whose index is `index` modulo
+      `num_workers` (start_step a multiple of it), less the first `skip` of them (tensors:
+      one dataset function serves every worker). Elements are then (batch, global index).
 
   Returns:
     A dataset of dicts `{user: int64[b], item: int64[b], rating: float32[b]}`, b = the
@@ -194,9 +199,16 @@ def make_dataset(file_pattern: str, global_batch_size: int, training: bool,
   else:
     ds = _parse(_records(tf.data.Dataset.from_tensor_slices(files), len(files)))
   ds = ds.rebatch(batch_size, drop_remainder=training)
-  if add_negatives is not None:
-    ds = ds.enumerate(start=start_batch).map(add_negatives, num_parallel_calls=tf.data.AUTOTUNE,
-                                             deterministic=True)
+  if add_negatives is not None or worker is not None:
+    ds = ds.enumerate(start=start_batch)
+    with_negatives = add_negatives or (lambda _, batch: batch)
+    if worker is None:
+      ds = ds.map(with_negatives, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    else:  # (batch, its global index)
+      count, index, skip = worker
+      ds = ds.shard(count, index).skip(skip).map(
+          lambda i, batch: (with_negatives(i, batch), i), num_parallel_calls=tf.data.AUTOTUNE,
+          deterministic=True)
   return ds.prefetch(tf.data.AUTOTUNE)
 
 
