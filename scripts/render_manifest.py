@@ -28,6 +28,9 @@ DEFAULTS = {
     "GPUS": "1",
     "SHM_SIZE": "8Gi",
     "WORKERS": "2",
+    "PS": "2",  # parameter-server TFJob (k8s/tfjob_ps.yaml): ps replicas, CPU and memory each
+    "PS_CPU": "4",
+    "PS_MEMORY": "64Gi",
 }
 
 

@@ -125,6 +125,22 @@ def test_tfjob_validates_against_the_crd_schema_and_is_hardened():
                                 "spec": pod}, K8S_VERSION, strict=True)
 
 
+def test_parameter_server_tfjob_validates_against_the_crd_schema():
+  tfjob = _rendered("tfjob_ps.yaml", "--set", "WORKERS=3", "--set", "PS=4")
+  jsonschema.validate(tfjob, _tfjob_schema())
+  specs = tfjob["spec"]["tfReplicaSpecs"]
+  assert {name: spec["replicas"] for name, spec in specs.items()} == {
+      "Chief": 1, "Worker": 3, "PS": 4}
+  for name, spec in specs.items():
+    container = spec["template"]["spec"]["containers"][0]
+    assert "--strategy=parameter_server" in container["args"]
+    assert spec["restartPolicy"] == "ExitCode"  # 131 (lost ps) and 137 (killed) restart
+    # GPUs for the workers only: the chief coordinates, the ps tasks hold tables in memory.
+    assert ("nvidia.com/gpu" in container["resources"]["limits"]) == (name == "Worker")
+  assert specs["PS"]["template"]["spec"]["containers"][0]["resources"]["limits"][
+      "memory"] == "64Gi"
+
+
 def test_a_broken_tfjob_fails_the_crd_schema():
   tfjob = _rendered("tfjob.yaml")
   tfjob["spec"]["tfReplicaSpecs"]["Worker"]["replicas"] = "two"
@@ -167,6 +183,12 @@ def test_scripts_have_help_and_strict_mode(script):
     ("local_debug.sh", ["--data-dir", "d"], "--data-dir and --model-dir are required"),
     ("local_debug.sh", ["--data-dir", "d", "--model-dir", "m", "--workers", "0"],
      "--workers must be a positive count, got '0'"),
+    ("local_debug.sh", ["--data-dir", "d", "--model-dir", "m", "--ps", "x"],
+     "--ps must be a count, got 'x'"),
+    ("submit_k8s.sh", ["--kind", "job", "--ps", "2"], "--ps needs --kind tfjob"),
+    ("submit_vertex.sh", ["--project", "p", "--region", "r", "--image", "r/i:1", "--data-dir",
+                          "gs://b/d", "--output-dir", "gs://b/o", "--ps", "2"],
+     "--ps 2 needs --workers of at least 1"),
 ])
 def test_scripts_refuse_bad_arguments(script, args, message):
   result = subprocess.run(["bash", str(REPO_ROOT / "scripts" / script), *args],
@@ -202,6 +224,27 @@ def test_submit_vertex_dry_run_builds_chief_and_worker_pools():
   assert command.startswith("gcloud ai custom-jobs create --project=p --region=us-central1")
 
 
+def test_submit_k8s_and_vertex_add_parameter_servers():
+  result = subprocess.run(
+      ["bash", str(REPO_ROOT / "scripts" / "submit_k8s.sh"), "--kind", "tfjob", "--image",
+       "r/neumf-trainer:abc", "--data-dir", "gs://b/d", "--model-dir", "gs://b/m", "--workers",
+       "2", "--ps", "3", "--set", "GSA_EMAIL=t@p.iam.gserviceaccount.com", "--dry-run"],
+      capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable})
+  assert result.returncode == 0, result.stderr
+  _, tfjob = yaml.safe_load_all(result.stdout)
+  assert {k: v["replicas"] for k, v in tfjob["spec"]["tfReplicaSpecs"].items()} == {
+      "Chief": 1, "Worker": 2, "PS": 3}
+  result = subprocess.run(
+      ["bash", str(REPO_ROOT / "scripts" / "submit_vertex.sh"), "--project", "p", "--region",
+       "r", "--image", "r/neumf-trainer:abc", "--data-dir", "gs://b/d", "--output-dir",
+       "gs://b/out", "--workers", "2", "--ps", "3", "--dry-run"], capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr
+  pools = yaml.safe_load(result.stdout.rsplit("\n", 2)[0])["workerPoolSpecs"]
+  # Vertex's pool order: workerpool0 chief, 1 workers, 2 ps (CPU machines).
+  assert [p["replicaCount"] for p in pools] == [1, 2, 3]
+  assert pools[2]["machineSpec"] == {"machineType": "n1-highmem-16"}
+
+
 def test_build_push_dry_run_tags_with_the_commit():
   result = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "build_push.sh"), "--registry",
                            "reg.example/p", "--allow-dirty", "--dry-run"],
@@ -224,3 +267,16 @@ def test_local_debug_dry_run_gives_each_worker_its_tf_config():
   assert len(lines) == 3
   for index, line in enumerate(lines):
     assert f'\\"index\\":\\ {index}' in line and "--data_dir=d" in line
+
+
+def test_local_debug_dry_run_gives_a_parameter_server_cluster():
+  result = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "local_debug.sh"), "--data-dir",
+                           "d", "--model-dir", "m", "--workers", "2", "--ps", "2", "--dry-run"],
+                          capture_output=True, text=True, env=dict(
+                              __import__("os").environ, PYTHON=sys.executable))
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.strip().splitlines()
+  roles = [(t, i) for t in ("ps", "worker") for i in range(2)] + [("chief", 0)]
+  assert len(lines) == len(roles)
+  for (task_type, index), line in zip(roles, lines):
+    assert f'\\"type\\":\\ \\"{task_type}\\"\\,\\ \\"index\\":\\ {index}' in line, line

@@ -170,7 +170,7 @@ def test_vertex_cluster_spec_translates_to_chief_and_workers():
     ("TF_CONFIG", '{"cluster": {"worker": ["a:1"]}, "task": {"type": "chief", "index": 0}}',
      "task type 'chief' is not in the cluster"),
     ("TF_CONFIG", '{"cluster": {"worker": ["a:1"], "ps": ["p:1"]}, '
-     '"task": {"type": "worker", "index": 0}}', "parameter-server training is not supported"),
+     '"task": {"type": "worker", "index": 0}}', "lists 'ps' tasks but no chief task"),
     ("CLUSTER_SPEC", '{"cluster": {"workerpool7": ["a:1"]}}', "unknown worker pools"),
 ])
 def test_malformed_cluster_descriptions_name_the_variable(name, value, message):

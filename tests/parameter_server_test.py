@@ -70,9 +70,15 @@ def finish_chief(processes, timeout=400):
 
 @pytest.fixture(scope="module")
 def cluster_run(ps_data, tmp_path_factory):
+  """A chief, 2 workers and 2 ps tasks, started as a user would: scripts/local_debug.sh."""
   model_dir = str(tmp_path_factory.mktemp("ps_run") / "model")
-  metrics = finish_chief(start_cluster(ps_data, model_dir, extra=("--epochs=4", "--ps_shards=2")))
-  return model_dir, metrics
+  done = subprocess.run(
+      ["bash", os.path.join(REPO_ROOT, "scripts", "local_debug.sh"), "--data-dir", ps_data,
+       "--model-dir", model_dir, "--workers", "2", "--ps", "2", "--", *FLAGS, "--epochs=4",
+       "--ps_shards=2"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, PYTHON=sys.executable, TF_CPP_MIN_LOG_LEVEL="2"))
+  assert done.returncode == 0, open(f"{model_dir}.chief0.log").read()[-4000:]
+  return model_dir, last_json_line(done.stdout)
 
 
 def test_a_chief_two_workers_and_two_ps_train_as_well_as_one_device(cluster_run, ps_data,
