@@ -269,3 +269,18 @@ def test_feature_embedding_takes_serving_inputs_of_any_width():
     return layer(given)
 
   np.testing.assert_allclose(serve(combined), layer(combined), rtol=1e-6)
+
+
+def test_row_block_normal_draws_any_range_of_rows_as_the_whole_table_has_them():
+  """What lets a parameter-server shard initialise only its rows, identically to a whole
+  table: every range, across block boundaries, and a fill into uneven shards."""
+  init = models.RowBlockNormal(0.01, seed=5)
+  block = models.RowBlockNormal.BLOCK_ROWS
+  whole = init((2 * block + 10, 3)).numpy()
+  assert abs(whole.std() - 0.01) < 5e-4 and abs(whole.mean()) < 5e-4
+  for first, count in [(0, 1), (block - 2, 5), (block, block), (2 * block + 9, 1), (7, 2 * block)]:
+    np.testing.assert_array_equal(init.rows(first, count, 3).numpy(), whole[first:first + count])
+  shards = [tf.Variable(tf.zeros((rows, 3))) for rows in (block + 4, block + 3, 3)]
+  init.fill(shards)
+  np.testing.assert_array_equal(np.concatenate([s.numpy() for s in shards]), whole)
+  assert models.RowBlockNormal(**init.get_config()).seed == 5

@@ -30,6 +30,7 @@ representations together (NeuMF: [GMF ; MLP], MF: [factors ; bias]); the L2 pena
 the ID rows.
 """
 
+import random
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import keras
@@ -58,8 +59,32 @@ class Embedding(layers.Embedding):
     # Built now, not at the first call: Keras would then create the table later, outside any
     # scope of ours (deferred to the end of its symbolic build), and under a parameter server
     # only tables created in `id_tables()` are sharded over the ps tasks.
-    with parameter_server.id_tables():
+    with parameter_server.id_tables(), tf.variable_creator_scope(self._by_rows):
       self.build()
+
+  def _by_rows(self, next_creator, **kwargs):
+    """Creates the table in the ps tasks' way when under a parameter server (elsewhere as
+    Keras does): TensorFlow is given the shape and a zeros initial value for any shard, then
+    each shard is filled block by block on its own task. Without the shape
+    ParameterServerStrategy computes the whole table on the chief and sends it over (a
+    protobuf, at most 2 GB); with a Keras initializer, which cannot make part of a table,
+    each ps task computes the whole table to keep its shard; and a random table drawn at once
+    leaves the draw's temporaries (measured here: 3x the table) in the task's memory."""
+    initializer = self.embeddings_initializer
+    if not (parameter_server.is_parameter_server(tf.distribute.get_strategy())
+            and isinstance(initializer, (RowBlockNormal, keras.initializers.Zeros))):
+      return next_creator(**kwargs)
+    shape = (self.input_dim, self.output_dim)
+    dtype = tf.as_dtype(kwargs.get("dtype") or self.variable_dtype)
+
+    def zeros(partition_shape=None, partition_offset=None):
+      del partition_offset
+      return tf.zeros(partition_shape or shape, dtype)
+
+    table = next_creator(**{**kwargs, "initial_value": zeros, "shape": shape, "dtype": dtype})
+    if isinstance(initializer, RowBlockNormal):
+      initializer.fill(table.variables if parameter_server.is_sharded(table) else [table])
+    return table
 
   def _trackable_children(self, save_type="checkpoint", **kwargs):
     # A sharded table is saved by its ShardedVariable (one tensor, written slice by slice, that
@@ -81,6 +106,58 @@ class Embedding(layers.Embedding):
       # ParameterServerStrategy's partitions follow); `tf.gather` would concatenate the table.
       return ops.cast(tf.nn.embedding_lookup(table.variables, inputs), self.compute_dtype)
     return ops.cast(tf.gather(table, inputs), self.compute_dtype)
+
+
+@keras.saving.register_keras_serializable(package="neumf_trainer")
+class RowBlockNormal(keras.initializers.Initializer):
+  """Normal(0, stddev) rows, drawn in blocks of BLOCK_ROWS rows, block b from a stateless
+  generator keyed by (seed, b): any range of rows is computed alone, with the values it has in
+  the whole table. A parameter-server shard initialises just its rows, and a table is the
+  same whether it is whole or sharded any way."""
+
+  BLOCK_ROWS = 65536
+
+  def __init__(self, stddev: float = 0.01, seed: Optional[int] = None):
+    self.stddev = stddev
+    # Drawn from Python's generator, which keras.utils.set_random_seed seeds: a run's tables
+    # follow its --seed.
+    self.seed = int(seed) if seed is not None else random.randrange(2**31)
+
+  def rows(self, first: int, count: int, width: int, dtype=tf.float32) -> tf.Tensor:
+    """Rows [first, first + count) of a table `width` wide."""
+    pieces, row, end = [], first, first + count
+    while row < end:
+      block, within = divmod(row, self.BLOCK_ROWS)
+      take = min(self.BLOCK_ROWS - within, end - row)
+      # A block's first n rows are the values of an n-row draw (the generator fills in
+      # order), so only a block entered in its middle is drawn whole and cut.
+      piece = tf.random.stateless_normal((within + take, width), seed=(self.seed, block),
+                                         stddev=self.stddev, dtype=dtype)
+      pieces.append(piece[within:] if within else piece)
+      row += take
+    # One allocation for the result, which the variable then adopts: a slice of a
+    # concatenation would leave a second table-sized buffer behind.
+    return pieces[0] if len(pieces) == 1 else tf.concat(pieces, 0)
+
+  def fill(self, shards) -> None:
+    """Writes the table's rows into its consecutive row `shards`, a block at a time on each
+    shard's own device."""
+    first = 0
+    for shard in shards:
+      rows, width = shard.shape[0], shard.shape[1]
+      with tf.device(shard.device):
+        for start in range(0, rows, self.BLOCK_ROWS):
+          count = min(self.BLOCK_ROWS, rows - start)
+          shard.scatter_update(tf.IndexedSlices(
+              self.rows(first + start, count, width, shard.dtype),
+              tf.range(start, start + count)))
+      first += rows
+
+  def __call__(self, shape, dtype=None):
+    return self.rows(0, shape[0], shape[1], tf.as_dtype(dtype or "float32"))
+
+  def get_config(self):
+    return {"stddev": self.stddev, "seed": self.seed}
 
 
 @tf.custom_gradient
@@ -172,8 +249,7 @@ class Recommender(keras.Model):
 
   def _embedding(self, rows: int, dim: int, name: str) -> Embedding:
     # +1: the out-of-vocabulary row. Small normal init, as in the NCF reference code.
-    return Embedding(rows + 1, dim, name=name,
-                     embeddings_initializer=keras.initializers.RandomNormal(stddev=0.01))
+    return Embedding(rows + 1, dim, name=name, embeddings_initializer=RowBlockNormal(0.01))
 
   def _output(self, name: str = "score") -> layers.Dense:
     return Score(name=name, bias_initializer=keras.initializers.Constant(self.output_bias))

@@ -170,11 +170,13 @@ def main(argv):
   cluster = None
   try:
     config = config_from_flags()
-    malloc.keep_freed_memory()  # a process that trains: keep freed tensors' memory (malloc.py)
     from trainer import distribute  # (the objective's flag rules already loaded TensorFlow)
     cluster = distribute.cluster_config()
-    if (distribute.uses_parameter_servers(config.strategy, cluster)
-        and cluster["task"]["type"] in ("ps", "worker")):
+    role = cluster["task"]["type"] if cluster else None
+    # A ps task holds tables: freed memory goes back (malloc.py); a process that trains keeps
+    # it for the next step's tensors.
+    malloc.return_freed_memory() if role == "ps" else malloc.keep_freed_memory()
+    if distribute.uses_parameter_servers(config.strategy, cluster) and role in ("ps", "worker"):
       from trainer import parameter_server
       parameter_server.serve(cluster)  # until stopped: the chief drives the cluster
       return
