@@ -107,7 +107,12 @@ def test_the_best_copy_is_restored_over_later_weights(tmp_path):
   checkpointer.save_best(2)
   best = _weights(model)
   _step(model, optimizer)
-  path = checkpointer.restore_best()
+  later = _weights(model)
+  # Called at epoch 2, the best one, it reads nothing: the model is taken to hold epoch 2.
+  assert best_epoch(checkpointer.restore_best(current_epoch=2)) == 2
+  for a, b in zip(_weights(model), later):
+    np.testing.assert_array_equal(a, b)
+  path = checkpointer.restore_best(current_epoch=3)
   assert best_epoch(path) == 2 and best_epoch(None) is None
   for a, b in zip(_weights(model), best):
     np.testing.assert_array_equal(a, b)

@@ -96,14 +96,16 @@ class Checkpointer:
       self.checkpoint.restore(latest).assert_existing_objects_matched()
     return latest
 
-  def restore_best(self) -> Optional[str]:
+  def restore_best(self, current_epoch: Optional[int] = None) -> Optional[str]:
     """Restores the model of the best epoch; returns its path, or None when none was saved.
 
     Each task restores its own copy: identical weights (the tasks train in lockstep), and no
-    task reads a file another task may still be writing.
+    task reads a file another task may still be writing. When the best epoch is
+    `current_epoch`, whose weights the model holds, nothing is read: a restore assigns every
+    table anew (under a parameter server, a second copy of each shard while it runs).
     """
     best = tf.train.latest_checkpoint(self._task_best_directory)
-    if best:
+    if best and best_epoch(best) != current_epoch:
       tf.train.Checkpoint(model=self.model).restore(best).expect_partial()
     return best
 

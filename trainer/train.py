@@ -161,8 +161,10 @@ def _precision(policy: str):
 
 # What a checkpoint's shapes and meaning depend on: a run that differs in any of these cannot
 # continue from it.
+# ps_shards: under a parameter server each shard has its own optimizer slots, which restore
+# only into the same shard count (the model's tables restore into any, or into one device).
 _SHAPING_FIELDS = ("data_dir", "model", "task", "embedding_dim", "hidden_units", "layers",
-                   "mlp_embedding_dim", "features")
+                   "mlp_embedding_dim", "features", "ps_shards")
 
 
 def _check_compatible(config: TrainConfig) -> bool:
@@ -312,7 +314,7 @@ def _run(config: TrainConfig, strategy: tf.distribute.Strategy,
                config.batch_size, strategy.num_replicas_in_sync, distribute.task_role(strategy))
   progress = _train_epochs(config, state, runner, evaluate, tracker, board, history)
   # Serve and report the best epoch's model (or, --nokeep_best, the last one's).
-  best = checkpointer.restore_best() if config.keep_best else None
+  best = (checkpointer.restore_best(int(state.epoch.numpy())) if config.keep_best else None)
   if best:
     logging.info("Best %s %.4f: %s", tracker.metric, float(state.best.numpy()), best)
   final = {**evaluate(), **objective.baselines(eval_strategy, data)}
