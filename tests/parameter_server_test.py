@@ -216,6 +216,21 @@ def test_a_lost_worker_is_rescheduled_and_a_lost_ps_stops_the_chief_then_all_res
   assert done["epochs"] == 30 and done["eval_rmse"] < 1.0
 
 
+def test_what_the_coordinated_step_cannot_do_is_refused_at_start_up(ps_data, tmp_path):
+  processes = start_cluster(ps_data, str(tmp_path / "model"), workers=1, ps=1,
+                            extra=("--jit_compile",))
+  chief = processes[-1]
+  try:
+    chief.wait(timeout=120)
+  finally:
+    for p in processes:
+      p.kill()
+      p.wait()
+  log = open(chief.log_path).read()
+  assert chief.returncode == 2, log[-3000:]
+  assert "--strategy=parameter_server does not support --jit_compile" in log
+
+
 @pytest.mark.parametrize("cluster,message", [
     ({"worker": ["h:1"], "ps": ["h:2"]}, "no chief"),
     ({"chief": ["h:0"], "worker": ["h:1"], "ps": []}, "at least one ps"),

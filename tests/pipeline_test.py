@@ -177,3 +177,31 @@ def test_a_resumed_dataset_continues_under_two_replicas(tiny_data_dir, mirrored_
   whole, resumed = steps(0, 14), steps(9, 5)
   for expected, got in zip(whole[9:], resumed):
     np.testing.assert_array_equal(expected, got)
+
+
+def test_parameter_server_workers_share_the_global_batches_and_resume_each_at_its_count(
+    tiny_data_dir):
+  """Under a parameter server worker w of W takes global batches w, w + W, ... (with the
+  negatives keyed by their index), from a start step that is a multiple of W, less the first
+  `skip` of its own: together the workers read the one-device stream, each batch once."""
+  metadata = artifacts.load_metadata(tiny_data_dir)
+  pattern = _pattern(tiny_data_dir, schema.TRAIN)
+  sampler = pipeline.negative_sampler(metadata.num_items, 2, seed=5)
+  common = dict(seed=9, add_negatives=sampler, file_examples=metadata.train_shard_examples)
+  whole = [{k: v.numpy() for k, v in b.items()} for b in pipeline.make_dataset(
+      pattern, 97, True, **common).take(24)]
+
+  def worker(index, start_step, skip, count):
+    ds = pipeline.make_dataset(pattern, 97, True, start_step=start_step,
+                               worker=(3, tf.constant(index, tf.int64),
+                                       tf.constant(skip, tf.int64)), **common)
+    return [(int(i), {k: v.numpy() for k, v in b.items()}) for b, i in ds.take(count)]
+
+  # From the start: worker 1 gets batches 1, 4, 7, ...
+  # Resumed after the workers took 4, 3 and 5 batches: from step 3 x 3 = 9, skipping 1, 0, 2.
+  for index, start, skip, first in [(1, 0, 0, 1), (0, 9, 1, 12), (1, 9, 0, 10), (2, 9, 2, 17)]:
+    got = worker(index, start, skip, 2)
+    assert [i for i, _ in got] == [first, first + 3]
+    for i, batch in got:
+      for name in whole[i]:
+        np.testing.assert_array_equal(whole[i][name], batch[name])

@@ -189,10 +189,10 @@ def main(argv):
     metrics = train.train_and_evaluate(config, strategy)
   except errors.TrainerError as e:  # the exit code comes with the error's type
     retry = e.exit_code >= 128  # a restart may cure it: say how training resumes
-    # A parameter-server chief that lost a task exits at once: the coordinator's clean-up
-    # waits on the lost task and never returns.
+    # A parameter-server chief exits at once: the coordinator's clean-up waits on the tasks,
+    # and on a lost one it never returns.
     _fail(f"{e}. {errors.RESUME_HINT}" if retry else str(e), e.exit_code,
-          now=retry and "ps" in ((cluster or {}).get("cluster") or {}))
+          now="ps" in ((cluster or {}).get("cluster") or {}))
   print(json.dumps(metrics, sort_keys=True))
 
 

@@ -238,6 +238,11 @@ def train_and_evaluate(config: TrainConfig,
   """
   config.validate()
   strategy = strategy or tf.distribute.get_strategy()
+  if parameter_server.is_parameter_server(strategy) and (
+      config.jit_compile or config.mixed_precision == "float16"):
+    raise ConfigError("--strategy=parameter_server does not support "
+                      f"{'--jit_compile' if config.jit_compile else '--mixed_precision=float16'}"
+                      " (the coordinated step is neither compiled nor loss-scaled)")
   objective = objectives.for_config(config)
   objective.check_replicas(strategy.num_replicas_in_sync)
   check_storage(config)
@@ -432,16 +437,23 @@ class EpochRunner:
                state: TrainingState, checkpointer: Checkpointer):
     self.config, self.state, self.checkpointer = config, state, checkpointer
     self.steps_per_epoch = _steps_per_epoch(config, data)
-    positives_per_step = config.batch_size // objective.examples_per_positive
-    add_negatives = objective.negative_sampler(data)
-    start_step = int(state.step.numpy())
+    make_dataset = functools.partial(
+        pipeline.make_dataset, data.train_pattern,
+        config.batch_size // objective.examples_per_positive, True, seed=config.seed,
+        shuffle_buffer_blocks=config.shuffle_buffer_blocks,
+        add_negatives=objective.negative_sampler(data),
+        file_examples=data.metadata.train_shard_examples)
+    self._start(strategy, objective, model, optimizer, make_dataset)
+
+  def _start(self, strategy: tf.distribute.Strategy, objective: objectives.Objective,
+             model: keras.Model, optimizer: keras.optimizers.Optimizer,
+             make_dataset: Callable) -> None:
+    """The input pipeline (from the saved step) and the training loop."""
+    start_step = int(self.state.step.numpy())
     self.iterator = iter(strategy.distribute_datasets_from_function(
-        lambda ctx: pipeline.make_dataset(data.train_pattern, positives_per_step, True, ctx,
-                                          config.seed, config.shuffle_buffer_blocks,
-                                          add_negatives, start_step,
-                                          data.metadata.train_shard_examples)))
-    self.train_loop = make_train_loop(model, optimizer, strategy, config.batch_size, objective,
-                                      config.jit_compile)
+        lambda ctx: make_dataset(input_context=ctx, start_step=start_step)))
+    self.train_loop = make_train_loop(model, optimizer, strategy, self.config.batch_size,
+                                      objective, self.config.jit_compile)
 
   def run(self, epoch: int) -> EpochStats:
     """Trains what remains of epoch `epoch` (0-based) and returns its figures."""
@@ -490,27 +502,18 @@ class CoordinatedEpochRunner(EpochRunner):
   checkpoints keep (`state.worker_batches`) so that a resumed run starts each worker where it
   stopped."""
 
-  def __init__(self, config: TrainConfig, strategy: tf.distribute.Strategy,
-               objective: objectives.Objective, data: artifacts.PreparedData,
-               model: keras.Model, optimizer: keras.optimizers.Optimizer,
-               state: TrainingState, checkpointer: Checkpointer):
-    self.config, self.state, self.checkpointer = config, state, checkpointer
-    self.steps_per_epoch = _steps_per_epoch(config, data)
+  def _start(self, strategy, objective, model, optimizer, make_dataset):
     self.coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
-    positives_per_step = config.batch_size // objective.examples_per_positive
-    add_negatives = objective.negative_sampler(data)
-    counts = [int(c) for c in state.worker_batches.numpy()]
+    counts = [int(c) for c in self.state.worker_batches.numpy()]
     workers, first = len(counts), min(counts)
 
     def dataset_fn(worker, skip):
-      return pipeline.make_dataset(data.train_pattern, positives_per_step, True, None,
-                                   config.seed, config.shuffle_buffer_blocks, add_negatives,
-                                   first * workers, data.metadata.train_shard_examples,
-                                   worker=(workers, worker, skip))
+      return make_dataset(start_step=first * workers, worker=(workers, worker, skip))
 
     self.iterators = parameter_server.per_worker_iterators(self.coordinator, dataset_fn,
                                                            [c - first for c in counts])
-    self.step = make_coordinated_step(model, optimizer, strategy, config.batch_size, objective)
+    self.step = make_coordinated_step(model, optimizer, strategy, self.config.batch_size,
+                                      objective)
     self.workers = workers
 
   def _train_steps(self, n: int) -> Tuple[float, bool]:
