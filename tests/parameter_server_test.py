@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO_ROOT, last_json_line, run_cli
+from cold_start_test import cold_data  # noqa: F401  (a fixture)
 from ps_restore import ITEMS, USERS
 from multiworker_test import _free_ports
 from trainer import distribute
@@ -214,6 +215,36 @@ def test_a_lost_worker_is_rescheduled_and_a_lost_ps_stops_the_chief_then_all_res
   resumed = open(f"{model_dir}.chief0.log").read()
   assert "Resumed from" in resumed
   assert done["epochs"] == 30 and done["eval_rmse"] < 1.0
+
+
+def test_side_features_under_a_parameter_server_train_as_on_one_device(cold_data, tmp_path):
+  """Item features (a kind that alone decides the rating) with the ID tables sharded over 2 ps
+  tasks and one worker: the same held-out (cold) items' RMSE as one device, to rounding."""
+  flags = ("--model=mf", "--embedding_dim=8", "--epochs=5", "--batch_size=120",
+           "--learning_rate=0.05", "--l2=0.2", "--optimizer=lazy_adam",
+           "--checkpoint_every_secs=0", "--features=all")
+  ports = iter(_free_ports(4))
+  cluster = {"chief": [f"127.0.0.1:{next(ports)}"], "worker": [f"127.0.0.1:{next(ports)}"],
+             "ps": [f"127.0.0.1:{next(ports)}" for _ in range(2)]}
+  model_dir = str(tmp_path / "ps")
+  servers = _serve(cluster, cold_data, model_dir)
+  try:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_CONFIG=json.dumps(
+        {"cluster": cluster, "task": {"type": "chief", "index": 0}}))
+    done = subprocess.run([sys.executable, "-m", "trainer.task", f"--data_dir={cold_data}",
+                           f"--model_dir={model_dir}", "--ps_shards=2", *flags],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+  finally:
+    for p in servers:
+      p.kill()
+      p.wait()
+  assert done.returncode == 0, done.stderr[-4000:]
+  sharded = last_json_line(done.stdout)
+  single = last_json_line(run_cli("trainer.task", f"--data_dir={cold_data}",
+                                  f"--model_dir={tmp_path / 'single'}", *flags).stdout)
+  assert len(sharded["sharded_tables"]["item_embedding/embeddings"]) == 2
+  assert sharded["eval_rmse"] == pytest.approx(single["eval_rmse"], rel=1e-5)
+  assert sharded["eval_rmse"] < 0.5 * sharded["eval_rmse_global_mean_baseline"]
 
 
 def test_what_the_coordinated_step_cannot_do_is_refused_at_start_up(ps_data, tmp_path):
