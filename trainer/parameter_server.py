@@ -19,10 +19,10 @@ whole table.
 Input: every worker reads the same seeded stream of global batches and keeps every
 num_workers-th one (batch b goes to worker b mod num_workers), so each batch, with its
 negatives keyed by its index, is trained once, by one worker. The chief counts the batches
-each worker has taken (a step returns its worker's index); a checkpoint holds the counts and a
-resumed run starts each worker where it stopped. What is not reproducible: which worker takes
-which step, so the order of updates (and the interleaving of the workers' streams) varies
-from run to run.
+each worker has taken (a step returns its batch's global index); a checkpoint holds the
+counts and a resumed run starts each worker where it stopped. What is not reproducible:
+which worker takes which step, so the order of updates (and the interleaving of the workers'
+streams) varies from run to run.
 
 Tasks of type ps and worker only serve (`serve`): the chief drives them.
 """
@@ -36,12 +36,13 @@ from typing import Any, Callable, Dict, List
 
 import tensorflow as tf
 from absl import logging
+# TensorFlow exports no name for the class; its module has held it since TF 2.4.
+from tensorflow.python.distribute.sharded_variable import (  # pylint: disable=g-direct-tensorflow-import
+    ShardedVariable as _SHARDED_VARIABLE)
 
 from trainer.errors import ConfigError, LostPeerError
 
 _SHARDING = threading.local()
-# TensorFlow exports no name for the class; its module is stable since TF 2.4.
-from tensorflow.python.distribute.sharded_variable import ShardedVariable as _SHARDED_VARIABLE  # noqa: E402,E501  pylint: disable=g-direct-tensorflow-import
 
 
 @contextlib.contextmanager
