@@ -33,14 +33,18 @@ def ps_data(tmp_path_factory):
   return out
 
 
-def start_cluster(data_dir, model_dir, workers=2, ps=2, extra=()):
-  """Starts ps, worker and chief processes; returns them, the chief last."""
+def local_cluster(workers, ps):
+  """A cluster of a chief, `workers` workers and `ps` ps tasks on free 127.0.0.1 ports."""
   ports = iter(_free_ports(1 + workers + ps))
-  cluster = {"chief": [f"127.0.0.1:{next(ports)}"],
-             "worker": [f"127.0.0.1:{next(ports)}" for _ in range(workers)],
-             "ps": [f"127.0.0.1:{next(ports)}" for _ in range(ps)]}
+  return {"chief": [f"127.0.0.1:{next(ports)}"],
+          "worker": [f"127.0.0.1:{next(ports)}" for _ in range(workers)],
+          "ps": [f"127.0.0.1:{next(ports)}" for _ in range(ps)]}
+
+
+def start_tasks(cluster, roles, data_dir, model_dir, flags):
+  """Starts a trainer process per task of `cluster` whose type is in `roles`, in that order."""
   processes = []
-  for task_type in ("ps", "worker", "chief"):
+  for task_type in roles:
     for index in range(len(cluster[task_type])):
       env = {k: v for k, v in os.environ.items() if k not in ("TF_CONFIG", "CLUSTER_SPEC")}
       env.update(TF_CPP_MIN_LOG_LEVEL="2", TF_CONFIG=json.dumps(
@@ -48,11 +52,17 @@ def start_cluster(data_dir, model_dir, workers=2, ps=2, extra=()):
       log = open(f"{model_dir}.{task_type}{index}.log", "w")
       process = subprocess.Popen(
           [sys.executable, "-m", "trainer.task", f"--data_dir={data_dir}",
-           f"--model_dir={model_dir}", *FLAGS, *extra],
+           f"--model_dir={model_dir}", *flags],
           cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
       process.log_path, process.role = log.name, f"{task_type}:{index}"
       processes.append(process)
   return processes
+
+
+def start_cluster(data_dir, model_dir, workers=2, ps=2, extra=()):
+  """Starts ps, worker and chief processes; returns them, the chief last."""
+  return start_tasks(local_cluster(workers, ps), ("ps", "worker", "chief"), data_dir,
+                     model_dir, (*FLAGS, *extra))
 
 
 def finish_chief(processes, timeout=400):
@@ -120,25 +130,9 @@ def test_one_worker_over_sharded_tables_trains_as_one_device(ps_data, tmp_path):
   assert len(metrics["sharded_tables"]["item_embedding/embeddings"]) == 2
 
 
-def _serve(cluster, data_dir, model_dir):
-  """Starts a server process per ps and worker task of `cluster`."""
-  processes = []
-  for task_type in ("ps", "worker"):
-    for index in range(len(cluster[task_type])):
-      env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_CONFIG=json.dumps(
-          {"cluster": cluster, "task": {"type": task_type, "index": index}}))
-      processes.append(subprocess.Popen(
-          [sys.executable, "-m", "trainer.task", f"--data_dir={data_dir}",
-           f"--model_dir={model_dir}"], cwd=REPO_ROOT, env=env,
-          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-  return processes
-
-
 def _restore_sharded(model_dir, data_dir, num_ps, shards):
-  ports = iter(_free_ports(2 + num_ps))
-  cluster = {"chief": [f"127.0.0.1:{next(ports)}"], "worker": [f"127.0.0.1:{next(ports)}"],
-             "ps": [f"127.0.0.1:{next(ports)}" for _ in range(num_ps)]}
-  servers = _serve(cluster, data_dir, model_dir)
+  cluster = local_cluster(1, num_ps)
+  servers = start_tasks(cluster, ("ps", "worker"), data_dir, f"{model_dir}.restore", FLAGS)
   try:
     done = subprocess.run(
         [sys.executable, os.path.join(REPO_ROOT, "tests", "ps_restore.py"), json.dumps(cluster),
@@ -223,25 +217,10 @@ def test_side_features_under_a_parameter_server_train_as_on_one_device(cold_data
   flags = ("--model=mf", "--embedding_dim=8", "--epochs=5", "--batch_size=120",
            "--learning_rate=0.05", "--l2=0.2", "--optimizer=lazy_adam",
            "--checkpoint_every_secs=0", "--features=all")
-  ports = iter(_free_ports(4))
-  cluster = {"chief": [f"127.0.0.1:{next(ports)}"], "worker": [f"127.0.0.1:{next(ports)}"],
-             "ps": [f"127.0.0.1:{next(ports)}" for _ in range(2)]}
-  model_dir = str(tmp_path / "ps")
-  servers = _serve(cluster, cold_data, model_dir)
-  try:
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_CONFIG=json.dumps(
-        {"cluster": cluster, "task": {"type": "chief", "index": 0}}))
-    done = subprocess.run([sys.executable, "-m", "trainer.task", f"--data_dir={cold_data}",
-                           f"--model_dir={model_dir}", "--ps_shards=2", *flags],
-                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
-  finally:
-    for p in servers:
-      p.kill()
-      p.wait()
-  assert done.returncode == 0, done.stderr[-4000:]
-  sharded = last_json_line(done.stdout)
+  sharded = finish_chief(start_cluster(cold_data, str(tmp_path / "ps"), workers=1, ps=2,
+                                       extra=("--ps_shards=2", *flags)))
   single = last_json_line(run_cli("trainer.task", f"--data_dir={cold_data}",
-                                  f"--model_dir={tmp_path / 'single'}", *flags).stdout)
+                                  f"--model_dir={tmp_path / 'single'}", *FLAGS, *flags).stdout)
   assert len(sharded["sharded_tables"]["item_embedding/embeddings"]) == 2
   assert sharded["eval_rmse"] == pytest.approx(single["eval_rmse"], rel=1e-5)
   assert sharded["eval_rmse"] < 0.5 * sharded["eval_rmse_global_mean_baseline"]

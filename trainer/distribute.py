@@ -53,10 +53,11 @@ def _check_cluster(config: Any, source: str) -> Dict[str, Any]:
   if not isinstance(task["index"], int) or not 0 <= task["index"] < len(cluster[task["type"]]):
     raise ConfigError(f"{source}: task index {task['index']!r} is out of range for the "
                       f"{len(cluster[task['type']])} {task['type']} task(s)")
-  if "ps" in cluster and ("chief" not in cluster or "worker" not in cluster):
-    raise ConfigError(f"{source} lists 'ps' tasks but no {'chief' if 'chief' not in cluster else 'worker'}"
-                      " task: parameter-server training needs a chief (it coordinates), at "
-                      "least one worker and at least one ps task")
+  missing = [t for t in ("chief", "worker") if t not in cluster]
+  if "ps" in cluster and missing:
+    raise ConfigError(f"{source} lists 'ps' tasks but no {missing[0]} task: parameter-server "
+                      "training needs a chief (it coordinates), at least one worker and at "
+                      "least one ps task")
   return {"cluster": cluster, "task": {"type": task["type"], "index": task["index"]}}
 
 

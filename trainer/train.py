@@ -51,22 +51,8 @@ def make_train_loop(model: keras.Model, optimizer: keras.optimizers.Optimizer,
     jit_compile: compile the forward and backward pass with XLA (the optimizer update, which
       may hold cross-replica reductions, stays outside).
   """
-  scales_loss = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-
-  def loss_and_gradients(batch):
-    with tf.GradientTape() as tape:
-      scores, penalty = model.scores_and_penalty(batch, training=True)  # penalty: float32 [b]
-      loss = objective.loss(batch, tf.cast(scores, tf.float32), penalty, global_batch_size)
-      scaled = optimizer.scale_loss(loss) if scales_loss else loss
-    return loss, tape.gradient(scaled, model.trainable_variables)
-
-  if jit_compile:
-    loss_and_gradients = tf.function(loss_and_gradients, jit_compile=True)
-
-  def step_fn(batch):
-    loss, gradients = loss_and_gradients(batch)
-    optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-    return loss
+  step_fn = _make_step_fn(model, optimizer, objective, global_batch_size,
+                          model.trainable_variables, jit_compile)
 
   @tf.function
   def train_loop(iterator, num_steps, flag):
@@ -81,6 +67,31 @@ def make_train_loop(model: keras.Model, optimizer: keras.optimizers.Optimizer,
     return total / tf.cast(num_steps, tf.float32), agreed
 
   return train_loop
+
+
+def _make_step_fn(model: keras.Model, optimizer: keras.optimizers.Optimizer,
+                  objective: objectives.Objective, global_batch_size: int, variables,
+                  jit_compile: bool = False) -> Callable:
+  """Returns `step_fn(batch) -> loss`, one replica's step: the loss, its gradients with
+  respect to `variables` (under a parameter server, the tables' shards) and their update."""
+  scales_loss = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+
+  def loss_and_gradients(batch):
+    with tf.GradientTape() as tape:
+      scores, penalty = model.scores_and_penalty(batch, training=True)  # penalty: float32 [b]
+      loss = objective.loss(batch, tf.cast(scores, tf.float32), penalty, global_batch_size)
+      scaled = optimizer.scale_loss(loss) if scales_loss else loss
+    return loss, tape.gradient(scaled, variables)
+
+  if jit_compile:
+    loss_and_gradients = tf.function(loss_and_gradients, jit_compile=True)
+
+  def step_fn(batch):
+    loss, gradients = loss_and_gradients(batch)
+    optimizer.apply_gradients(zip(gradients, variables))
+    return loss
+
+  return step_fn
 
 
 def weights_checksum(model: keras.Model) -> str:
@@ -519,14 +530,11 @@ class CoordinatedEpochRunner(EpochRunner):
   def _train_steps(self, n: int) -> Tuple[float, bool]:
     results = [self.coordinator.schedule(self.step, args=(self.iterators,)) for _ in range(n)]
     self.coordinator.join()
+    losses, batch_indices = zip(*self.coordinator.fetch(results))
     counts = self.state.worker_batches.numpy()
-    total = 0.0
-    for result in results:
-      loss, batch_index = result.fetch()
-      total += float(loss)
-      counts[int(batch_index) % self.workers] += 1
+    np.add.at(counts, np.asarray(batch_indices) % self.workers, 1)
     self.state.worker_batches.assign(counts)
-    return total / n, self.checkpointer.due_by_clock()
+    return float(np.mean(np.asarray(losses, np.float64))), self.checkpointer.due_by_clock()
 
 
 def make_coordinated_step(model: keras.Model, optimizer: keras.optimizers.Optimizer,
@@ -534,16 +542,8 @@ def make_coordinated_step(model: keras.Model, optimizer: keras.optimizers.Optimi
                           objective: objectives.Objective) -> Callable:
   """Returns `step(iterator) -> (loss, the batch's global index)`, one training step for
   `ClusterCoordinator.schedule`: the optimizer updates each table's shards where they live."""
-  variables = parameter_server.trainable_leaves(model.trainable_variables)
-  scales_loss = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-
-  def step_fn(batch):
-    with tf.GradientTape() as tape:
-      scores, penalty = model.scores_and_penalty(batch, training=True)
-      loss = objective.loss(batch, tf.cast(scores, tf.float32), penalty, global_batch_size)
-      scaled = optimizer.scale_loss(loss) if scales_loss else loss
-    optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables))
-    return loss
+  step_fn = _make_step_fn(model, optimizer, objective, global_batch_size,
+                          parameter_server.trainable_leaves(model.trainable_variables))
 
   @tf.function
   def step(iterator):
