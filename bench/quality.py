@@ -43,7 +43,7 @@ OURS = {
                  "gmf": ["--flagfile=configs/ml100k_implicit.flags", "--model=gmf"],
                  "mf (BPR)": ["--flagfile=configs/ml100k_implicit.flags", "--model=mf",
                               "--task=implicit_bpr", "--embedding_dim=32"],
-                 "mf (BPR), latest-small recipe": [
+                 "mf (softmax), latest-small recipe": [
                      "--flagfile=configs/latest_small_implicit.flags"]},
 }
 

@@ -152,7 +152,7 @@ print(json.dumps({"model": config.model, "task": config.task, "features": config
 
 @pytest.mark.parametrize("name,model,task", [("ml100k_explicit", "mf", "explicit"),
                                              ("ml100k_implicit", "neumf", "implicit"),
-                                             ("latest_small_implicit", "mf", "implicit_bpr")])
+                                             ("latest_small_implicit", "mf", "implicit_softmax")])
 def test_the_recipes_are_valid_flagfiles_of_model_flags_only(name, model, task):
   path = REPO_ROOT / "configs" / f"{name}.flags"
   flags = [line.split("=")[0] for line in path.read_text().splitlines()

@@ -284,3 +284,22 @@ def test_row_block_normal_draws_any_range_of_rows_as_the_whole_table_has_them():
   init.fill(shards)
   np.testing.assert_array_equal(np.concatenate([s.numpy() for s in shards]), whole)
   assert models.RowBlockNormal(**init.get_config()).seed == 5
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("with_features", [False, True])
+def test_score_all_equals_scoring_every_pair(name, with_features):
+  """mf and gmf score the catalogue by one matmul, the others pair by pair: every weight
+  random (biases too), each user's row must equal the model's score of each (user, item)."""
+  model = models.build_model(name, 20, 10, 4, 8, layers=(8, 4), mlp_embedding_dim=4,
+                             features=_feature_tables() if with_features else None)
+  users = tf.constant([0, 3, 19, 20], tf.int64)  # 20: the out-of-vocabulary user
+  model({schema.USER: users, schema.ITEM: users % 10})
+  rng = np.random.default_rng(0)
+  for weight in model.trainable_weights:  # (the feature tables are not: they hold indices)
+    weight.assign(rng.normal(size=weight.shape).astype(weight.dtype))
+  matrix = model.score_all(users).numpy()
+  assert matrix.shape == (4, 10)
+  pairs = model({schema.USER: tf.repeat(users, 10),
+                 schema.ITEM: tf.tile(tf.range(10, dtype=tf.int64), [4])})
+  np.testing.assert_allclose(matrix, np.reshape(pairs, (4, 10)), rtol=1e-5, atol=1e-5)

@@ -64,6 +64,34 @@ def test_bpr_loss_ignores_a_shift_of_every_score():
   assert a == pytest.approx(b)
 
 
+def test_softmax_loss_is_each_positive_against_the_whole_catalogue():
+  """MF with 2 users x 3 items, biases zero: scores are p_u . q_j. Per example,
+  log sum_j exp(s_uj) - s_ui, plus the L2 penalty on the example's rows, over the global
+  batch (this replica holds 2 of 4)."""
+  from trainer import models
+  objective = _objective(task="implicit_softmax", model="mf", l2=0.1)
+  model = models.build_model("mf", 2, 3, 2, l2=0.1)
+  p = np.array([[1.0, 0.0], [0.5, -1.0], [0.0, 0.0]], np.float32)  # + the OOV row
+  q = np.array([[2.0, 1.0], [0.0, 1.0], [-1.0, 0.5], [0.0, 0.0]], np.float32)
+  model.user_embedding.embeddings.assign(p)
+  model.item_embedding.embeddings.assign(q)
+  users, items = np.array([0, 1]), np.array([2, 0])
+  batch = {schema.USER: tf.constant(users, tf.int64), schema.ITEM: tf.constant(items, tf.int64)}
+  loss = float(objective.model_loss(model, batch, 4))
+  scores = p[users] @ q[:3].T  # [2, 3]
+  expected = (np.log(np.exp(scores).sum(1)) - scores[[0, 1], items]
+              + 0.1 * ((p[users] ** 2).sum(1) + (q[items] ** 2).sum(1)))
+  assert loss == pytest.approx(expected.sum() / 4, rel=1e-5)
+  assert not objective.samples_negatives and objective.negative_sampler(None) is None
+
+
+@pytest.mark.parametrize("model", ["seed_mlp", "mlp", "neumf"])
+def test_softmax_needs_a_factorised_model(model):
+  with pytest.raises(ConfigError, match=f"--task=implicit_softmax .* not --model={model}"):
+    _objective(task="implicit_softmax", model=model).check_config()
+  _objective(task="implicit_softmax", model="gmf").check_config()  # no error
+
+
 def test_metric_directions():
   explicit, implicit = _objective(), _objective(task="implicit")
   assert explicit.better("rmse", 0.9, 1.0) and not explicit.better("rmse", 1.1, 1.0)
@@ -96,8 +124,9 @@ def test_what_each_objective_serves():
   np.testing.assert_allclose(served["rating"], [1.0, 1.0, 5.0])
   served = _objective(task="implicit").serve(scores, metadata)
   np.testing.assert_allclose(served["score"], 1 / (1 + np.exp(-scores.numpy())), rtol=1e-6)
-  served = _objective(task="implicit_bpr").serve(scores, metadata)
-  np.testing.assert_allclose(served["score"], scores)
+  for task in ("implicit_bpr", "implicit_softmax"):
+    served = _objective(task=task).serve(scores, metadata)
+    np.testing.assert_allclose(served["score"], scores)
   assert _objective().output_bias(metadata) == 3.0
   assert _objective(task="implicit").output_bias(metadata) == 0.0
 

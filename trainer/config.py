@@ -12,7 +12,8 @@ from typing import Optional, Tuple
 from trainer.errors import ConfigError  # noqa: F401 (raised here; part of this module's API)
 
 MODELS = ("seed_mlp", "gmf", "mlp", "neumf", "mf")
-TASKS = ("explicit", "implicit", "implicit_bpr")  # each is a class of trainer.objectives
+FACTORISED_MODELS = ("gmf", "mf")  # score = a user vector . an item vector (+ biases)
+TASKS = ("explicit", "implicit", "implicit_bpr", "implicit_softmax")  # each is a class of trainer.objectives
 OPTIMIZERS = ("adam", "lazy_adam", "adagrad", "sgd")
 DECAYS = ("none", "cosine", "linear")
 PRECISIONS = ("float32", "bfloat16", "float16")

@@ -5,7 +5,7 @@ Signatures (raw string IDs in, so clients never see dense indices; vocabularies 
   serving_default(user: string[b], item: string[b])
       -> what the objective serves (`trainer.objectives`): explicit, rating: float[b]
          (clipped to the data's rating range); implicit, score: float[b] (the probability of
-         an interaction); implicit_bpr, score: float[b] (a ranking score);
+         an interaction); implicit_bpr and implicit_softmax, score: float[b] (a ranking score);
          and user_known, item_known: bool[b]
   recommend(user: string[b], k: int32 scalar)
       -> items: string[b, k'], scores: float[b, k'] (model scores, best first), user_known:
@@ -131,12 +131,7 @@ def _recommend_function(module: tf.Module, model: keras.Model, metadata: schema.
   def recommend(user, k):
     tf.debugging.assert_positive(k, message="recommend: k must be positive")
     users = module.user_table.lookup(user)  # [b]
-    batch = tf.shape(users)[0]
-    all_items = tf.range(num_items, dtype=tf.int64)  # [n]
-    scores = tf.cast(model({schema.USER: tf.repeat(users, num_items),  # [b * n]
-                            schema.ITEM: tf.tile(all_items, [batch])}, training=False),
-                     tf.float32)
-    scores = tf.reshape(scores, [batch, num_items])  # [b, n]
+    scores = tf.cast(model.score_all(users, training=False), tf.float32)  # [b, n]
     seen = tf.RaggedTensor.from_row_splits(module.seen_items, module.seen_splits)
     known_users = tf.minimum(users, num_users - 1)  # the OOV row has no history
     rows = tf.gather(seen, known_users)  # [b, None]

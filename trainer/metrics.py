@@ -193,8 +193,8 @@ def sampled_dataset(users: np.ndarray, positives: np.ndarray, negatives: np.ndar
 def make_ranking_evaluation(model: keras.Model, strategy: tf.distribute.Strategy, k: int,
                             num_items: int, indptr: np.ndarray, indices: np.ndarray,
                             score_fn: Callable = None,
-                            corrections: Optional[Dict[str, np.ndarray]] = None
-                            ) -> Dict[str, Callable]:
+                            corrections: Optional[Dict[str, np.ndarray]] = None,
+                            score_all_fn: Callable = None) -> Dict[str, Callable]:
   """Returns {protocol: evaluate(distributed dataset) -> {hr, ndcg, count}}.
 
   Args:
@@ -204,10 +204,21 @@ def make_ranking_evaluation(model: keras.Model, strategy: tf.distribute.Strategy
     indptr, indices: each user's training positives (compressed sparse rows), excluded from
       the full protocol's competitors.
     score_fn: scores a batch instead of the model.
+    score_all_fn: `users [b] -> scores [b, num_items]` for the full protocol; default: the
+      model's `score_all` (one matmul for factorised models), or `score_fn` on every pair.
     corrections: {"hr": x, "ndcg": x} (`sampled_metric_correction`, x [negatives + 1]): the
       sampled protocol then also reports hr_corrected and ndcg_corrected.
   """
   score = score_fn or (lambda batch: model(batch, training=False))
+  if score_all_fn is None and score_fn is None:
+    score_all_fn = lambda users: model.score_all(users, training=False)  # noqa: E731
+  if score_all_fn is None:
+
+    def score_all_fn(users):
+      b = tf.shape(users)[0]
+      all_items = tf.range(num_items, dtype=users.dtype)
+      return tf.reshape(score({schema.USER: tf.repeat(users, num_items),
+                               schema.ITEM: tf.tile(all_items, [b])}), [b, num_items])
   positives = tf.RaggedTensor.from_row_splits(tf.constant(indices, tf.int64),
                                               tf.constant(indptr, tf.int64))
 
@@ -228,9 +239,7 @@ def make_ranking_evaluation(model: keras.Model, strategy: tf.distribute.Strategy
   def full_step(batch):
     users, items = batch[schema.USER], batch[schema.ITEM]
     b = tf.shape(users)[0]
-    all_items = tf.range(num_items, dtype=tf.int64)
-    scores = tf.reshape(score({schema.USER: tf.repeat(users, num_items),
-                               schema.ITEM: tf.tile(all_items, [b])}), [b, num_items])
+    scores = tf.cast(score_all_fn(users), tf.float32)  # [b, num_items]
     seen = tf.gather(positives, users)  # ragged [b, None]
     coordinates = tf.stack([seen.value_rowids(), seen.flat_values], axis=1)
     excluded = tf.scatter_nd(coordinates, tf.ones_like(seen.flat_values, tf.bool),

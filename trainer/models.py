@@ -15,9 +15,14 @@ With p_u, q_i the user and item embeddings:
   mf        s(u, i) = <p_u, q_i> + b_u + b_i + b                       (Rendle et al. 2020:
             a well-tuned dot product, the baseline NeuMF must beat)
 
+`score_all(users)` scores every item for each user, [b, num_items]: mf and gmf, whose score
+is a user vector . an item vector (+ biases), by one matmul against the item table; the others
+pair by pair. Full-catalogue evaluation, `recommend` and the softmax objective use it.
+
 Objectives (in `trainer.objectives`): explicit, mean squared error on ratings; implicit, binary
 cross-entropy of s(u, i) against 1 for observed pairs and 0 for sampled negatives; implicit_bpr,
-the pairwise logistic loss of each positive against its negatives. Every model
+the pairwise logistic loss of each positive against its negatives; implicit_softmax, each
+positive against the whole catalogue (mf, gmf). Every model
 adds `l2 * (|p_u|^2 + |q_i|^2 (+ b_u^2 + b_i^2))` per example (`scores_and_penalty`, from the
 rows the scores were computed with): the regulariser touches only the rows of the batch, which
 keeps embedding updates sparse.
@@ -224,18 +229,21 @@ class Recommender(keras.Model):
     """{side: one [b, part] feature term per representation of the side}, all None for a side
     without features. The batch's feature rows come from the tables, or (cold start) from the
     values given in `inputs["<side>_features"]`."""
-    out = {}
-    for side in (schema.USER, schema.ITEM):
-      layer = self.feature_embeddings.get(side)
-      if layer is None:
-        out[side] = [None] * len(self.feature_parts)
-        continue
-      given = inputs.get(f"{side}_features")
-      total = layer(given if given is not None else self.feature_sides[side](inputs[side]),
-                    training=training)
-      out[side] = (ops.split(total, list(_cumulative(self.feature_parts[:-1])), axis=-1)
-                   if len(self.feature_parts) > 1 else [total])
-    return out
+    return {side: self._side_terms(side, inputs[side], inputs.get(f"{side}_features"),
+                                   training)
+            for side in (schema.USER, schema.ITEM)}
+
+  def _side_terms(self, side: str, ids, given: Optional[Mapping] = None,
+                  training: bool = False) -> List[Optional[tf.Tensor]]:
+    """One side's feature terms of `ids` (or of the feature values `given`), one [b, part]
+    per representation; all None when the side has no features."""
+    layer = self.feature_embeddings.get(side)
+    if layer is None:
+      return [None] * len(self.feature_parts)
+    total = layer(given if given is not None else self.feature_sides[side](ids),
+                  training=training)
+    return (ops.split(total, list(_cumulative(self.feature_parts[:-1])), axis=-1)
+            if len(self.feature_parts) > 1 else [total])
 
   @staticmethod
   def _represent(embedding: "Embedding", term: Optional[tf.Tensor], ids,
@@ -260,6 +268,23 @@ class Recommender(keras.Model):
 
   def call(self, inputs, training=False):
     return self.forward(inputs, training)[0]
+
+  def score_all(self, users: tf.Tensor, training: bool = False) -> tf.Tensor:
+    """Each user's score for every trained item: [b, num_items] (item index = column).
+
+    Here through `forward` on every (user, item) pair, b x num_items examples; models whose
+    score factorises into a user and an item vector (mf, gmf) override it with one matmul
+    against the item table, which full-catalogue evaluation, `recommend` and the softmax
+    objective then cost (b + n) representations instead of b x n examples.
+    """
+    batch = tf.shape(users)[0]
+    all_items = tf.range(self.num_items, dtype=users.dtype)
+    scores = self.forward({schema.USER: tf.repeat(users, self.num_items),
+                           schema.ITEM: tf.tile(all_items, [batch])}, training)[0]
+    return tf.reshape(scores, [batch, self.num_items])
+
+  def _all_items(self, users: tf.Tensor) -> tf.Tensor:
+    return tf.range(self.num_items, dtype=users.dtype)
 
   def scores_and_penalty(self, inputs: Dict, training: bool = False):
     """(scores [b], l2 * the squared norm of the example's embedding rows [b]), from one lookup
@@ -360,6 +385,17 @@ class GMF(Recommender):
     items = self._represent(self.item_embedding, terms[schema.ITEM][0], inputs[schema.ITEM],
                             penalized)
     return ops.squeeze(self.score(users * items), axis=-1), penalized  # [b]
+
+  def score_all(self, users, training=False):
+    """h . (p_u * q_i) + b = (p_u * h) . q_i + b: one [b, d] x [d, n] matmul."""
+    items = self._all_items(users)
+    p = self._represent(self.user_embedding, self._side_terms(schema.USER, users, None,
+                                                              training)[0], users, [])
+    q = self._represent(self.item_embedding, self._side_terms(schema.ITEM, items, None,
+                                                              training)[0], items, [])
+    weights = ops.cast(self.score.kernel[:, 0], p.dtype)
+    return (tf.matmul(p * weights[None, :], q, transpose_b=True)
+            + ops.cast(self.score.bias[0], p.dtype))
 
   def get_config(self):
     config = super().get_config()
@@ -487,6 +523,18 @@ class MF(Recommender):
     bias = ops.squeeze(rows[2], -1) + ops.squeeze(rows[3], -1)
     # Read in the compute dtype, as Keras's call would under a mixed-precision policy.
     return dot + bias + ops.cast(self.global_bias, dot.dtype), penalized
+
+  def score_all(self, users, training=False):
+    """<p_u, q_i> + b_u + b_i + b for every item: one [b, d] x [d, n] matmul."""
+    items = self._all_items(users)
+    (factors_u, bias_u) = self._side_terms(schema.USER, users, None, training)
+    (factors_i, bias_i) = self._side_terms(schema.ITEM, items, None, training)
+    p = self._represent(self.user_embedding, factors_u, users, [])  # [b, d]
+    q = self._represent(self.item_embedding, factors_i, items, [])  # [n, d]
+    b_u = self._represent(self.user_bias, bias_u, users, [])  # [b, 1]
+    b_i = self._represent(self.item_bias, bias_i, items, [])  # [n, 1]
+    return (tf.matmul(p, q, transpose_b=True) + b_u + tf.transpose(b_i)
+            + ops.cast(self.global_bias, p.dtype))
 
   def get_config(self):
     config = super().get_config()

@@ -16,6 +16,14 @@ evaluators with the metrics they report, the primary metric and its direction, t
                 sampled negatives j (BPR: Rendle et al. 2009, with k negatives per positive):
                 a pairwise loss, which cares only that positives outrank negatives; eval as
                 implicit; serves score = s, a ranking score (not a probability)
+  implicit_softmax  L = -log softmax_i(s(u, .)) = log sum_j exp s(u, j) - s(u, i) over every
+                item j of the catalogue, for each observed (u, i): the multinomial likelihood
+                of the item a user picks (Liang et al. 2018's Mult-VAE loss; the full softmax
+                that sampled-softmax retrieval models approximate). No sampled negatives, and
+                exact: every unobserved item is pushed down at every step, by its share of the
+                probability. Costs a [batch, items] matmul a step, so it needs a model whose
+                score factorises (mf, gmf); catalogues up to about 10^5 items. Eval as
+                implicit; serves score = s, a ranking score
 
 Every objective adds the model's L2 penalty on the batch's embedding rows (per example).
 
@@ -95,6 +103,12 @@ class Objective:
                                      self.config.seed, keys)
 
   # ------------------------------------------------------------------ training
+
+  def model_loss(self, model: keras.Model, batch: Dict[str, tf.Tensor],
+                 global_batch_size: int) -> tf.Tensor:
+    """This replica's share of the global mean loss of `model` on `batch` (training mode)."""
+    scores, penalty = model.scores_and_penalty(batch, training=True)  # penalty: float32 [b]
+    return self.loss(batch, tf.cast(scores, tf.float32), penalty, global_batch_size)
 
   def loss(self, batch: Dict[str, tf.Tensor], scores: tf.Tensor, penalty: tf.Tensor,
            global_batch_size: int) -> tf.Tensor:
@@ -218,7 +232,8 @@ class Implicit(Objective):
 
   def evaluators(self, model, strategy, data):
     return self._ranking_evaluators(strategy, data, lambda batch: model(batch, training=False),
-                                    _sampled_corrections(data, self.config.top_k))
+                                    _sampled_corrections(data, self.config.top_k),
+                                    lambda users: model.score_all(users, training=False))
 
   def baselines(self, strategy, data):
     """Popularity: every user gets the items with the most training interactions, each
@@ -233,15 +248,17 @@ class Implicit(Objective):
             for name, value in run().items() if not name.startswith("count")}
 
   def _ranking_evaluators(self, strategy, data, score: Callable,
-                          corrections: Optional[Dict[str, np.ndarray]] = None
-                          ) -> Dict[str, Evaluator]:
-    """{protocol: evaluator} of the ranking scores `score(batch)` (ties count against them)."""
+                          corrections: Optional[Dict[str, np.ndarray]] = None,
+                          score_all: Optional[Callable] = None) -> Dict[str, Evaluator]:
+    """{protocol: evaluator} of the ranking scores `score(batch)` (ties count against them);
+    `score_all(users)`, when given, scores the full protocol's whole catalogue at once."""
     config, metadata = self.config, data.metadata
     replicas = strategy.num_replicas_in_sync
     positives = data.train_positives
     protocols = metrics.make_ranking_evaluation(None, strategy, config.top_k,
                                                 metadata.num_items, positives["indptr"],
-                                                positives["indices"], score, corrections)
+                                                positives["indices"], score, corrections,
+                                                score_all)
     out = {}
     sampled = data.eval_negatives
     if sampled is not None:
@@ -293,6 +310,31 @@ class ImplicitBPR(Implicit):
     return {"score": scores}
 
 
+class ImplicitSoftmax(Implicit):
+  """Each observed interaction's item against the whole catalogue: softmax cross-entropy."""
+
+  name = "implicit_softmax"
+  samples_negatives = False
+
+  def check_config(self):
+    Objective.check_config(self)
+    if self.config.model not in config_lib.FACTORISED_MODELS:
+      raise ConfigError(f"--task={self.name} scores every item for every example: it needs a "
+                        f"model whose score is a dot product (--model="
+                        f"{' or '.join(config_lib.FACTORISED_MODELS)}), not "
+                        f"--model={self.config.model}")
+
+  def model_loss(self, model, batch, global_batch_size):
+    positive, penalty = model.scores_and_penalty(batch, training=True)  # [b]
+    logits = tf.cast(model.score_all(batch[schema.USER], training=True), tf.float32)  # [b, n]
+    cross_entropy = tf.reduce_logsumexp(logits, axis=1) - tf.cast(positive, tf.float32)
+    return tf.nn.compute_average_loss(cross_entropy + penalty,
+                                      global_batch_size=global_batch_size)
+
+  def serve(self, scores, metadata):
+    return {"score": scores}
+
+
 def _user_means(data: artifacts.PreparedData):
   """Each user's mean training rating (the global mean for users without any), or None for
   data prepared before the per-user sums were written."""
@@ -330,7 +372,7 @@ def _named(evaluate: Callable, dataset, protocol: str) -> Evaluator:
   return run
 
 
-_OBJECTIVES = {cls.name: cls for cls in (Explicit, Implicit, ImplicitBPR)}
+_OBJECTIVES = {cls.name: cls for cls in (Explicit, Implicit, ImplicitBPR, ImplicitSoftmax)}
 if set(_OBJECTIVES) != set(config_lib.TASKS):  # the enumeration lives in config, for the flags
   raise ImportError(f"objectives {sorted(_OBJECTIVES)} do not match --task's values "
                     f"{sorted(config_lib.TASKS)}")

@@ -39,7 +39,8 @@ flags.DEFINE_enum("task", _D.task, config_lib.TASKS,
                   "explicit: regress ratings (MSE; RMSE/MAE); implicit: classify observed pairs "
                   "against sampled negatives (cross-entropy; HR@K/NDCG@K); implicit_bpr: rank "
                   "each observed pair above its sampled negatives (BPR's pairwise logistic "
-                  "loss; HR@K/NDCG@K).")
+                  "loss; HR@K/NDCG@K); implicit_softmax: each observed pair's item against "
+                  "the whole catalogue (softmax cross-entropy; mf, gmf; HR@K/NDCG@K).")
 flags.DEFINE_integer("epochs", _D.epochs, "Passes over the training data.", lower_bound=1)
 flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size, across all replicas; "
                      "implicit: positives plus their negatives.", lower_bound=1)

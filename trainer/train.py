@@ -47,7 +47,7 @@ def make_train_loop(model: keras.Model, optimizer: keras.optimizers.Optimizer,
 
   Args:
     global_batch_size: examples per step across replicas (positives and negatives).
-    objective: owns the loss (`objective.loss`).
+    objective: owns the loss (`objective.model_loss`).
     jit_compile: compile the forward and backward pass with XLA (the optimizer update, which
       may hold cross-replica reductions, stays outside).
   """
@@ -78,8 +78,7 @@ def _make_step_fn(model: keras.Model, optimizer: keras.optimizers.Optimizer,
 
   def loss_and_gradients(batch):
     with tf.GradientTape() as tape:
-      scores, penalty = model.scores_and_penalty(batch, training=True)  # penalty: float32 [b]
-      loss = objective.loss(batch, tf.cast(scores, tf.float32), penalty, global_batch_size)
+      loss = objective.model_loss(model, batch, global_batch_size)
       scaled = optimizer.scale_loss(loss) if scales_loss else loss
     return loss, tape.gradient(scaled, variables)
 
