@@ -11,7 +11,8 @@ on exactly our training rows and are judged on our eval rows. Each of our recipe
 and each peer runs once per seed; a row of the table is the metric's mean and range over the
 seeds, the training wall time, and how long our runs took to reach the best peer's metric
 (from `history.json`: training plus evaluation up to the end of that epoch). Explicit:
-Surprise's SVD and SVD++ (their defaults), RMSE of the clipped prediction; implicit: the
+Surprise's SVD and SVD++ (their defaults), RMSE of the clipped prediction, and I-AutoRec
+(`autorec.py`: a published model no library packages, shown as a reference); implicit: the
 `implicit` library's ALS and BPR and popularity, HR@10 and NDCG@10 under both protocols with
 ties counted against the model as our evaluation does. Writes `quality.md`, `quality.json` and
 `quality.png` (metric against training time, one point per run) to --output_dir.
@@ -30,6 +31,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
+import autorec  # noqa: E402
 import split_export  # noqa: E402
 
 K = 10
@@ -162,6 +164,8 @@ def fit_implicit(name: str, split_dir: str, seed: int) -> Dict:
 
 
 PEERS = {"explicit": ("SVD", "SVD++"), "implicit": ("implicit ALS", "implicit BPR", "popularity")}
+# Published models that no library packages: shown beside the peers, not raced ("best peer").
+REFERENCES = {"explicit": ("I-AutoRec",), "implicit": ()}
 PRIMARY = {"explicit": "eval_rmse", "implicit": "eval_hr_full"}
 
 
@@ -246,7 +250,8 @@ def plot(runs: Dict[str, List[Dict]], task: str, path: str, title: str) -> None:
   figure, axes = plt.subplots(figsize=(8, 5), constrained_layout=True)
   for method, results in runs.items():
     axes.scatter([r["train_seconds"] for r in results], [r[primary] for r in results],
-                 label=method, marker="o" if method not in PEERS[task] else "s")
+                 label=method,
+                 marker="o" if method not in PEERS[task] + REFERENCES[task] else "s")
   axes.set(xscale="log", xlabel="training wall time, s (log)", ylabel=primary[len("eval_"):],
            title=title)
   axes.legend(fontsize="small")
@@ -272,12 +277,15 @@ def main() -> None:
     print(f"split {name}: {rows} rows {digest[:16]}", flush=True)
   metadata = json.load(open(os.path.join(data_dir, "metadata.json")))
   runs: Dict[str, List[Dict]] = {}
-  methods = list(OURS[args.task]) + ([] if missing else list(PEERS[args.task]))
+  methods = (list(OURS[args.task]) + ([] if missing else list(PEERS[args.task]))
+             + list(REFERENCES[args.task]))
   for method in [m for m in methods if not args.methods or m in args.methods]:
     for seed in args.seeds:
       if method in OURS[args.task]:
         result = train_ours(OURS[args.task][method], data_dir, os.path.join(
             args.output_dir, "runs", f"{method.split()[0]}-{len(runs)}-{seed}"), seed)
+      elif method == "I-AutoRec":
+        result = autorec.fit(split_dir, seed, (metadata["rating_min"], metadata["rating_max"]))
       elif args.task == "explicit":
         result = fit_surprise(method, split_dir, seed,
                               (metadata["rating_min"], metadata["rating_max"]))
