@@ -33,7 +33,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import schema
+from trainer import models, schema
 
 SAMPLED = "sampled"
 FULL = "full"
@@ -190,18 +190,6 @@ def sampled_dataset(users: np.ndarray, positives: np.ndarray, negatives: np.ndar
   return ds.batch(batch).prefetch(tf.data.AUTOTUNE)
 
 
-def _every_pair(score: Callable, num_items: int) -> Callable:
-  """`users [b] -> [b, num_items]` from a scorer of (user, item) pairs: b x n examples."""
-
-  def score_all(users):
-    b = tf.shape(users)[0]
-    all_items = tf.range(num_items, dtype=users.dtype)
-    return tf.reshape(score({schema.USER: tf.repeat(users, num_items),
-                             schema.ITEM: tf.tile(all_items, [b])}), [b, num_items])
-
-  return score_all
-
-
 def make_ranking_evaluation(model: keras.Model, strategy: tf.distribute.Strategy, k: int,
                             num_items: int, indptr: np.ndarray, indices: np.ndarray,
                             score_fn: Callable = None,
@@ -223,7 +211,8 @@ def make_ranking_evaluation(model: keras.Model, strategy: tf.distribute.Strategy
   """
   score = score_fn or (lambda batch: model(batch, training=False))
   if score_all_fn is None:
-    score_all_fn = (_every_pair(score, num_items) if score_fn is not None
+    score_all_fn = ((lambda users: models.score_every_pair(score, users, num_items))
+                    if score_fn is not None
                     else lambda users: model.score_all(users, training=False))
   positives = tf.RaggedTensor.from_row_splits(tf.constant(indices, tf.int64),
                                               tf.constant(indptr, tf.int64))

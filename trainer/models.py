@@ -277,11 +277,8 @@ class Recommender(keras.Model):
     against the item table, which full-catalogue evaluation, `recommend` and the softmax
     objective then cost (b + n) representations instead of b x n examples.
     """
-    batch = tf.shape(users)[0]
-    all_items = tf.range(self.num_items, dtype=users.dtype)
-    scores = self.forward({schema.USER: tf.repeat(users, self.num_items),
-                           schema.ITEM: tf.tile(all_items, [batch])}, training)[0]
-    return tf.reshape(scores, [batch, self.num_items])
+    return score_every_pair(lambda pairs: self.forward(pairs, training)[0], users,
+                            self.num_items)
 
   def _all_items(self, users: tf.Tensor) -> tf.Tensor:
     return tf.range(self.num_items, dtype=users.dtype)
@@ -305,6 +302,15 @@ class Recommender(keras.Model):
                   features={side: {"infos": [i.to_dict() for i in t.infos], "rows": t.rows}
                             for side, t in self.feature_sides.items()})
     return config
+
+
+def score_every_pair(score, users: tf.Tensor, num_items: int) -> tf.Tensor:
+  """[b, num_items] from `score`, a scorer of (user, item) pairs, run on the b x num_items
+  pairs of `users` and every item."""
+  batch = tf.shape(users)[0]
+  all_items = tf.range(num_items, dtype=users.dtype)
+  return tf.reshape(score({schema.USER: tf.repeat(users, num_items),
+                           schema.ITEM: tf.tile(all_items, [batch])}), [batch, num_items])
 
 
 def _cumulative(sizes: Sequence[int]) -> List[int]:
