@@ -27,17 +27,10 @@ import time
 from typing import Dict, List
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from trainer import localhost  # noqa: E402  (imports no TensorFlow)
+
 DIM = 64
-
-
-def _ports(n: int) -> List[int]:
-  sockets = [socket.socket() for _ in range(n)]
-  for s in sockets:
-    s.bind(("127.0.0.1", 0))
-  ports = [s.getsockname()[1] for s in sockets]
-  for s in sockets:
-    s.close()
-  return ports
 
 
 def _rss_kib(pid: int, field: str = "VmRSS") -> int:
@@ -61,7 +54,7 @@ def prepare(data_dir: str, args) -> None:
 
 def run_cluster(data_dir: str, model_dir: str, num_ps: int, workers: int,
                 batch_size: int, dim: int) -> Dict:
-  ports = iter(_ports(1 + workers + num_ps))
+  ports = iter(localhost.free_ports(1 + workers + num_ps))
   cluster = {"chief": [f"127.0.0.1:{next(ports)}"],
              "worker": [f"127.0.0.1:{next(ports)}" for _ in range(workers)],
              "ps": [f"127.0.0.1:{next(ports)}" for _ in range(num_ps)]}

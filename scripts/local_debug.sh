@@ -46,14 +46,7 @@ if (( ps > 0 )); then
 else
   for ((i = 0; i < workers; i++)); do tasks+=("worker $i"); done
 fi
-ports=($("$python" - "${#tasks[@]}" <<'PY'
-import socket, sys
-socks = [socket.socket() for _ in range(int(sys.argv[1]))]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-PY
-))
+ports=($("$python" -m trainer.localhost "${#tasks[@]}"))
 cluster="$("$python" - "${ports[*]}" "${tasks[@]}" <<'PY'
 import json, sys
 ports, tasks = sys.argv[1].split(), [t.split()[0] for t in sys.argv[2:]]

@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO_ROOT, last_json_line
+from trainer import localhost
 from trainer.config import PrepareConfig
 from trainer.data import preparation
 
@@ -26,19 +26,9 @@ def data_dir(tmp_path_factory):
   return out
 
 
-def _free_ports(n):
-  sockets = [socket.socket() for _ in range(n)]
-  for s in sockets:
-    s.bind(("127.0.0.1", 0))
-  ports = [s.getsockname()[1] for s in sockets]
-  for s in sockets:
-    s.close()
-  return ports
-
-
 def _start(tasks, data_dir, model_dir, epochs, variable="TF_CONFIG", extra=()):
   """Starts one trainer process per (type, index) task; returns the Popen objects."""
-  ports = iter(_free_ports(len(tasks)))
+  ports = iter(localhost.free_ports(len(tasks)))
   cluster = {}
   for task_type, _ in tasks:
     cluster.setdefault(task_type, []).append(f"127.0.0.1:{next(ports)}")

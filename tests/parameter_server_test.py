@@ -13,8 +13,7 @@ import tensorflow as tf
 from conftest import REPO_ROOT, last_json_line, run_cli
 from cold_start_test import cold_data  # noqa: F401  (a fixture)
 from ps_restore import ITEMS, USERS
-from multiworker_test import _free_ports
-from trainer import distribute
+from trainer import distribute, localhost
 from trainer.config import ConfigError, PrepareConfig
 from trainer.data import preparation
 
@@ -35,7 +34,7 @@ def ps_data(tmp_path_factory):
 
 def local_cluster(workers, ps):
   """A cluster of a chief, `workers` workers and `ps` ps tasks on free 127.0.0.1 ports."""
-  ports = iter(_free_ports(1 + workers + ps))
+  ports = iter(localhost.free_ports(1 + workers + ps))
   return {"chief": [f"127.0.0.1:{next(ports)}"],
           "worker": [f"127.0.0.1:{next(ports)}" for _ in range(workers)],
           "ps": [f"127.0.0.1:{next(ports)}" for _ in range(ps)]}
