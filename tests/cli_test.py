@@ -150,10 +150,12 @@ print(json.dumps({"model": config.model, "task": config.task, "features": config
 """
 
 
-@pytest.mark.parametrize("name,model,task", [("ml100k_explicit", "mf", "explicit"),
-                                             ("ml100k_implicit", "neumf", "implicit"),
-                                             ("latest_small_implicit", "mf", "implicit_softmax")])
-def test_the_recipes_are_valid_flagfiles_of_model_flags_only(name, model, task):
+@pytest.mark.parametrize("name,model,task,features", [
+    ("ml100k_explicit", "autorec", "explicit", "genres,year"),
+    ("ml100k_explicit_mf", "mf", "explicit", "all"),
+    ("ml100k_implicit", "neumf", "implicit", "all"),
+    ("latest_small_implicit", "mf", "implicit_softmax", "all")])
+def test_the_recipes_are_valid_flagfiles_of_model_flags_only(name, model, task, features):
   path = REPO_ROOT / "configs" / f"{name}.flags"
   flags = [line.split("=")[0] for line in path.read_text().splitlines()
            if line.startswith("--")]
@@ -161,4 +163,4 @@ def test_the_recipes_are_valid_flagfiles_of_model_flags_only(name, model, task):
   result = subprocess.run([sys.executable, "-c", _PARSE_FLAGFILE, str(path)], cwd=REPO_ROOT,
                           capture_output=True, text=True, check=True)
   assert json.loads(result.stdout.strip().splitlines()[-1]) == {
-      "model": model, "task": task, "features": "all"}
+      "model": model, "task": task, "features": features}

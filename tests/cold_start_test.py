@@ -78,15 +78,17 @@ def test_the_split_holds_out_whole_items(cold_data):
   assert len(eval_items) == data.metadata.eval_items_unseen_in_train
 
 
-@pytest.fixture(scope="module")
-def feature_run(cold_data, tmp_path_factory):
-  config = _config(cold_data, str(tmp_path_factory.mktemp("features")))
+@pytest.fixture(scope="module", params=["mf", "autorec"])
+def feature_run(cold_data, tmp_path_factory, request):
+  """mf, and autorec (whose cold item has no interactions to encode: its features alone)."""
+  config = _config(cold_data, str(tmp_path_factory.mktemp("features")), model=request.param)
   return config, train.train_and_evaluate(config)
 
 
 def test_features_score_cold_items_that_ids_cannot(cold_data, feature_run, tmp_path):
-  _, with_features = feature_run
-  ids_only = train.train_and_evaluate(_config(cold_data, str(tmp_path), features="none"))
+  config, with_features = feature_run
+  ids_only = train.train_and_evaluate(_config(cold_data, str(tmp_path), model=config.model,
+                                              features="none"))
   baseline = _user_mean_baseline(cold_data)
   assert with_features["eval_rmse_user_mean_baseline"] == pytest.approx(baseline, rel=1e-9)
   assert baseline > 1.5  # users rate both kinds: their mean says nothing of a new item
@@ -137,9 +139,13 @@ def test_resume_with_features_ends_as_an_uninterrupted_run(cold_data, tmp_path):
   assert resumed["eval_rmse"] == straight["eval_rmse"]
 
 
-def test_two_replicas_with_features_match_one_device(cold_data, mirrored_strategy, tmp_path):
-  """The feature tables are mirrored and their embeddings get the same summed gradients."""
-  config = _config(cold_data, str(tmp_path / "one"), epochs=2, optimizer="lazy_adam")
+@pytest.mark.parametrize("model", ["mf", "autorec"])
+def test_two_replicas_with_features_match_one_device(cold_data, mirrored_strategy, tmp_path,
+                                                      model):
+  """The feature tables (and autorec's interaction table) are mirrored and the embeddings get
+  the same summed gradients."""
+  config = _config(cold_data, str(tmp_path / "one"), epochs=2, optimizer="lazy_adam",
+                   model=model)
   one = train.train_and_evaluate(config, tf.distribute.OneDeviceStrategy("/cpu:0"))
   two = train.train_and_evaluate(dataclasses.replace(config, model_dir=str(tmp_path / "two")),
                                  mirrored_strategy)

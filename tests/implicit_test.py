@@ -55,7 +55,9 @@ def _config(data_dir, model_dir, **changes):
 @pytest.mark.parametrize("name,task", [("gmf", "implicit"), ("mlp", "implicit"),
                                        ("neumf", "implicit"), ("mf", "implicit"),
                                        ("mf", "implicit_bpr"), ("gmf", "implicit_bpr"),
-                                       ("mf", "implicit_softmax"), ("gmf", "implicit_softmax")])
+                                       ("mf", "implicit_softmax"), ("gmf", "implicit_softmax"),
+                                       ("autorec", "implicit"),
+                                       ("autorec", "implicit_softmax")])
 def test_every_model_beats_popularity(implicit_data, tmp_path, mirrored_strategy, name, task):
   result = train.train_and_evaluate(_config(implicit_data, str(tmp_path), model=name,
                                             task=task), mirrored_strategy)

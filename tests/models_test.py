@@ -91,7 +91,9 @@ def test_the_penalty_reuses_the_rows_the_scores_gathered(name):
   with tf.GradientTape() as tape:
     scores, penalty = model.scores_and_penalty(batch, training=True)
     loss = tf.reduce_sum(scores) + tf.reduce_sum(penalty)
-  tables = [w for w in model.trainable_variables if len(w.shape) == 2 and w.shape[0] in (11, 21)]
+  # (autorec's encoder reads the rows of the batch items' users instead: its own test.)
+  tables = [w for w in model.trainable_variables if len(w.shape) == 2 and w.shape[0] in (11, 21)
+            and not w.path.startswith("encoder")]
   assert len(tables) >= 2
   for table, gradient in zip(tables, tape.gradient(loss, tables)):
     assert isinstance(gradient, tf.IndexedSlices), table.path
@@ -303,3 +305,88 @@ def test_score_all_equals_scoring_every_pair(name, with_features):
   pairs = model({schema.USER: tf.repeat(users, 10),
                  schema.ITEM: tf.tile(tf.range(10, dtype=tf.int64), [4])})
   np.testing.assert_allclose(matrix, np.reshape(pairs, (4, 10)), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ autorec
+
+def _interactions(triples, num_items):
+  """Item-major sparse rows of (user, item, value) triples, as preparation's data gives them."""
+  users, items, values = (np.array(c) for c in zip(*triples))
+  order = np.lexsort((users, items))
+  counts = np.bincount(items, minlength=num_items + 1)
+  return {"indptr": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+          "indices": users[order].astype(np.int64), "values": values[order].astype(np.float32)}
+
+
+# 4 users, 3 items: item 0 rated by users 0, 2; item 1 by 1, 2, 3; item 2 by nobody (cold).
+_TRIPLES = [(2, 0, 4.0), (0, 0, 5.0), (1, 1, 2.0), (3, 1, 3.0), (2, 1, 1.0)]
+
+
+def _autorec(triples=_TRIPLES, **kwargs):
+  model = models.build_model("autorec", 4, 3, 3, interactions=_interactions(triples, 3),
+                             **kwargs)
+  rng = np.random.default_rng(0)
+  for w in model.trainable_weights:
+    w.assign(rng.normal(size=w.shape).astype("float32"))
+  return model
+
+
+def _sigmoid(x):
+  return 1 / (1 + np.exp(-x))
+
+
+def test_autorec_encodes_each_item_from_its_training_ratings():
+  """s(u, i) = <w_u, sigmoid(V^T r_i + mu)> + b_u + b_i + b, by hand; a cold item (no
+  ratings) is sigmoid(mu); `score_all` is the same scores by one matmul."""
+  model = _autorec()
+  V, mu = model.encoder.embeddings.numpy(), model.encoder_bias.numpy()
+  W = model.user_embedding.embeddings.numpy()
+  b_u, b_i = model.user_bias.embeddings.numpy()[:, 0], model.item_bias.embeddings.numpy()[:, 0]
+  r = np.zeros((4, 5))  # items (+ OOV) x users (+ OOV)
+  for u, i, value in _TRIPLES:
+    r[i, u] = value
+  h = _sigmoid(r @ V + mu)
+  users, items = np.array([0, 1, 3, 2, 4]), np.array([0, 2, 1, 3, 1])
+  expected = (W[users] * h[items]).sum(-1) + b_u[users] + b_i[items] + float(model.global_bias)
+  np.testing.assert_allclose(np.asarray(model({schema.USER: users, schema.ITEM: items})),
+                             expected, rtol=1e-5)
+  everything = (W[:4] @ h[:3].T + b_u[:4, None] + b_i[None, :3] + float(model.global_bias))
+  np.testing.assert_allclose(np.asarray(model.score_all(tf.range(4))), everything, rtol=1e-5)
+
+
+def test_autorec_training_leaves_the_example_own_rating_out():
+  """In training, (u, i) is scored from i's other ratings: as a model whose table never held
+  r_ui scores it at evaluation (the same weights)."""
+  model = _autorec()
+  without = _autorec([t for t in _TRIPLES if t[:2] != (2, 1)])
+  batch = {schema.USER: np.array([2, 2]), schema.ITEM: np.array([1, 0]),
+           schema.RATING: np.array([1.0, 4.0], "float32")}
+  trained, _ = model.scores_and_penalty(batch, training=True)
+  np.testing.assert_allclose(trained[0], without({schema.USER: np.array([2]),
+                                                  schema.ITEM: np.array([1])})[0], rtol=1e-5)
+  assert abs(float(trained[0]) - float(model({schema.USER: np.array([2]),
+                                              schema.ITEM: np.array([1])})[0])) > 1e-3
+  # Implicit feedback: a sampled negative (label 0) is not in the table; nothing to leave out.
+  implicit = _autorec(ratings=False)
+  negative = {schema.USER: np.array([0]), schema.ITEM: np.array([1]),
+              schema.LABEL: np.array([0.0], "float32")}
+  np.testing.assert_allclose(implicit.scores_and_penalty(negative, training=True)[0],
+                             implicit(negative), rtol=1e-6)
+
+
+def test_autorec_reads_and_penalises_the_encoder_rows_of_the_batch_items_users_only():
+  model = _autorec(l2=0.5)
+  batch = {schema.USER: tf.constant([3, 0]), schema.ITEM: tf.constant([1, 1]),
+           schema.RATING: tf.constant([3.0, 4.0])}
+  with tf.GradientTape() as tape:
+    scores, penalty = model.scores_and_penalty(batch, training=True)
+    loss = tf.reduce_sum(penalty)
+  gradient = tape.gradient(loss, model.encoder.embeddings)
+  assert isinstance(gradient, tf.IndexedSlices)
+  assert sorted(set(gradient.indices.numpy().tolist())) == [1, 2, 3]  # item 1's users
+  V = model.encoder.embeddings.numpy()
+  rows = (V[[1, 2, 3]] ** 2).sum()
+  decoder = (model.user_embedding.embeddings.numpy()[[3, 0]] ** 2).sum(-1)
+  biases = (model.user_bias.embeddings.numpy()[[3, 0], 0] ** 2
+            + model.item_bias.embeddings.numpy()[[1, 1], 0] ** 2)
+  np.testing.assert_allclose(penalty, 0.5 * (decoder + biases + rows / 5), rtol=1e-5)

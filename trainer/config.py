@@ -11,8 +11,8 @@ from typing import Optional, Tuple
 
 from trainer.errors import ConfigError  # noqa: F401 (raised here; part of this module's API)
 
-MODELS = ("seed_mlp", "gmf", "mlp", "neumf", "mf")
-FACTORISED_MODELS = ("gmf", "mf")  # score = a user vector . an item vector (+ biases)
+MODELS = ("seed_mlp", "gmf", "mlp", "neumf", "mf", "autorec")
+FACTORISED_MODELS = ("gmf", "mf", "autorec")  # score = a user vector . an item vector (+ biases)
 TASKS = ("explicit", "implicit", "implicit_bpr", "implicit_softmax")  # each is a class of trainer.objectives
 OPTIMIZERS = ("adam", "lazy_adam", "adagrad", "sgd")
 DECAYS = ("none", "cosine", "linear")

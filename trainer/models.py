@@ -39,6 +39,7 @@ import random
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
@@ -287,13 +288,17 @@ class Recommender(keras.Model):
     """(scores [b], l2 * the squared norm of the example's embedding rows [b]), from one lookup
     of the rows (a separate penalty would gather them, and back-propagate into them, twice)."""
     scores, rows = self.forward(inputs, training)
+    return scores, self._penalty(scores, rows)
+
+  def _penalty(self, scores: tf.Tensor, rows: Sequence[tf.Tensor]) -> tf.Tensor:
+    """l2 * the squared norm of each example's `rows`: float32 [b]."""
     if not self.l2:
-      return scores, ops.zeros_like(ops.cast(scores, "float32"))
+      return ops.zeros_like(ops.cast(scores, "float32"))
     total = 0.0
     for r in rows:
       r = ops.cast(r, "float32")
       total = total + ops.sum(ops.square(ops.reshape(r, (ops.shape(r)[0], -1))), axis=-1)
-    return scores, self.l2 * total
+    return self.l2 * total
 
   def get_config(self):
     config = super().get_config()
@@ -548,12 +553,183 @@ class MF(Recommender):
     return config
 
 
+@keras.saving.register_keras_serializable(package="neumf_trainer")
+class InteractionTable(layers.Layer):
+  """The training interactions as fixed weights, one row per item (compressed sparse rows over
+  users): `call(items)` is the batch's rows as a SparseTensor [b, columns]. The SavedModel and
+  checkpoints carry them, so serving encodes a known item as training did.
+
+  Args:
+    rows, columns: the sparse matrix's shape (items + the OOV row, users + the OOV column).
+    interactions: {indptr [rows + 1], indices [n] (columns), values [n]}, or None for `count`
+      zeros to be restored from a checkpoint.
+  """
+
+  def __init__(self, rows: int, columns: int, interactions: Optional[Mapping] = None,
+               count: int = 0, **kwargs):
+    super().__init__(**kwargs)
+    self.rows, self.columns = rows, columns
+    self.count = int(len(interactions["indices"])) if interactions is not None else count
+    if interactions is not None and len(interactions["indptr"]) != rows + 1:
+      raise ValueError(f"interactions: indptr of {len(interactions['indptr'])} entries for "
+                       f"{rows} rows")
+
+    def weight(name, shape, dtype):
+      value = None if interactions is None else np.asarray(interactions[name], dtype)
+      return self.add_weight(
+          shape=shape, dtype=dtype, trainable=False, name=name,
+          initializer=(keras.initializers.Zeros() if value is None
+                       else lambda shape, dtype=None: ops.convert_to_tensor(value)))
+
+    self.indptr = weight("indptr", (rows + 1,), "int64")
+    self.indices = weight("indices", (self.count,), "int64")
+    self.values = weight("values", (self.count,), "float32")
+
+  def call(self, ids):
+    ids = ops.cast(ids, "int64")
+    indptr = distribute.local_variable(self.indptr.value)
+    starts, ends = tf.gather(indptr, ids), tf.gather(indptr, ids + 1)
+    positions = tf.ragged.range(starts, ends)  # [b, (row length)]
+    flat = positions.flat_values
+    columns = tf.gather(distribute.local_variable(self.indices.value), flat)
+    return tf.SparseTensor(
+        tf.stack([positions.value_rowids(), columns], axis=1),
+        tf.gather(distribute.local_variable(self.values.value), flat),
+        tf.stack([tf.shape(ids, out_type=tf.int64)[0], tf.constant(self.columns, tf.int64)]))
+
+  def get_config(self):
+    config = super().get_config()
+    config.update(rows=self.rows, columns=self.columns, count=self.count)
+    return config
+
+
+@keras.saving.register_keras_serializable(package="neumf_trainer")
+class AutoRec(Recommender):
+  """Item-based AutoRec (Sedhain et al. 2015) as a factorised scorer: an item is encoded from
+  the vector of its training interactions r_i [users] (ratings; 1 for implicit feedback),
+
+    h_i = sigmoid(V^T r_i + mu (+ the item's feature term)),   s(u, i) = <w_u, h_i> + b_u + b_i + b
+
+  the decoder's user rows w_u (+ the user's feature term) acting as user embeddings. The
+  encoder V [users, d] is read by rows, those of the users of the batch's items (a sparse
+  gradient, as an embedding table's), and those rows V_r take `l2 * |V_r|^2 / users` per
+  example (with most users read each step, about as often as the average user's decoder row). Training leaves the example's own interaction out
+  of its item's encoding (h_i from r_i less r_ui), so the model learns to predict a rating from
+  the other users' ones, which is what evaluation asks of it. An item without training
+  interactions (cold, or the OOV row) is encoded from its features alone.
+
+  Args:
+    interactions: the item-major rows of training interactions
+      (`PreparedData.train_interactions`), or {"count": n} for a model rebuilt from its
+      config, restored from a checkpoint; None: none.
+    ratings: the table holds ratings (explicit feedback), not 1s.
+  """
+
+  def __init__(self, num_users: int, num_items: int, embedding_dim: int = 500,
+               interactions: Optional[Mapping] = None, ratings: bool = True, **kwargs):
+    super().__init__(num_users, num_items, **kwargs)
+    self.embedding_dim = embedding_dim
+    self.ratings = ratings
+    given = interactions if interactions is not None and "indptr" in interactions else None
+    count = int((interactions or {}).get("count", 0)) if given is None else 0
+    self.history = InteractionTable(num_items + 1, num_users + 1, given, count,
+                                    name="item_interactions")
+    self.encoder = Embedding(num_users + 1, embedding_dim, name="encoder",
+                             embeddings_initializer=keras.initializers.GlorotUniform())
+    self.encoder_bias = self.add_weight(shape=(embedding_dim,), name="encoder_bias",
+                                        initializer=keras.initializers.Zeros())
+    self.user_embedding = self._embedding(num_users, embedding_dim, "user_embedding")
+    zeros = keras.initializers.Zeros()
+    self.user_bias = Embedding(num_users + 1, 1, embeddings_initializer=zeros, name="user_bias")
+    self.item_bias = Embedding(num_items + 1, 1, embeddings_initializer=zeros, name="item_bias")
+    self.global_bias = self.add_weight(
+        shape=(), initializer=keras.initializers.Constant(self.output_bias), name="global_bias")
+    self._side_features([embedding_dim, 1])  # [encoding ; bias] per side
+
+  def _encode(self, items, term, users=None, own=None):
+    """(h_i [b, d] of `items`, the encoder rows read [k, d]); with `users` and `own` (r_ui
+    [b]), each h_i less its own r_ui. The rows read are those of the users of the batch's
+    items, gathered once (their gradient is sparse, as an embedding table's)."""
+    unique, position = tf.unique(ops.cast(items, "int64"))
+    rows = self.history(unique)  # [unique items, users]
+    columns, local = tf.unique(rows.indices[:, 1])
+    read = ops.cast(self.encoder(columns), "float32")  # [k, d]
+    encoded = tf.sparse.sparse_dense_matmul(
+        tf.SparseTensor(tf.stack([rows.indices[:, 0], tf.cast(local, tf.int64)], axis=1),
+                        tf.cast(rows.values, tf.float32), tf.stack([rows.dense_shape[0],
+                                               tf.shape(columns, out_type=tf.int64)[0]])),
+        read)  # [unique items, d]
+    pre = tf.gather(encoded, position) + ops.cast(self.encoder_bias, "float32")
+    if own is not None:
+      # u's row is among those read (u is one of i's users): penalised there, once.
+      pre -= ops.cast(own, "float32")[:, None] * ops.cast(self.encoder(users), "float32")
+    if term is not None:
+      pre += ops.cast(term, "float32")
+    return ops.cast(tf.sigmoid(pre), self.compute_dtype), read
+
+  def _forward(self, inputs, training=False):
+    """(scores [b], penalized rows, the encoder rows read [k, d])."""
+    users, items = inputs[schema.USER], inputs[schema.ITEM]
+    parts, penalized = self._feature_parts(inputs, training), []
+    (factors_u, bias_u), (factors_i, bias_i) = parts[schema.USER], parts[schema.ITEM]
+    p = self._represent(self.user_embedding, factors_u, users, penalized)
+    h, read = self._encode(items, factors_i, users,
+                           self._own_value(inputs) if training else None)
+    b_u = self._represent(self.user_bias, bias_u, users, penalized)
+    b_i = self._represent(self.item_bias, bias_i, items, penalized)
+    score = (ops.sum(p * h, axis=-1) + ops.squeeze(b_u, -1) + ops.squeeze(b_i, -1)
+             + ops.cast(self.global_bias, p.dtype))
+    return score, penalized, read
+
+  def forward(self, inputs, training=False):
+    return self._forward(inputs, training)[:2]
+
+  def _own_value(self, inputs):
+    """r_ui of training examples as the interaction table holds it: the label when the batch
+    has one (1 for a positive, 0 for a sampled negative, which the table does not hold), else
+    the rating (explicit) or 1 (implicit positives); None (nothing left out) for pairs given
+    without their rating."""
+    if schema.LABEL in inputs:
+      return inputs[schema.LABEL]
+    if self.ratings:
+      return inputs.get(schema.RATING)
+    return ops.ones_like(ops.cast(inputs[schema.USER], "float32"))
+
+  def scores_and_penalty(self, inputs, training=False):
+    """The base class's, plus `l2 * |V_r|^2 / users` per example for the encoder rows V_r the
+    batch read."""
+    scores, penalized, read = self._forward(inputs, training)
+    penalty = self._penalty(scores, penalized)
+    if self.l2:
+      penalty += self.l2 * ops.sum(ops.square(read)) / (self.num_users + 1)
+    return scores, penalty
+
+  def score_all(self, users, training=False):
+    """<w_u, h_i> + b_u + b_i + b for every item: the catalogue encoded once, one matmul."""
+    items = self._all_items(users)
+    factors_u, bias_u = self._side_terms(schema.USER, users, None, training)
+    factors_i, bias_i = self._side_terms(schema.ITEM, items, None, training)
+    p = self._represent(self.user_embedding, factors_u, users, [])  # [b, d]
+    h = self._encode(items, factors_i)[0]  # [n, d]
+    b_u = self._represent(self.user_bias, bias_u, users, [])  # [b, 1]
+    b_i = self._represent(self.item_bias, bias_i, items, [])  # [n, 1]
+    return (tf.matmul(p, h, transpose_b=True) + b_u + tf.transpose(b_i)
+            + ops.cast(self.global_bias, p.dtype))
+
+  def get_config(self):
+    config = super().get_config()
+    config.update(embedding_dim=self.embedding_dim, ratings=self.ratings,
+                  interactions={"count": self.history.count})
+    return config
+
+
 def build_model(name: str, num_users: int, num_items: int, embedding_dim: int = 64,
                 hidden_units: int = 256, rating_mean: float = 0.0, *,
                 layers: Sequence[int] = (64, 32, 16, 8), mlp_embedding_dim: int = 32,
                 dropout: float = 0.0, l2: float = 0.0,
-                features: Optional[Mapping[str, feature_layers.SideFeatures]] = None
-                ) -> keras.Model:
+                features: Optional[Mapping[str, feature_layers.SideFeatures]] = None,
+                interactions: Optional[Mapping[str, np.ndarray]] = None,
+                ratings: bool = True) -> keras.Model:
   """Creates model `name` with its variables built (a custom loop needs them before step 1).
 
   Args:
@@ -565,6 +741,9 @@ def build_model(name: str, num_users: int, num_items: int, embedding_dim: int = 
     l2: the embedding penalty's weight.
     features: {side: SideFeatures}: side features added to every representation of the side
       (`trainer.feature_layers`); None or empty: IDs only.
+    interactions: autorec's item-major training interactions
+      (`PreparedData.train_interactions`); None: an empty table (every item encoded as a cold one).
+    ratings: autorec's interactions are ratings (explicit feedback), not 1s.
 
   Raises:
     ValueError: naming --model when `name` is unknown.
@@ -581,6 +760,8 @@ def build_model(name: str, num_users: int, num_items: int, embedding_dim: int = 
                   **common)
   elif name == "mf":
     model = MF(num_users, num_items, embedding_dim, **common)
+  elif name == "autorec":
+    model = AutoRec(num_users, num_items, embedding_dim, interactions, ratings, **common)
   else:
     raise ValueError(f"--model={name!r} is not a known model (one of {', '.join(MODELS)})")
   model({schema.USER: ops.zeros((1,), "int64"), schema.ITEM: ops.zeros((1,), "int64")})

@@ -326,8 +326,14 @@ class ImplicitSoftmax(Implicit):
 
   def model_loss(self, model, batch, global_batch_size):
     positive, penalty = model.scores_and_penalty(batch, training=True)  # [b]
+    positive = tf.cast(positive, tf.float32)
     logits = tf.cast(model.score_all(batch[schema.USER], training=True), tf.float32)  # [b, n]
-    cross_entropy = tf.reduce_logsumexp(logits, axis=1) - tf.cast(positive, tf.float32)
+    # The positive's own column is its score as the example gets it (autorec leaves the
+    # example's interaction out of it; for the others the two are equal): a cross-entropy.
+    rows = tf.range(tf.shape(logits, out_type=tf.int64)[0])
+    logits = tf.tensor_scatter_nd_update(
+        logits, tf.stack([rows, tf.cast(batch[schema.ITEM], tf.int64)], axis=1), positive)
+    cross_entropy = tf.reduce_logsumexp(logits, axis=1) - positive
     return tf.nn.compute_average_loss(cross_entropy + penalty,
                                       global_batch_size=global_batch_size)
 

@@ -116,7 +116,10 @@ def build_model(config: TrainConfig, data: artifacts.PreparedData) -> keras.Mode
                             config.embedding_dim, config.hidden_units, bias,
                             layers=config.layers, mlp_embedding_dim=config.mlp_embedding_dim,
                             dropout=config.dropout, l2=config.l2,
-                            features=data.side_features(config.features))
+                            features=data.side_features(config.features),
+                            interactions=(data.train_interactions(metadata.num_items)
+                                          if config.model == "autorec" else None),
+                            ratings=not metadata.implicit)
 
 
 def load_config(model_dir: str) -> TrainConfig:

@@ -86,6 +86,22 @@ class PreparedData:
     """Each user's training items: `indptr` [users + 1], `indices` [training rows]."""
     return load_npz(self.path(schema.TRAIN_POSITIVES_FILE))
 
+  def train_interactions(self, num_items: int) -> Dict[str, np.ndarray]:
+    """The training rows as item-major sparse rows over users (`models.InteractionTable`):
+    ratings for explicit feedback, 1s for implicit. Reads the training shards once: O(training
+    rows) memory, what a model that holds them (autorec) needs anyway."""
+    users, items, ratings = [], [], []
+    for batch in pipeline.make_dataset(self.train_pattern, 65536, training=False):
+      users.append(batch[schema.USER].numpy())
+      items.append(batch[schema.ITEM].numpy())
+      ratings.append(batch[schema.RATING].numpy())
+    users, items = np.concatenate(users), np.concatenate(items)
+    values = np.ones(len(users), np.float32) if self.metadata.implicit else np.concatenate(ratings)
+    order = np.lexsort((users, items))
+    counts = np.bincount(items, minlength=num_items + 1)[:num_items + 1]
+    return {"indptr": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+            "indices": users[order].astype(np.int64), "values": values[order]}
+
   @functools.cached_property
   def eval_negatives(self) -> Optional[Dict[str, np.ndarray]]:
     """`users`, `positives`, `negatives` of the sampled protocol, or None when not prepared."""
