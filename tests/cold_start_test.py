@@ -81,7 +81,8 @@ def test_the_split_holds_out_whole_items(cold_data):
 @pytest.fixture(scope="module", params=["mf", "autorec"])
 def feature_run(cold_data, tmp_path_factory, request):
   """mf, and autorec (whose cold item has no interactions to encode: its features alone)."""
-  config = _config(cold_data, str(tmp_path_factory.mktemp("features")), model=request.param)
+  config = _config(cold_data, str(tmp_path_factory.mktemp("features")), model=request.param,
+                   dropout=0.2 if request.param == "autorec" else 0.0)
   return config, train.train_and_evaluate(config)
 
 

@@ -28,6 +28,21 @@ def _data():
           schema.LABEL: (users % 2).astype("float32")}
 
 
+def _interactions():
+  """autorec's table: the first quarter of `_data()`'s pairs (once each) and their ratings, so
+  each replica's batch reads its own set of the encoder's rows."""
+  data = _data()
+  pairs = {}
+  for u, i, r in zip(data[schema.USER][:GLOBAL_BATCH * STEPS // 4],
+                     data[schema.ITEM][:GLOBAL_BATCH * STEPS // 4], data[schema.RATING]):
+    pairs.setdefault((int(i), int(u)), float(r))
+  keys = sorted(pairs)
+  counts = np.bincount([i for i, _ in keys], minlength=16)
+  return {"indptr": np.concatenate([[0], np.cumsum(counts)]),
+          "indices": np.array([u for _, u in keys]),
+          "values": np.array([pairs[k] for k in keys], "float32")}
+
+
 def _objective(task: str) -> objectives.Objective:
   # 3 negatives: a BPR batch is groups of 1 + 3 (the layout matters to it, not to the others).
   return objectives.for_config(TrainConfig(data_dir="unused", model_dir="unused", task=task,
@@ -38,7 +53,8 @@ def _train(strategy, name="seed_mlp", task="explicit", optimizer="adam"):
   keras.utils.set_random_seed(0)
   with strategy.scope():
     model = models.build_model(name, 20, 15, embedding_dim=8, hidden_units=16, rating_mean=3.0,
-                               layers=(8, 4), mlp_embedding_dim=4, l2=0.001)
+                               layers=(8, 4), mlp_embedding_dim=4, l2=0.001,
+                               interactions=_interactions())
     opt = optimizers.make_optimizer(optimizer, 0.01)
     opt.build(model.trainable_variables)
   model.initial_weights = [w.numpy().copy() for w in model.weights]
@@ -60,6 +76,9 @@ def _train(strategy, name="seed_mlp", task="explicit", optimizer="adam"):
     ("mf", "explicit", "lazy_adam"),
     ("mf", "implicit", "sgd"),
     ("gmf", "implicit_bpr", "adagrad"),  # (Adam would scale the bias's ~0 gradient up to noise)
+    ("autorec", "explicit", "lazy_adam"),
+    ("autorec", "implicit", "lazy_adam"),
+    ("autorec", "explicit", "adam"),
 ])
 def test_two_replicas_match_one_device(mirrored_strategy, name, task, optimizer):
   one_losses, one = _train(tf.distribute.OneDeviceStrategy("/cpu:0"), name, task, optimizer)

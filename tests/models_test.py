@@ -374,19 +374,34 @@ def test_autorec_training_leaves_the_example_own_rating_out():
                              implicit(negative), rtol=1e-6)
 
 
-def test_autorec_reads_and_penalises_the_encoder_rows_of_the_batch_items_users_only():
+def test_autorec_penalises_the_whole_encoder_and_trains_only_the_rows_it_used():
+  """`l2 * |V|^2 / users` per example for the encoder (a dense weight: replicas all-reduce its
+  gradient as one device's); the loss's gradient touches the rows of the batch items' users."""
   model = _autorec(l2=0.5)
-  batch = {schema.USER: tf.constant([3, 0]), schema.ITEM: tf.constant([1, 1]),
-           schema.RATING: tf.constant([3.0, 4.0])}
-  with tf.GradientTape() as tape:
+  batch = {schema.USER: tf.constant([3, 1]), schema.ITEM: tf.constant([1, 1]),
+           schema.RATING: tf.constant([3.0, 2.0])}  # as the table holds them
+  with tf.GradientTape(persistent=True) as tape:
     scores, penalty = model.scores_and_penalty(batch, training=True)
-    loss = tf.reduce_sum(penalty)
-  gradient = tape.gradient(loss, model.encoder.embeddings)
-  assert isinstance(gradient, tf.IndexedSlices)
-  assert sorted(set(gradient.indices.numpy().tolist())) == [1, 2, 3]  # item 1's users
+    fit = tf.reduce_sum(scores)
+  gradient = tf.convert_to_tensor(tape.gradient(fit, model.encoder.embeddings))
+  assert np.flatnonzero(np.abs(gradient.numpy()).sum(-1)).tolist() == [1, 2, 3]  # item 1's
   V = model.encoder.embeddings.numpy()
-  rows = (V[[1, 2, 3]] ** 2).sum()
-  decoder = (model.user_embedding.embeddings.numpy()[[3, 0]] ** 2).sum(-1)
-  biases = (model.user_bias.embeddings.numpy()[[3, 0], 0] ** 2
+  decoder = (model.user_embedding.embeddings.numpy()[[3, 1]] ** 2).sum(-1)
+  biases = (model.user_bias.embeddings.numpy()[[3, 1], 0] ** 2
             + model.item_bias.embeddings.numpy()[[1, 1], 0] ** 2)
-  np.testing.assert_allclose(penalty, 0.5 * (decoder + biases + rows / 5), rtol=1e-5)
+  np.testing.assert_allclose(penalty, 0.5 * (decoder + biases + (V ** 2).sum() / 5), rtol=1e-5)
+
+
+def test_autorec_dropout_codes_a_fraction_of_the_examples_as_cold_items():
+  """With `dropout`, a training example's item is coded from all of its interactions or (that
+  fraction of the time) from none, as an item never trained is: two scores, nothing between."""
+  model = _autorec(dropout=0.5)
+  batch = {schema.USER: np.zeros(200, "int64"), schema.ITEM: np.ones(200, "int64")}
+  warm = float(model({schema.USER: np.array([0]), schema.ITEM: np.array([1])})[0])
+  cold = float(model({schema.USER: np.array([0]), schema.ITEM: np.array([2])})[0]  # no ratings
+               - model.item_bias.embeddings.numpy()[2, 0] + model.item_bias.embeddings.numpy()[1, 0])
+  trained = np.asarray(model.scores_and_penalty(batch, training=True)[0])
+  is_warm, is_cold = np.isclose(trained, warm, rtol=1e-5), np.isclose(trained, cold, rtol=1e-5)
+  assert np.all(is_warm | is_cold) and abs(warm - cold) > 1e-3
+  assert 60 < is_cold.sum() < 140  # about half
+  np.testing.assert_allclose(model.scores_and_penalty(batch)[0], warm, rtol=1e-5)  # no dropout

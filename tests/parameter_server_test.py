@@ -210,17 +210,21 @@ def test_a_lost_worker_is_rescheduled_and_a_lost_ps_stops_the_chief_then_all_res
   assert done["epochs"] == 30 and done["eval_rmse"] < 1.0
 
 
-def test_side_features_under_a_parameter_server_train_as_on_one_device(cold_data, tmp_path):
-  """Item features (a kind that alone decides the rating) with the ID tables sharded over 2 ps
-  tasks and one worker: the same held-out (cold) items' RMSE as one device, to rounding."""
-  flags = ("--model=mf", "--embedding_dim=8", "--epochs=5", "--batch_size=120",
+@pytest.mark.parametrize("model,sharded_table", [("mf", "item_embedding/embeddings"),
+                                                  ("autorec", "encoder/embeddings")])
+def test_side_features_under_a_parameter_server_train_as_on_one_device(cold_data, tmp_path,
+                                                                       model, sharded_table):
+  """Item features (a kind that alone decides the rating) with the ID tables (and autorec's
+  encoder) sharded over 2 ps tasks and one worker: the same held-out (cold) items' RMSE as one
+  device, to rounding."""
+  flags = (f"--model={model}", "--embedding_dim=8", "--epochs=5", "--batch_size=120",
            "--learning_rate=0.05", "--l2=0.2", "--optimizer=lazy_adam",
            "--checkpoint_every_secs=0", "--features=all")
   sharded = finish_chief(start_cluster(cold_data, str(tmp_path / "ps"), workers=1, ps=2,
                                        extra=("--ps_shards=2", *flags)))
   single = last_json_line(run_cli("trainer.task", f"--data_dir={cold_data}",
                                   f"--model_dir={tmp_path / 'single'}", *FLAGS, *flags).stdout)
-  assert len(sharded["sharded_tables"]["item_embedding/embeddings"]) == 2
+  assert len(sharded["sharded_tables"][sharded_table]) == 2
   assert sharded["eval_rmse"] == pytest.approx(single["eval_rmse"], rel=1e-5)
   assert sharded["eval_rmse"] < 0.5 * sharded["eval_rmse_global_mean_baseline"]
 

@@ -611,12 +611,14 @@ class AutoRec(Recommender):
     h_i = sigmoid(V^T r_i + mu (+ the item's feature term)),   s(u, i) = <w_u, h_i> + b_u + b_i + b
 
   the decoder's user rows w_u (+ the user's feature term) acting as user embeddings. The
-  encoder V [users, d] is read by rows, those of the users of the batch's items (a sparse
-  gradient, as an embedding table's), and those rows V_r take `l2 * |V_r|^2 / users` per
-  example (with most users read each step, about as often as the average user's decoder row). Training leaves the example's own interaction out
+  encoder V [users, d] is read whole each step (a sparse batch of item vectors times V; a
+  dense gradient, which replicas all-reduce as one device's) and takes
+  `l2 * |V|^2 / users` per example, a row as often as the average user's decoder row. Training leaves the example's own interaction out
   of its item's encoding (h_i from r_i less r_ui), so the model learns to predict a rating from
   the other users' ones, which is what evaluation asks of it. An item without training
-  interactions (cold, or the OOV row) is encoded from its features alone.
+  interactions (cold, or the OOV row) is encoded from its features alone; `dropout` trains
+  that case: that fraction of the training examples is coded without its item's interactions
+  (DropoutNet, Volkovs et al. 2017), so the decoder learns to score feature-only codes.
 
   Args:
     interactions: the item-major rows of training interactions
@@ -626,10 +628,14 @@ class AutoRec(Recommender):
   """
 
   def __init__(self, num_users: int, num_items: int, embedding_dim: int = 500,
-               interactions: Optional[Mapping] = None, ratings: bool = True, **kwargs):
+               interactions: Optional[Mapping] = None, ratings: bool = True,
+               dropout: float = 0.0, **kwargs):
     super().__init__(num_users, num_items, **kwargs)
     self.embedding_dim = embedding_dim
     self.ratings = ratings
+    self.dropout = dropout
+    # Drops whole interaction vectors (a [b, 1] mask): 1 / (1 - rate) is undone in `_encode`.
+    self.code_dropout = layers.Dropout(dropout, name="interaction_dropout") if dropout else None
     given = interactions if interactions is not None and "indptr" in interactions else None
     count = int((interactions or {}).get("count", 0)) if given is None else 0
     self.history = InteractionTable(num_items + 1, num_users + 1, given, count,
@@ -646,40 +652,45 @@ class AutoRec(Recommender):
         shape=(), initializer=keras.initializers.Constant(self.output_bias), name="global_bias")
     self._side_features([embedding_dim, 1])  # [encoding ; bias] per side
 
-  def _encode(self, items, term, users=None, own=None):
-    """(h_i [b, d] of `items`, the encoder rows read [k, d]); with `users` and `own` (r_ui
-    [b]), each h_i less its own r_ui. The rows read are those of the users of the batch's
-    items, gathered once (their gradient is sparse, as an embedding table's)."""
+  def _encode(self, items, term, users=None, own=None, training=False):
+    """(h_i [b, d] of `items`, the encoder V [users + 1, d]); with `users` and `own` (r_ui
+    [b]), each h_i less its own r_ui; in training, with `dropout`, a fraction of the examples
+    coded from their features alone."""
     unique, position = tf.unique(ops.cast(items, "int64"))
-    rows = self.history(unique)  # [unique items, users]
-    columns, local = tf.unique(rows.indices[:, 1])
-    read = ops.cast(self.encoder(columns), "float32")  # [k, d]
+    # The whole encoder, a dense gradient (replicas all-reduce it as one device's); under a
+    # parameter server gathered from its shards.
+    table = distribute.local_variable(self.encoder.embeddings.value)
+    encoder = ops.cast(self.encoder(tf.range(self.num_users + 1))
+                       if parameter_server.is_sharded(table) else tf.convert_to_tensor(table),
+                       "float32")
+    ratings = self.history(unique)  # [unique items, users + 1]
     encoded = tf.sparse.sparse_dense_matmul(
-        tf.SparseTensor(tf.stack([rows.indices[:, 0], tf.cast(local, tf.int64)], axis=1),
-                        tf.cast(rows.values, tf.float32), tf.stack([rows.dense_shape[0],
-                                               tf.shape(columns, out_type=tf.int64)[0]])),
-        read)  # [unique items, d]
-    pre = tf.gather(encoded, position) + ops.cast(self.encoder_bias, "float32")
+        tf.SparseTensor(ratings.indices, tf.cast(ratings.values, tf.float32),
+                        ratings.dense_shape), encoder)  # [unique items, d]
+    pre = tf.gather(encoded, position)
     if own is not None:
-      # u's row is among those read (u is one of i's users): penalised there, once.
-      pre -= ops.cast(own, "float32")[:, None] * ops.cast(self.encoder(users), "float32")
+      pre -= ops.cast(own, "float32")[:, None] * tf.gather(encoder, ops.cast(users, "int64"))
+    if training and self.code_dropout is not None:
+      keep = self.code_dropout(tf.ones_like(pre[:, :1]), training=True) * (1.0 - self.dropout)
+      pre *= keep
+    pre += ops.cast(self.encoder_bias, "float32")
     if term is not None:
       pre += ops.cast(term, "float32")
-    return ops.cast(tf.sigmoid(pre), self.compute_dtype), read
+    return ops.cast(tf.sigmoid(pre), self.compute_dtype), encoder
 
   def _forward(self, inputs, training=False):
-    """(scores [b], penalized rows, the encoder rows read [k, d])."""
+    """(scores [b], penalized rows, the encoder [users + 1, d])."""
     users, items = inputs[schema.USER], inputs[schema.ITEM]
     parts, penalized = self._feature_parts(inputs, training), []
     (factors_u, bias_u), (factors_i, bias_i) = parts[schema.USER], parts[schema.ITEM]
     p = self._represent(self.user_embedding, factors_u, users, penalized)
-    h, read = self._encode(items, factors_i, users,
-                           self._own_value(inputs) if training else None)
+    h, encoder = self._encode(items, factors_i, users,
+                              self._own_value(inputs) if training else None, training)
     b_u = self._represent(self.user_bias, bias_u, users, penalized)
     b_i = self._represent(self.item_bias, bias_i, items, penalized)
     score = (ops.sum(p * h, axis=-1) + ops.squeeze(b_u, -1) + ops.squeeze(b_i, -1)
              + ops.cast(self.global_bias, p.dtype))
-    return score, penalized, read
+    return score, penalized, encoder
 
   def forward(self, inputs, training=False):
     return self._forward(inputs, training)[:2]
@@ -696,12 +707,11 @@ class AutoRec(Recommender):
     return ops.ones_like(ops.cast(inputs[schema.USER], "float32"))
 
   def scores_and_penalty(self, inputs, training=False):
-    """The base class's, plus `l2 * |V_r|^2 / users` per example for the encoder rows V_r the
-    batch read."""
-    scores, penalized, read = self._forward(inputs, training)
+    """The base class's, plus `l2 * |V|^2 / users` per example for the encoder V."""
+    scores, penalized, encoder = self._forward(inputs, training)
     penalty = self._penalty(scores, penalized)
     if self.l2:
-      penalty += self.l2 * ops.sum(ops.square(read)) / (self.num_users + 1)
+      penalty += self.l2 * ops.sum(ops.square(encoder)) / (self.num_users + 1)
     return scores, penalty
 
   def score_all(self, users, training=False):
@@ -718,7 +728,7 @@ class AutoRec(Recommender):
 
   def get_config(self):
     config = super().get_config()
-    config.update(embedding_dim=self.embedding_dim, ratings=self.ratings,
+    config.update(embedding_dim=self.embedding_dim, ratings=self.ratings, dropout=self.dropout,
                   interactions={"count": self.history.count})
     return config
 
@@ -737,7 +747,8 @@ def build_model(name: str, num_users: int, num_items: int, embedding_dim: int = 
     embedding_dim: embedding size (the GMF path's for neumf; the MLP's for mlp).
     hidden_units: seed_mlp's hidden layer.
     rating_mean: the output bias's starting value.
-    layers, mlp_embedding_dim, dropout: the MLP tower (mlp, neumf).
+    layers, mlp_embedding_dim, dropout: the MLP tower (mlp, neumf); autorec: the fraction of
+      training examples coded from their features alone.
     l2: the embedding penalty's weight.
     features: {side: SideFeatures}: side features added to every representation of the side
       (`trainer.feature_layers`); None or empty: IDs only.
@@ -761,7 +772,8 @@ def build_model(name: str, num_users: int, num_items: int, embedding_dim: int = 
   elif name == "mf":
     model = MF(num_users, num_items, embedding_dim, **common)
   elif name == "autorec":
-    model = AutoRec(num_users, num_items, embedding_dim, interactions, ratings, **common)
+    model = AutoRec(num_users, num_items, embedding_dim, interactions, ratings, dropout,
+                    **common)
   else:
     raise ValueError(f"--model={name!r} is not a known model (one of {', '.join(MODELS)})")
   model({schema.USER: ops.zeros((1,), "int64"), schema.ITEM: ops.zeros((1,), "int64")})
