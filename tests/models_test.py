@@ -398,8 +398,9 @@ def test_autorec_dropout_codes_a_fraction_of_the_examples_as_cold_items():
   model = _autorec(dropout=0.5)
   batch = {schema.USER: np.zeros(200, "int64"), schema.ITEM: np.ones(200, "int64")}
   warm = float(model({schema.USER: np.array([0]), schema.ITEM: np.array([1])})[0])
+  item_bias = model.item_bias.embeddings.numpy()[:, 0]
   cold = float(model({schema.USER: np.array([0]), schema.ITEM: np.array([2])})[0]  # no ratings
-               - model.item_bias.embeddings.numpy()[2, 0] + model.item_bias.embeddings.numpy()[1, 0])
+               - item_bias[2] + item_bias[1])
   trained = np.asarray(model.scores_and_penalty(batch, training=True)[0])
   is_warm, is_cold = np.isclose(trained, warm, rtol=1e-5), np.isclose(trained, cold, rtol=1e-5)
   assert np.all(is_warm | is_cold) and abs(warm - cold) > 1e-3

@@ -14,10 +14,13 @@ With p_u, q_i the user and item embeddings:
             embeddings for the two paths, fused by one output layer)
   mf        s(u, i) = <p_u, q_i> + b_u + b_i + b                       (Rendle et al. 2020:
             a well-tuned dot product, the baseline NeuMF must beat)
+  autorec   s(u, i) = <w_u, sigmoid(V^T r_i + mu)> + b_u + b_i + b       (item-based AutoRec,
+            Sedhain et al. 2015: the item coded from its training interactions r_i)
 
-`score_all(users)` scores every item for each user, [b, num_items]: mf and gmf, whose score
-is a user vector . an item vector (+ biases), by one matmul against the item table; the others
-pair by pair. Full-catalogue evaluation, `recommend` and the softmax objective use it.
+`score_all(users)` scores every item for each user, [b, num_items]: mf, gmf and autorec, whose
+score is a user vector . an item vector (+ biases), by one matmul against the item table (the
+items' codes); the others pair by pair. Full-catalogue evaluation, `recommend` and the softmax
+objective use it.
 
 Objectives (in `trainer.objectives`): explicit, mean squared error on ratings; implicit, binary
 cross-entropy of s(u, i) against 1 for observed pairs and 0 for sampled negatives; implicit_bpr,
@@ -612,13 +615,14 @@ class AutoRec(Recommender):
 
   the decoder's user rows w_u (+ the user's feature term) acting as user embeddings. The
   encoder V [users, d] is read whole each step (a sparse batch of item vectors times V; a
-  dense gradient, which replicas all-reduce as one device's) and takes
-  `l2 * |V|^2 / users` per example, a row as often as the average user's decoder row. Training leaves the example's own interaction out
-  of its item's encoding (h_i from r_i less r_ui), so the model learns to predict a rating from
-  the other users' ones, which is what evaluation asks of it. An item without training
-  interactions (cold, or the OOV row) is encoded from its features alone; `dropout` trains
-  that case: that fraction of the training examples is coded without its item's interactions
-  (DropoutNet, Volkovs et al. 2017), so the decoder learns to score feature-only codes.
+  dense gradient, which replicas all-reduce as one device's) and takes `l2 * |V|^2 / users`
+  per example, a row as often as the average user's decoder row. Training leaves the example's
+  own interaction out of its item's encoding (h_i from r_i less r_ui), so the model learns to
+  predict a rating from the other users' ones, which is what evaluation asks of it. An item
+  without training interactions (cold, or the OOV row) is encoded from its features alone;
+  `dropout` trains that case: that fraction of the training examples is coded without its
+  item's interactions (DropoutNet, Volkovs et al. 2017), so the decoder learns to score
+  feature-only codes.
 
   Args:
     interactions: the item-major rows of training interactions
