@@ -12,6 +12,7 @@ import tensorflow as tf
 from conftest import TaskStrategy
 from trainer import distribute, models, objectives, optimizers, schema, train
 from trainer.config import ConfigError, TrainConfig
+from trainer.data import artifacts
 
 GLOBAL_BATCH = 64
 STEPS = 6
@@ -36,11 +37,8 @@ def _interactions():
   for u, i, r in zip(data[schema.USER][:GLOBAL_BATCH * STEPS // 4],
                      data[schema.ITEM][:GLOBAL_BATCH * STEPS // 4], data[schema.RATING]):
     pairs.setdefault((int(i), int(u)), float(r))
-  keys = sorted(pairs)
-  counts = np.bincount([i for i, _ in keys], minlength=16)
-  return {"indptr": np.concatenate([[0], np.cumsum(counts)]),
-          "indices": np.array([u for _, u in keys]),
-          "values": np.array([pairs[k] for k in keys], "float32")}
+  items, users = (np.array(c) for c in zip(*pairs))
+  return artifacts.item_major_rows(users, items, list(pairs.values()), 15)
 
 
 def _objective(task: str) -> objectives.Objective:

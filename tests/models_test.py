@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from trainer import models, schema
 from trainer.config import MODELS
+from trainer.data import artifacts
 
 
 def _model(**overrides):
@@ -91,7 +92,7 @@ def test_the_penalty_reuses_the_rows_the_scores_gathered(name):
   with tf.GradientTape() as tape:
     scores, penalty = model.scores_and_penalty(batch, training=True)
     loss = tf.reduce_sum(scores) + tf.reduce_sum(penalty)
-  # (autorec's encoder reads the rows of the batch items' users instead: its own test.)
+  # (autorec's encoder is read whole, a dense gradient: its own test.)
   tables = [w for w in model.trainable_variables if len(w.shape) == 2 and w.shape[0] in (11, 21)
             and not w.path.startswith("encoder")]
   assert len(tables) >= 2
@@ -310,12 +311,8 @@ def test_score_all_equals_scoring_every_pair(name, with_features):
 # ------------------------------------------------------------------ autorec
 
 def _interactions(triples, num_items):
-  """Item-major sparse rows of (user, item, value) triples, as preparation's data gives them."""
-  users, items, values = (np.array(c) for c in zip(*triples))
-  order = np.lexsort((users, items))
-  counts = np.bincount(items, minlength=num_items + 1)
-  return {"indptr": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-          "indices": users[order].astype(np.int64), "values": values[order].astype(np.float32)}
+  """Item-major sparse rows of (user, item, value) triples, as the trainer builds them."""
+  return artifacts.item_major_rows(*(np.array(c) for c in zip(*triples)), num_items)
 
 
 # 4 users, 3 items: item 0 rated by users 0, 2; item 1 by 1, 2, 3; item 2 by nobody (cold).

@@ -263,6 +263,22 @@ class Recommender(keras.Model):
     # +1: the out-of-vocabulary row. Small normal init, as in the NCF reference code.
     return Embedding(rows + 1, dim, name=name, embeddings_initializer=RowBlockNormal(0.01))
 
+  def _add_biases(self) -> None:
+    """User, item (zeros) and global (`output_bias`) biases: mf's and autorec's."""
+    zeros = keras.initializers.Zeros()
+    self.user_bias = Embedding(self.num_users + 1, 1, embeddings_initializer=zeros,
+                               name="user_bias")
+    self.item_bias = Embedding(self.num_items + 1, 1, embeddings_initializer=zeros,
+                               name="item_bias")
+    self.global_bias = self.add_weight(
+        shape=(), initializer=keras.initializers.Constant(self.output_bias), name="global_bias")
+
+  def _plus_biases(self, scores, users, items, bias_u, bias_i):
+    """[b, n] `scores` of users x items, plus b_u + b_i + b (with the sides' bias terms)."""
+    b_u = self._represent(self.user_bias, bias_u, users, [])  # [b, 1]
+    b_i = self._represent(self.item_bias, bias_i, items, [])  # [n, 1]
+    return scores + b_u + tf.transpose(b_i) + ops.cast(self.global_bias, scores.dtype)
+
   def _output(self, name: str = "score") -> layers.Dense:
     return Score(name=name, bias_initializer=keras.initializers.Constant(self.output_bias))
 
@@ -517,11 +533,7 @@ class MF(Recommender):
     self.embedding_dim = embedding_dim
     self.user_embedding = self._embedding(num_users, embedding_dim, "user_embedding")
     self.item_embedding = self._embedding(num_items, embedding_dim, "item_embedding")
-    zeros = keras.initializers.Zeros()
-    self.user_bias = Embedding(num_users + 1, 1, embeddings_initializer=zeros, name="user_bias")
-    self.item_bias = Embedding(num_items + 1, 1, embeddings_initializer=zeros, name="item_bias")
-    self.global_bias = self.add_weight(
-        shape=(), initializer=keras.initializers.Constant(self.output_bias), name="global_bias")
+    self._add_biases()
     # Features shift the factors and the biases alike (a cold item gets a bias by genre).
     self._side_features([embedding_dim, 1])  # [factors ; bias] per side
 
@@ -545,10 +557,7 @@ class MF(Recommender):
     (factors_i, bias_i) = self._side_terms(schema.ITEM, items, None, training)
     p = self._represent(self.user_embedding, factors_u, users, [])  # [b, d]
     q = self._represent(self.item_embedding, factors_i, items, [])  # [n, d]
-    b_u = self._represent(self.user_bias, bias_u, users, [])  # [b, 1]
-    b_i = self._represent(self.item_bias, bias_i, items, [])  # [n, 1]
-    return (tf.matmul(p, q, transpose_b=True) + b_u + tf.transpose(b_i)
-            + ops.cast(self.global_bias, p.dtype))
+    return self._plus_biases(tf.matmul(p, q, transpose_b=True), users, items, bias_u, bias_i)
 
   def get_config(self):
     config = super().get_config()
@@ -564,15 +573,19 @@ class InteractionTable(layers.Layer):
 
   Args:
     rows, columns: the sparse matrix's shape (items + the OOV row, users + the OOV column).
-    interactions: {indptr [rows + 1], indices [n] (columns), values [n]}, or None for `count`
-      zeros to be restored from a checkpoint.
+    interactions: {indptr [rows + 1], indices [n] (columns), values [n]}; or {"count": n}
+      (a layer rebuilt from its config) for n zeros to be restored from a checkpoint; None:
+      none.
   """
 
   def __init__(self, rows: int, columns: int, interactions: Optional[Mapping] = None,
-               count: int = 0, **kwargs):
+               **kwargs):
     super().__init__(**kwargs)
     self.rows, self.columns = rows, columns
-    self.count = int(len(interactions["indices"])) if interactions is not None else count
+    if interactions is not None and "indptr" not in interactions:
+      self.count, interactions = int(interactions["count"]), None
+    else:
+      self.count = len(interactions["indices"]) if interactions is not None else 0
     if interactions is not None and len(interactions["indptr"]) != rows + 1:
       raise ValueError(f"interactions: indptr of {len(interactions['indptr'])} entries for "
                        f"{rows} rows")
@@ -602,7 +615,7 @@ class InteractionTable(layers.Layer):
 
   def get_config(self):
     config = super().get_config()
-    config.update(rows=self.rows, columns=self.columns, count=self.count)
+    config.update(rows=self.rows, columns=self.columns, interactions={"count": self.count})
     return config
 
 
@@ -640,20 +653,14 @@ class AutoRec(Recommender):
     self.dropout = dropout
     # Drops whole interaction vectors (a [b, 1] mask): 1 / (1 - rate) is undone in `_encode`.
     self.code_dropout = layers.Dropout(dropout, name="interaction_dropout") if dropout else None
-    given = interactions if interactions is not None and "indptr" in interactions else None
-    count = int((interactions or {}).get("count", 0)) if given is None else 0
-    self.history = InteractionTable(num_items + 1, num_users + 1, given, count,
+    self.history = InteractionTable(num_items + 1, num_users + 1, interactions,
                                     name="item_interactions")
     self.encoder = Embedding(num_users + 1, embedding_dim, name="encoder",
                              embeddings_initializer=keras.initializers.GlorotUniform())
     self.encoder_bias = self.add_weight(shape=(embedding_dim,), name="encoder_bias",
                                         initializer=keras.initializers.Zeros())
     self.user_embedding = self._embedding(num_users, embedding_dim, "user_embedding")
-    zeros = keras.initializers.Zeros()
-    self.user_bias = Embedding(num_users + 1, 1, embeddings_initializer=zeros, name="user_bias")
-    self.item_bias = Embedding(num_items + 1, 1, embeddings_initializer=zeros, name="item_bias")
-    self.global_bias = self.add_weight(
-        shape=(), initializer=keras.initializers.Constant(self.output_bias), name="global_bias")
+    self._add_biases()
     self._side_features([embedding_dim, 1])  # [encoding ; bias] per side
 
   def _encode(self, items, term, users=None, own=None, training=False):
@@ -725,10 +732,7 @@ class AutoRec(Recommender):
     factors_i, bias_i = self._side_terms(schema.ITEM, items, None, training)
     p = self._represent(self.user_embedding, factors_u, users, [])  # [b, d]
     h = self._encode(items, factors_i)[0]  # [n, d]
-    b_u = self._represent(self.user_bias, bias_u, users, [])  # [b, 1]
-    b_i = self._represent(self.item_bias, bias_i, items, [])  # [n, 1]
-    return (tf.matmul(p, h, transpose_b=True) + b_u + tf.transpose(b_i)
-            + ops.cast(self.global_bias, p.dtype))
+    return self._plus_biases(tf.matmul(p, h, transpose_b=True), users, items, bias_u, bias_i)
 
   def get_config(self):
     config = super().get_config()

@@ -40,6 +40,19 @@ def load_npz(path: str) -> Dict[str, np.ndarray]:
       return {k: z[k] for k in z.files}
 
 
+def item_major_rows(users: np.ndarray, items: np.ndarray, values: np.ndarray,
+                    num_items: int) -> Dict[str, np.ndarray]:
+  """(user, item, value) triples as compressed sparse rows by item, users sorted in a row:
+  `indptr` [num_items + 2] (row `num_items`, the OOV item, empty), `indices` (users) and
+  `values` (float32)."""
+  users, items = np.asarray(users), np.asarray(items)
+  order = np.lexsort((users, items))
+  counts = np.bincount(items, minlength=num_items + 1)[:num_items + 1]
+  return {"indptr": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+          "indices": users[order].astype(np.int64),
+          "values": np.asarray(values, np.float32)[order]}
+
+
 def pair_keys(positives: Dict[str, np.ndarray], num_items: int) -> np.ndarray:
   """u * num_items + i of every training pair, from the train_positives CSR: sorted (CSR
   order), as `pipeline.negative_sampler` takes them."""
@@ -87,7 +100,8 @@ class PreparedData:
     return load_npz(self.path(schema.TRAIN_POSITIVES_FILE))
 
   def train_interactions(self, num_items: int) -> Dict[str, np.ndarray]:
-    """The training rows as item-major sparse rows over users (`models.InteractionTable`):
+    """The training rows as item-major sparse rows over users (`item_major_rows`, what
+    `models.InteractionTable` holds):
     ratings for explicit feedback, 1s for implicit. Reads the training shards once: O(training
     rows) memory, what a model that holds them (autorec) needs anyway."""
     users, items, ratings = [], [], []
@@ -97,10 +111,7 @@ class PreparedData:
       ratings.append(batch[schema.RATING].numpy())
     users, items = np.concatenate(users), np.concatenate(items)
     values = np.ones(len(users), np.float32) if self.metadata.implicit else np.concatenate(ratings)
-    order = np.lexsort((users, items))
-    counts = np.bincount(items, minlength=num_items + 1)[:num_items + 1]
-    return {"indptr": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-            "indices": users[order].astype(np.int64), "values": values[order]}
+    return item_major_rows(users, items, values, num_items)
 
   @functools.cached_property
   def eval_negatives(self) -> Optional[Dict[str, np.ndarray]]:
