@@ -49,6 +49,9 @@ def test_defaults_are_valid():
     (dict(model="neumf", pretrained_gmf_dir="g"),
      "--pretrained_gmf_dir and --pretrained_mlp_dir go together"),
     (dict(dropout=1.0), r"--dropout=1.0 must be in \[0, 1\)"),
+    (dict(model="autorec", history=5), "--history=5 is mf's .* --model=autorec"),
+    (dict(history=-1), "--history=-1 must not be negative"),
+    (dict(autorec_side="both"), "--autorec_side='both' is not one of item, user"),
     (dict(layers=(8, 0)), "--layers=8,0 must be positive layer sizes"),
 ])
 def test_train_config_rules(changes, message):

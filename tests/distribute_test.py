@@ -38,7 +38,25 @@ def _interactions():
                      data[schema.ITEM][:GLOBAL_BATCH * STEPS // 4], data[schema.RATING]):
     pairs.setdefault((int(i), int(u)), float(r))
   items, users = (np.array(c) for c in zip(*pairs))
-  return artifacts.item_major_rows(users, items, list(pairs.values()), 15)
+  return artifacts.sparse_rows(items, users, list(pairs.values()), 15)
+
+
+def _positives():
+  """mf_history's training positives: `_data()`'s first quarter of pairs, in time by row, so
+  some examples are training pairs (a history before them) and some are not (all of it)."""
+  data = _data()
+  first = {}
+  for row, (u, i) in enumerate(zip(data[schema.USER][:GLOBAL_BATCH * STEPS // 4],
+                                   data[schema.ITEM][:GLOBAL_BATCH * STEPS // 4])):
+    first.setdefault((int(u), int(i)), row)
+  pairs = sorted(first)
+  users = np.array([u for u, _ in pairs])
+  rank = np.empty(len(pairs), np.int64)
+  for u in set(users.tolist()):
+    mine = np.flatnonzero(users == u)
+    rank[mine[np.argsort([first[pairs[k]] for k in mine])]] = np.arange(len(mine))
+  return {"indptr": np.concatenate([[0], np.cumsum(np.bincount(users, minlength=20))]),
+          "indices": np.array([i for _, i in pairs]), "time_rank": rank}
 
 
 def _objective(task: str) -> objectives.Objective:
@@ -49,10 +67,12 @@ def _objective(task: str) -> objectives.Objective:
 
 def _train(strategy, name="seed_mlp", task="explicit", optimizer="adam"):
   keras.utils.set_random_seed(0)
+  history = dict(history=3, positives=_positives()) if name == "mf_history" else {}
   with strategy.scope():
-    model = models.build_model(name, 20, 15, embedding_dim=8, hidden_units=16, rating_mean=3.0,
-                               layers=(8, 4), mlp_embedding_dim=4, l2=0.001,
-                               interactions=_interactions())
+    model = models.build_model(name.replace("_history", ""), 20, 15, embedding_dim=8,
+                               hidden_units=16, rating_mean=3.0, layers=(8, 4),
+                               mlp_embedding_dim=4, l2=0.001, interactions=_interactions(),
+                               **history)
     opt = optimizers.make_optimizer(optimizer, 0.01)
     opt.build(model.trainable_variables)
   model.initial_weights = [w.numpy().copy() for w in model.weights]
@@ -77,6 +97,8 @@ def _train(strategy, name="seed_mlp", task="explicit", optimizer="adam"):
     ("autorec", "explicit", "lazy_adam"),
     ("autorec", "implicit", "lazy_adam"),
     ("autorec", "explicit", "adam"),
+    ("mf_history", "implicit_softmax", "sgd"),  # (the softmax leaves b_u ~0 gradient: as BPR)
+    ("mf_history", "implicit", "adam"),
 ])
 def test_two_replicas_match_one_device(mirrored_strategy, name, task, optimizer):
   one_losses, one = _train(tf.distribute.OneDeviceStrategy("/cpu:0"), name, task, optimizer)
@@ -88,7 +110,9 @@ def test_two_replicas_match_one_device(mirrored_strategy, name, task, optimizer)
   # a barely trained model need not fall; BPR's output bias gets no gradient).
   moved = {w.path: np.abs(w.numpy() - w0).max() for w, w0 in zip(one.weights,
                                                                   one.initial_weights)}
-  tables = [path for path in moved if "embedding" in path]
+  # (A softmax over the catalogue is blind to b_u: its gradient is 0.)
+  tables = [path for path in moved if "embedding" in path
+            and not (task == "implicit_softmax" and path.startswith("user_bias"))]
   assert tables and all(moved[path] > 1e-7 for path in tables), moved
   for a, b in zip(one.weights, two.weights):
     replicas = mirrored.experimental_local_results(b.value)
@@ -109,15 +133,17 @@ def _whole_reads(graph_def):
   return found
 
 
-@pytest.mark.parametrize("name", ["neumf", "mf"])
+@pytest.mark.parametrize("name", ["neumf", "mf", "mf_history"])
 def test_replicas_gather_rows_not_whole_tables(mirrored_strategy, name):
   """Under MirroredStrategy, tf.gather on a distributed variable reads the whole table first;
   the model's lookups and lazy Adam's row updates must gather from the local copy
   (ResourceGather) instead."""
   strategy = mirrored_strategy
   with strategy.scope():
-    model = models.build_model(name, 20, 15, embedding_dim=8, layers=(8, 4),
-                               mlp_embedding_dim=4)
+    model = models.build_model(name.replace("_history", ""), 20, 15, embedding_dim=8,
+                               layers=(8, 4), mlp_embedding_dim=4,
+                               **(dict(history=3, positives=_positives())
+                                  if name == "mf_history" else {}))
     opt = optimizers.make_optimizer("lazy_adam", 0.01)
     opt.build(model.trainable_variables)
   model.initial_weights = [w.numpy().copy() for w in model.weights]

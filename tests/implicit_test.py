@@ -3,6 +3,8 @@
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -57,10 +59,13 @@ def _config(data_dir, model_dir, **changes):
                                        ("mf", "implicit_bpr"), ("gmf", "implicit_bpr"),
                                        ("mf", "implicit_softmax"), ("gmf", "implicit_softmax"),
                                        ("autorec", "implicit"),
-                                       ("autorec", "implicit_softmax")])
+                                       ("autorec", "implicit_softmax"),
+                                       ("mf_history", "implicit_softmax"),
+                                       ("mf_history", "implicit")])
 def test_every_model_beats_popularity(implicit_data, tmp_path, mirrored_strategy, name, task):
-  result = train.train_and_evaluate(_config(implicit_data, str(tmp_path), model=name,
-                                            task=task), mirrored_strategy)
+  history = dict(model="mf", history=5) if name == "mf_history" else dict(model=name)
+  result = train.train_and_evaluate(_config(implicit_data, str(tmp_path), task=task,
+                                            **history), mirrored_strategy)
   popularity = _popularity(implicit_data)
   assert result["eval_hr_sampled"] > popularity, (result, popularity)
   assert result["eval_count_sampled"] == 300 and result["eval_count_full"] == 300
@@ -152,3 +157,58 @@ def test_early_stopping_after_epochs_without_improvement(implicit_data, tmp_path
       optimizer="sgd", early_stopping_patience=2))
   assert result["stopped_early"] == "no improvement of hr_sampled for 2 epoch(s)"
   assert result["epochs"] == 3 and result["best_epoch"] == 1
+
+
+def test_a_user_history_needs_data_prepared_with_its_time_order(implicit_data, tmp_path):
+  """Data prepared before `time_rank` existed: --history is refused before training, naming
+  the flag and the directory; the data is left as it was."""
+  old = str(tmp_path / "old")
+  tf.io.gfile.makedirs(old)
+  for name in tf.io.gfile.listdir(implicit_data):
+    tf.io.gfile.copy(os.path.join(implicit_data, name), os.path.join(old, name))
+  positives = artifacts.load_npz(os.path.join(old, schema.TRAIN_POSITIVES_FILE))
+  np.savez(os.path.join(old, schema.TRAIN_POSITIVES_FILE),
+           **{k: v for k, v in positives.items() if k != "time_rank"})
+  before = open(os.path.join(old, schema.TRAIN_POSITIVES_FILE), "rb").read()
+  with pytest.raises(ConfigError, match=r"--history=5 needs the training interactions' time "
+                     r"order, which --data_dir='.*old' lacks"):
+    train.train_and_evaluate(_config(old, str(tmp_path / "model"), model="mf", history=5,
+                                     task="implicit_softmax"))
+  assert open(os.path.join(old, schema.TRAIN_POSITIVES_FILE), "rb").read() == before
+  assert not os.path.exists(tmp_path / "model" / "checkpoints")
+
+
+_RECOMMEND = """
+import json, sys
+import tensorflow as tf
+assert "trainer" not in sys.modules
+loaded = tf.saved_model.load(sys.argv[1])
+rec = loaded.signatures["recommend"](user=tf.constant(json.loads(sys.argv[2])), k=tf.constant(10))
+print(json.dumps([[i.decode() for i in row] for row in rec["items"].numpy()]))
+"""
+
+
+def test_the_export_recommends_from_the_whole_user_history_in_a_fresh_process(implicit_data,
+                                                                               tmp_path):
+  """mf with --history: the SavedModel carries the histories; `recommend` in a process without
+  this package ranks as the restored model's `score_all` (each user's latest items) does,
+  training items left out."""
+  config = _config(implicit_data, str(tmp_path), model="mf", history=5, epochs=3,
+                   task="implicit_softmax")
+  train.train_and_evaluate(config)
+  users = open(os.path.join(implicit_data, schema.USER_VOCAB_FILE)).read().split()
+  items = open(os.path.join(implicit_data, schema.ITEM_VOCAB_FILE)).read().split()
+  asked = [0, 7, 150]
+  result = subprocess.run([sys.executable, "-c", _RECOMMEND, config.resolved_export_dir,
+                           json.dumps([users[u] for u in asked])], capture_output=True,
+                          text=True, check=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+  served = json.loads(result.stdout.strip().splitlines()[-1])
+  data = artifacts.PreparedData(implicit_data)
+  model = train.load_trained_model(config.model_dir, data,
+                                   os.path.join(config.resolved_checkpoint_dir, "best"))
+  assert model.history == 5 and model.history_table.count == data.metadata.num_train
+  scores = model.score_all(tf.constant(asked, tf.int64)).numpy()
+  seen = data.train_positives
+  for row, user in enumerate(asked):
+    scores[row, seen["indices"][seen["indptr"][user]:seen["indptr"][user + 1]]] = -np.inf
+    assert served[row] == [items[i] for i in np.argsort(-scores[row], kind="stable")[:10]]

@@ -10,6 +10,31 @@ from trainer.config import MODELS
 from trainer.data import artifacts
 
 
+# The models, and mf with a user history (`history`), built by `_build`.
+VARIANTS = MODELS + ("mf_history",)
+
+
+def _positives(num_users, num_items, seed=0):
+  """Random training positives with each user's time order, as preparation writes them: CSR by
+  user, items sorted, `time_rank` a permutation within each user."""
+  rng = np.random.default_rng(seed)
+  pairs = sorted({(int(u), int(i)) for u, i in zip(rng.integers(0, num_users, 4 * num_users),
+                                                   rng.integers(0, num_items, 4 * num_users))})
+  users = np.array([u for u, _ in pairs])
+  counts = np.bincount(users, minlength=num_users)
+  return {"indptr": np.concatenate([[0], np.cumsum(counts)]),
+          "indices": np.array([i for _, i in pairs]),
+          "time_rank": np.concatenate([rng.permutation(n) for n in counts])}
+
+
+def _build(variant, num_users, num_items, *args, **kwargs):
+  """`models.build_model` of a VARIANTS name ("mf_history": mf with a history of 3)."""
+  if variant == "mf_history":
+    kwargs.update(history=3, positives=_positives(num_users, num_items))
+    variant = "mf"
+  return models.build_model(variant, num_users, num_items, *args, **kwargs)
+
+
 def _model(**overrides):
   args = dict(name="seed_mlp", num_users=150, num_items=100, embedding_dim=64, hidden_units=256,
               rating_mean=3.25)  # noqa
@@ -59,9 +84,9 @@ def test_parameter_counts(name, params):
   assert model.count_params() == params
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", VARIANTS)
 def test_every_model_round_trips_its_config_and_scores_a_batch(name):
-  model = models.build_model(name, 20, 10, 4, 8, layers=(8, 4), mlp_embedding_dim=4,
+  model = _build(name, 20, 10, 4, 8, layers=(8, 4), mlp_embedding_dim=4,
                              dropout=0.1, l2=0.01)
   clone = type(model).from_config(model.get_config())
   assert clone.get_config() == model.get_config()
@@ -102,13 +127,13 @@ def test_the_penalty_reuses_the_rows_the_scores_gathered(name):
   assert float(tf.reduce_min(penalty)) > 0
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", VARIANTS)
 def test_training_scores_equal_the_model_call_under_mixed_precision(name):
   """`scores_and_penalty` skips Keras's `__call__` (and its autocast): the scores must still
   come out as the model's own call gives them, in the compute dtype."""
   keras.mixed_precision.set_global_policy("mixed_bfloat16")
   try:
-    model = models.build_model(name, 20, 10, 4, 8, layers=(8, 4), mlp_embedding_dim=4, l2=0.1)
+    model = _build(name, 20, 10, 4, 8, layers=(8, 4), mlp_embedding_dim=4, l2=0.1)
     batch = {schema.USER: tf.constant([0, 3, 20]), schema.ITEM: tf.constant([1, 9, 10])}
     scores, penalty = model.scores_and_penalty(batch)
   finally:
@@ -133,10 +158,10 @@ def test_neumf_starts_from_pretrained_gmf_and_mlp():
     neumf.load_pretrained(gmf, wrong)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", VARIANTS)
 def test_every_weight_round_trips_through_a_checkpoint(name, tmp_path):
   import tensorflow as tf
-  build = lambda: models.build_model(name, 20, 10, 4, 8, layers=(8, 4),  # noqa: E731
+  build = lambda: _build(name, 20, 10, 4, 8, layers=(8, 4),  # noqa: E731
                                      mlp_embedding_dim=4, dropout=0.1)
   keras.utils.set_random_seed(1)
   saved = build()
@@ -181,11 +206,11 @@ def _feature_tables():
   return {"item": fl.SideFeatures(infos, tables)}
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", VARIANTS)
 def test_features_given_at_serving_equal_features_looked_up_by_id(name):
   """Cold start scores an item from features handed in; for a known item with the same
   features and the out-of-vocabulary ID row zeroed, both ways must agree."""
-  model = models.build_model(name, 20, 10, 4, 8, layers=(8, 4), mlp_embedding_dim=4,
+  model = _build(name, 20, 10, 4, 8, layers=(8, 4), mlp_embedding_dim=4,
                              features=_feature_tables())
   users, items = tf.constant([0, 3, 5], tf.int64), tf.constant([0, 3, 9], tf.int64)
   gathered = model.feature_sides["item"](items)
@@ -237,11 +262,11 @@ def test_feature_embedding_training_path_matches_plain_gathers():
   np.testing.assert_allclose(compiled_gradient[8], 0.5 * (upstream[1] + upstream[2]), rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", VARIANTS)
 def test_features_train_under_mixed_precision(name):
   keras.mixed_precision.set_global_policy("mixed_bfloat16")
   try:
-    model = models.build_model(name, 20, 10, 4, 8, layers=(8, 4), mlp_embedding_dim=4, l2=0.1,
+    model = _build(name, 20, 10, 4, 8, layers=(8, 4), mlp_embedding_dim=4, l2=0.1,
                                features=_feature_tables())
     batch = {schema.USER: tf.constant([0, 3, 20]), schema.ITEM: tf.constant([1, 9, 10])}
     with tf.GradientTape() as tape:
@@ -308,20 +333,77 @@ def test_score_all_equals_scoring_every_pair(name, with_features):
   np.testing.assert_allclose(matrix, np.reshape(pairs, (4, 10)), rtol=1e-5, atol=1e-5)
 
 
+# ------------------------------------------------------------------ mf with a user history
+
+# 3 users, 4 items. User 0 trained on items 2, 0, 3 in that time order; user 1 on item 1;
+# user 2 on nothing. (CSR: items sorted within a user; time_rank their order in time.)
+_HISTORY = {"indptr": np.array([0, 3, 4, 4]), "indices": np.array([0, 2, 3, 1]),
+            "time_rank": np.array([1, 0, 2, 0])}
+
+
+def test_mf_history_sums_the_latest_items_before_each_example_by_hand():
+  """p_u = e_u + sum_l a_l y_(l-th latest item before the example): in training a training
+  pair sees what came before it, any other pair the whole history, as every pair does at
+  evaluation; `score_all` with the examples' items gives each row the example's own history;
+  the L2 penalty takes the history rows a score read, the padding none."""
+  model = models.build_model("mf", 3, 4, 2, history=2, positives=_HISTORY, l2=0.5)
+  rng = np.random.default_rng(0)
+  for w in model.trainable_weights:
+    w.assign(rng.normal(size=w.shape).astype("float32"))
+  e, q = model.user_embedding.embeddings.numpy(), model.item_embedding.embeddings.numpy()
+  y, a = model.history_embedding.embeddings.numpy(), model.recency_weights.numpy()
+  b_u, b_i = model.user_bias.embeddings.numpy()[:, 0], model.item_bias.embeddings.numpy()[:, 0]
+  # (user, item) -> the items before it, latest first. 3 is the OOV user.
+  before = {(0, 3): [0, 2], (0, 0): [2], (0, 2): [], (0, 1): [3, 0], (1, 1): [],
+            (1, 2): [1], (2, 0): [], (3, 0): []}
+  users, items = (np.array(c) for c in zip(*before))
+  p = np.stack([e[u] + sum(a[l] * y[j] for l, j in enumerate(before[u, i]))
+                for u, i in zip(users, items)])
+  expected = (p * q[items]).sum(-1) + b_u[users] + b_i[items] + float(model.global_bias)
+  batch = {schema.USER: users, schema.ITEM: items}
+  scores, penalty = model.scores_and_penalty(batch, training=True)
+  np.testing.assert_allclose(scores, expected, rtol=1e-5)
+  whole = {u: before[u, i] for u, i in [(0, 1), (1, 2), (2, 0), (3, 0)]}
+  p_now = np.stack([e[u] + sum(a[l] * y[j] for l, j in enumerate(whole[u])) for u in users])
+  np.testing.assert_allclose(model(batch), (p_now * q[items]).sum(-1) + b_u[users] + b_i[items]
+                             + float(model.global_bias), rtol=1e-5)
+  rows = [(e[u] ** 2).sum() + (q[i] ** 2).sum() + b_u[u] ** 2 + b_i[i] ** 2
+          + sum((y[j] ** 2).sum() for j in before[u, i]) for u, i in zip(users, items)]
+  np.testing.assert_allclose(penalty, 0.5 * np.array(rows), rtol=1e-5)
+  everything = p @ q[:4].T + b_u[users, None] + b_i[None, :4] + float(model.global_bias)
+  np.testing.assert_allclose(model.score_all(tf.constant(users), items=tf.constant(items)),
+                             everything, rtol=1e-5, atol=1e-6)
+  # Without the examples' items: every user's whole history, as for (0, 1), (1, 2).
+  np.testing.assert_allclose(model.score_all(tf.constant([0, 1])), everything[[3, 5]],
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_mf_history_needs_the_time_order():
+  no_order = {k: v for k, v in _HISTORY.items() if k != "time_rank"}
+  with pytest.raises(ValueError, match="no time order"):
+    models.build_model("mf", 3, 4, 2, history=2, positives=no_order)
+  with pytest.raises(ValueError, match="positives of 3 users for a model of 5"):
+    models.build_model("mf", 5, 4, 2, history=2, positives=_HISTORY)
+
+
 # ------------------------------------------------------------------ autorec
 
-def _interactions(triples, num_items):
-  """Item-major sparse rows of (user, item, value) triples, as the trainer builds them."""
-  return artifacts.item_major_rows(*(np.array(c) for c in zip(*triples)), num_items)
+def _interactions(triples, num_items, side="item", num_users=4):
+  """Item-major (or user-major) sparse rows of (user, item, value) triples, as the trainer
+  builds them."""
+  users, items, values = (np.array(c) for c in zip(*triples))
+  if side == "user":
+    return artifacts.sparse_rows(users, items, values, num_users)
+  return artifacts.sparse_rows(items, users, values, num_items)
 
 
 # 4 users, 3 items: item 0 rated by users 0, 2; item 1 by 1, 2, 3; item 2 by nobody (cold).
 _TRIPLES = [(2, 0, 4.0), (0, 0, 5.0), (1, 1, 2.0), (3, 1, 3.0), (2, 1, 1.0)]
 
 
-def _autorec(triples=_TRIPLES, **kwargs):
-  model = models.build_model("autorec", 4, 3, 3, interactions=_interactions(triples, 3),
-                             **kwargs)
+def _autorec(triples=_TRIPLES, side="item", **kwargs):
+  model = models.build_model("autorec", 4, 3, 3, interactions=_interactions(triples, 3, side),
+                             side=side, **kwargs)
   rng = np.random.default_rng(0)
   for w in model.trainable_weights:
     w.assign(rng.normal(size=w.shape).astype("float32"))
@@ -337,7 +419,7 @@ def test_autorec_encodes_each_item_from_its_training_ratings():
   ratings) is sigmoid(mu); `score_all` is the same scores by one matmul."""
   model = _autorec()
   V, mu = model.encoder.embeddings.numpy(), model.encoder_bias.numpy()
-  W = model.user_embedding.embeddings.numpy()
+  W = model.decoder.embeddings.numpy()
   b_u, b_i = model.user_bias.embeddings.numpy()[:, 0], model.item_bias.embeddings.numpy()[:, 0]
   r = np.zeros((4, 5))  # items (+ OOV) x users (+ OOV)
   for u, i, value in _TRIPLES:
@@ -371,6 +453,33 @@ def test_autorec_training_leaves_the_example_own_rating_out():
                              implicit(negative), rtol=1e-6)
 
 
+def test_user_autorec_encodes_each_user_from_their_training_ratings():
+  """U-AutoRec: s(u, i) = <w_i, sigmoid(V^T r_u + mu)> + b_u + b_i + b, by hand, V over items
+  and the decoder's rows the items'; a user without ratings (OOV) is sigmoid(mu); `score_all`
+  is the same scores by one matmul; training leaves r_ui out of u's code."""
+  model = _autorec(side="user")
+  V, mu = model.encoder.embeddings.numpy(), model.encoder_bias.numpy()
+  assert V.shape == (4, 3)  # items + OOV
+  W = model.decoder.embeddings.numpy()
+  b_u, b_i = model.user_bias.embeddings.numpy()[:, 0], model.item_bias.embeddings.numpy()[:, 0]
+  r = np.zeros((5, 4))  # users (+ OOV) x items (+ OOV)
+  for u, i, value in _TRIPLES:
+    r[u, i] = value
+  h = _sigmoid(r @ V + mu)
+  users, items = np.array([0, 1, 3, 2, 4]), np.array([0, 2, 1, 3, 1])
+  expected = (h[users] * W[items]).sum(-1) + b_u[users] + b_i[items] + float(model.global_bias)
+  np.testing.assert_allclose(np.asarray(model({schema.USER: users, schema.ITEM: items})),
+                             expected, rtol=1e-5)
+  everything = (h[:4] @ W[:3].T + b_u[:4, None] + b_i[None, :3] + float(model.global_bias))
+  np.testing.assert_allclose(np.asarray(model.score_all(tf.range(4))), everything, rtol=1e-5)
+  without = _autorec([t for t in _TRIPLES if t[:2] != (2, 1)], side="user")
+  batch = {schema.USER: np.array([2]), schema.ITEM: np.array([1]),
+           schema.RATING: np.array([1.0], "float32")}
+  np.testing.assert_allclose(model.scores_and_penalty(batch, training=True)[0],
+                             without(batch), rtol=1e-5)
+  assert abs(float(without(batch)[0]) - float(model(batch)[0])) > 1e-3
+
+
 def test_autorec_penalises_the_whole_encoder_and_trains_only_the_rows_it_used():
   """`l2 * |V|^2 / users` per example for the encoder (a dense weight: replicas all-reduce its
   gradient as one device's); the loss's gradient touches the rows of the batch items' users."""
@@ -383,7 +492,7 @@ def test_autorec_penalises_the_whole_encoder_and_trains_only_the_rows_it_used():
   gradient = tf.convert_to_tensor(tape.gradient(fit, model.encoder.embeddings))
   assert np.flatnonzero(np.abs(gradient.numpy()).sum(-1)).tolist() == [1, 2, 3]  # item 1's
   V = model.encoder.embeddings.numpy()
-  decoder = (model.user_embedding.embeddings.numpy()[[3, 1]] ** 2).sum(-1)
+  decoder = (model.decoder.embeddings.numpy()[[3, 1]] ** 2).sum(-1)
   biases = (model.user_bias.embeddings.numpy()[[3, 1], 0] ** 2
             + model.item_bias.embeddings.numpy()[[1, 1], 0] ** 2)
   np.testing.assert_allclose(penalty, 0.5 * (decoder + biases + (V ** 2).sum() / 5), rtol=1e-5)

@@ -229,20 +229,24 @@ def test_side_features_under_a_parameter_server_train_as_on_one_device(cold_data
   assert sharded["eval_rmse"] < 0.5 * sharded["eval_rmse_global_mean_baseline"]
 
 
-def test_the_softmax_objective_over_sharded_tables_trains_as_one_device(tmp_path):
+@pytest.mark.parametrize("history", [0, 4])
+def test_the_softmax_objective_over_sharded_tables_trains_as_one_device(tmp_path, history):
   """implicit_softmax scores the whole catalogue each step (every item row gets a gradient):
-  with the tables in 2 shards over 2 ps tasks and one worker, one device's metrics."""
+  with the tables in 2 shards over 2 ps tasks and one worker, one device's metrics; with
+  mf's user history, its table sharded too."""
   data = str(tmp_path / "data")
   preparation.prepare(PrepareConfig(output_dir=data, num_users=200, num_items=90,
                                     num_ratings=4000, implicit=True, split="leave_one_out",
                                     eval_negatives=20, num_shards=2, seed=4))
   flags = ("--task=implicit_softmax", "--epochs=3", "--batch_size=64", "--learning_rate=0.02",
-           "--l2=0.01")
+           "--l2=0.01", f"--history={history}")
   sharded = finish_chief(start_cluster(data, str(tmp_path / "ps"), workers=1, ps=2,
                                        extra=("--ps_shards=2", *flags)))
   single = last_json_line(run_cli("trainer.task", f"--data_dir={data}",
                                   f"--model_dir={tmp_path / 'single'}", *FLAGS, *flags).stdout)
   assert len(sharded["sharded_tables"]["item_embedding/embeddings"]) == 2
+  if history:
+    assert len(sharded["sharded_tables"]["history_embedding/embeddings"]) == 2
   for metric in ("eval_ndcg_full", "eval_ndcg_sampled"):
     assert sharded[metric] == pytest.approx(single[metric], rel=1e-4), metric
   assert sharded["eval_hr_full"] > sharded["eval_hr_full_popularity_baseline"]

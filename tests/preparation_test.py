@@ -88,6 +88,35 @@ def test_leave_one_out_holds_out_each_users_latest_by_hand(tmp_path):
   assert by_user["d"][1] <= {"i4", "i5"}
 
 
+def _time_ordered(out):
+  """{raw user: their training items, raw IDs, in the order `time_rank` gives}."""
+  users, items = _vocab(out, schema.USER_VOCAB_FILE), _vocab(out, schema.ITEM_VOCAB_FILE)
+  positives = artifacts.load_npz(os.path.join(out, schema.TRAIN_POSITIVES_FILE))
+  indptr = positives["indptr"]
+  ordered = {}
+  for u, user in enumerate(users):
+    span = slice(indptr[u], indptr[u + 1])
+    sequence = [None] * (indptr[u + 1] - indptr[u])
+    for item, rank in zip(positives["indices"][span], positives["time_rank"][span]):
+      sequence[rank] = items[item]
+    ordered[user] = sequence
+  return ordered
+
+
+def test_training_positives_carry_each_users_time_order(tmp_path):
+  """`time_rank`: by timestamp, ties by input row; without timestamps, the input order."""
+  log = _LOG + [("e", "i2", 3, 4), ("e", "i1", 3, 4), ("e", "i4", 3, 2), ("e", "i5", 1, 8)]
+  out, _ = _csv(tmp_path, log, split="leave_one_out")
+  assert _time_ordered(out) == {"a": ["i1", "i3"], "d": ["i3", "i1"], "b": ["i1"],
+                                "c": ["i5"], "e": ["i4", "i2", "i1"]}
+  out, _ = _csv(tmp_path, log, output_dir=str(tmp_path / "untimed"), timestamp_column=None,
+                eval_fraction=0.3)
+  ordered = _time_ordered(out)
+  assert sum(map(len, ordered.values())) > 5
+  for user, sequence in ordered.items():
+    assert sequence == [i for u, i, _, _ in log if u == user and i in sequence], user
+
+
 def test_eval_negatives_never_hold_a_positive_and_are_fixed_by_seed(tmp_path):
   config = PrepareConfig(output_dir=str(tmp_path / "a"), num_users=80, num_items=60,
                          num_ratings=1500, split="leave_one_out", eval_negatives=20, seed=4)

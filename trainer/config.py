@@ -16,6 +16,7 @@ FACTORISED_MODELS = ("gmf", "mf", "autorec")  # score = a user vector . an item 
 TASKS = ("explicit", "implicit", "implicit_bpr", "implicit_softmax")  # each is a class of trainer.objectives
 OPTIMIZERS = ("adam", "lazy_adam", "adagrad", "sgd")
 DECAYS = ("none", "cosine", "linear")
+AUTOREC_SIDES = ("item", "user")  # the side autorec codes from its interactions
 PRECISIONS = ("float32", "bfloat16", "float16")
 RATING_METRICS = ("rmse", "mae")  # explicit feedback
 RANKING_METRICS = ("hr_sampled", "ndcg_sampled", "hr_full", "ndcg_full")  # implicit feedback
@@ -187,6 +188,8 @@ class TrainConfig:
   layers: Tuple[int, ...] = (64, 32, 16, 8)
   mlp_embedding_dim: int = 32
   dropout: float = 0.0
+  autorec_side: str = "item"
+  history: int = 0
   l2: float = 0.0
   num_negatives: int = 4
   exclude_positives: bool = True
@@ -246,6 +249,7 @@ class TrainConfig:
     _require(bool(self.model_dir), "--model_dir is required")
     for name, allowed in (("model", MODELS), ("strategy", STRATEGIES), ("task", TASKS),
                           ("optimizer", OPTIMIZERS), ("decay", DECAYS),
+                          ("autorec_side", AUTOREC_SIDES),
                           ("mixed_precision", PRECISIONS)):
       value = getattr(self, name)
       _require(value in allowed, f"--{name}={value!r} is not one of {', '.join(allowed)}")
@@ -256,12 +260,16 @@ class TrainConfig:
       _require(value >= 1, f"--{name}={value} must be at least 1")
     _require(self.ps_shard_min_mb > 0, f"--ps_shard_min_mb={self.ps_shard_min_mb} must be "
              "positive")
-    for name in ("warmup_steps", "num_negatives", "early_stopping_patience", "ps_shards",
-                 "checkpoint_every_steps", "checkpoint_every_secs", "storage_retries"):
+    for name in ("warmup_steps", "num_negatives", "history", "early_stopping_patience",
+                 "ps_shards", "checkpoint_every_steps", "checkpoint_every_secs",
+                 "storage_retries"):
       value = getattr(self, name)
       _require(value >= 0, f"--{name}={value} must not be negative")
     _require(self.learning_rate > 0, f"--learning_rate={self.learning_rate} must be positive")
     _require(0.0 <= self.dropout < 1.0, f"--dropout={self.dropout} must be in [0, 1)")
+    _require(not self.history or self.model == "mf",
+             f"--history={self.history} is mf's (the other models have no user history): "
+             f"--model={self.model}")
     _require(self.l2 >= 0.0, f"--l2={self.l2} must not be negative")
     _require(0.0 <= self.alpha <= 1.0, f"--alpha={self.alpha} must be in [0, 1]")
     _require(bool(self.features.strip()),

@@ -289,8 +289,11 @@ class Recommender(keras.Model):
   def call(self, inputs, training=False):
     return self.forward(inputs, training)[0]
 
-  def score_all(self, users: tf.Tensor, training: bool = False) -> tf.Tensor:
+  def score_all(self, users: tf.Tensor, training: bool = False,
+                items: Optional[tf.Tensor] = None) -> tf.Tensor:
     """Each user's score for every trained item: [b, num_items] (item index = column).
+    `items`: in training, the examples' own items, for models whose user vector depends on
+    the example (mf with `history`: the history before it); the others ignore them.
 
     Here through `forward` on every (user, item) pair, b x num_items examples; models whose
     score factorises into a user and an item vector (mf, gmf) override it with one matmul
@@ -416,7 +419,7 @@ class GMF(Recommender):
                             penalized)
     return ops.squeeze(self.score(users * items), axis=-1), penalized  # [b]
 
-  def score_all(self, users, training=False):
+  def score_all(self, users, training=False, items=None):
     """h . (p_u * q_i) + b = (p_u * h) . q_i + b: one [b, d] x [d, n] matmul."""
     items = self._all_items(users)
     p = self._represent(self.user_embedding, self._side_terms(schema.USER, users, None,
@@ -526,42 +529,159 @@ class NeuMF(Recommender):
 
 @keras.saving.register_keras_serializable(package="neumf_trainer")
 class MF(Recommender):
-  """Dot product with user, item and global biases."""
+  """Dot product with user, item and global biases; with `history` L, the user vector also
+  sums the user's L latest training items before the example (SVD++'s implicit feedback,
+  Koren 2008, made sequential):
 
-  def __init__(self, num_users: int, num_items: int, embedding_dim: int = 64, **kwargs):
+    p_u = e_u + sum_l a_l y_(l-th latest item),   a_l learnt per recency (starting at 1)
+
+  so a training example is scored from what came before it, and evaluation and serving from
+  the whole history (`HistoryTable`). y has its own table; the L2 penalty falls on its rows
+  too.
+
+  Args:
+    positives: with `history`, the training positives with their time order
+      (`PreparedData.train_positives`), or {"count": n} for a model rebuilt from its config.
+  """
+
+  def __init__(self, num_users: int, num_items: int, embedding_dim: int = 64,
+               history: int = 0, positives: Optional[Mapping] = None, **kwargs):
     super().__init__(num_users, num_items, **kwargs)
     self.embedding_dim = embedding_dim
+    self.history = history
     self.user_embedding = self._embedding(num_users, embedding_dim, "user_embedding")
     self.item_embedding = self._embedding(num_items, embedding_dim, "item_embedding")
+    if history:
+      self.history_table = HistoryTable(num_users, num_items, history, positives,
+                                        name="history_table")
+      self.history_embedding = self._embedding(num_items, embedding_dim, "history_embedding")
+      self.recency_weights = self.add_weight(shape=(history,), name="recency_weights",
+                                             initializer=keras.initializers.Ones())
     self._add_biases()
     # Features shift the factors and the biases alike (a cold item gets a bias by genre).
     self._side_features([embedding_dim, 1])  # [factors ; bias] per side
+
+  def _user_vector(self, users, items, term, penalized):
+    """p_u [b, d]: the ID row (+ the feature term) (+ the history before `items`)."""
+    p = self._represent(self.user_embedding, term, users, penalized)
+    if not self.history:
+      return p
+    latest = self.history_table(users, items)  # [b, L]
+    mask = ops.cast(tf.not_equal(latest, self.num_items), p.dtype)[:, :, None]
+    rows = self.history_embedding(latest) * mask  # [b, L, d]
+    penalized.append(rows)
+    weights = ops.cast(self.recency_weights, p.dtype)[None, :, None]
+    return p + ops.sum(rows * weights, axis=1)
 
   def forward(self, inputs, training=False):
     users, items = inputs[schema.USER], inputs[schema.ITEM]
     parts, penalized = self._feature_parts(inputs, training), []
     (factors_u, bias_u), (factors_i, bias_i) = parts[schema.USER], parts[schema.ITEM]
-    rows = [self._represent(self.user_embedding, factors_u, users, penalized),
-            self._represent(self.item_embedding, factors_i, items, penalized),
-            self._represent(self.user_bias, bias_u, users, penalized),
-            self._represent(self.item_bias, bias_i, items, penalized)]
-    dot = ops.sum(rows[0] * rows[1], axis=-1)  # [b]
-    bias = ops.squeeze(rows[2], -1) + ops.squeeze(rows[3], -1)
+    # Training examples see the history before them; evaluation and serving all of it.
+    p = self._user_vector(users, items if training else None, factors_u, penalized)
+    q = self._represent(self.item_embedding, factors_i, items, penalized)
+    biases = [self._represent(self.user_bias, bias_u, users, penalized),
+              self._represent(self.item_bias, bias_i, items, penalized)]
+    dot = ops.sum(p * q, axis=-1)  # [b]
+    bias = ops.squeeze(biases[0], -1) + ops.squeeze(biases[1], -1)
     # Read in the compute dtype, as Keras's call would under a mixed-precision policy.
     return dot + bias + ops.cast(self.global_bias, dot.dtype), penalized
 
-  def score_all(self, users, training=False):
-    """<p_u, q_i> + b_u + b_i + b for every item: one [b, d] x [d, n] matmul."""
-    items = self._all_items(users)
+  def score_all(self, users, training=False, items=None):
+    """<p_u, q_i> + b_u + b_i + b for every item: one [b, d] x [d, n] matmul. With `history`,
+    `items` (the examples' items, in training) place each user's history before them."""
+    catalogue = self._all_items(users)
     (factors_u, bias_u) = self._side_terms(schema.USER, users, None, training)
-    (factors_i, bias_i) = self._side_terms(schema.ITEM, items, None, training)
-    p = self._represent(self.user_embedding, factors_u, users, [])  # [b, d]
-    q = self._represent(self.item_embedding, factors_i, items, [])  # [n, d]
-    return self._plus_biases(tf.matmul(p, q, transpose_b=True), users, items, bias_u, bias_i)
+    (factors_i, bias_i) = self._side_terms(schema.ITEM, catalogue, None, training)
+    p = self._user_vector(users, items, factors_u, [])  # [b, d]
+    q = self._represent(self.item_embedding, factors_i, catalogue, [])  # [n, d]
+    return self._plus_biases(tf.matmul(p, q, transpose_b=True), users, catalogue, bias_u,
+                             bias_i)
 
   def get_config(self):
     config = super().get_config()
-    config.update(embedding_dim=self.embedding_dim)
+    config.update(embedding_dim=self.embedding_dim, history=self.history)
+    if self.history:
+      config.update(positives={"count": self.history_table.count})
+    return config
+
+
+@keras.saving.register_keras_serializable(package="neumf_trainer")
+class HistoryTable(layers.Layer):
+  """Each user's training items in time order, as fixed weights (checkpoints and the
+  SavedModel carry them): `call(users, items)` is each example's `length` latest items before
+  it, [b, length] item indices, latest first, `num_items` (the OOV row) where the history is
+  shorter. "Before it": before (u, i)'s own interaction when it is a training pair (what a
+  training example saw when it happened), else the user's whole history (evaluation,
+  serving: what comes after training).
+
+  Args:
+    positives: the training positives (`PreparedData.train_positives`: `indptr`, `indices`
+      and `time_rank`), or {"count": n} for a layer rebuilt from its config (n zeros, restored
+      from a checkpoint); None: no history.
+  """
+
+  def __init__(self, num_users: int, num_items: int, length: int,
+               positives: Optional[Mapping] = None, **kwargs):
+    super().__init__(**kwargs)
+    self.num_users, self.num_items, self.length = num_users, num_items, length
+    arrays = None
+    if positives is not None and "indptr" not in positives:
+      self.count = int(positives["count"])
+    else:
+      self.count = len(positives["indices"]) if positives is not None else 0
+      arrays = self._arrays(positives) if positives is not None else None
+
+    def weight(name, shape):
+      value = None if arrays is None else arrays[name]
+      return self.add_weight(
+          shape=shape, dtype="int64", trainable=False, name=name,
+          initializer=(keras.initializers.Zeros() if value is None
+                       else lambda shape, dtype=None: ops.convert_to_tensor(value)))
+
+    self.indptr = weight("indptr", (num_users + 2,))
+    self.sequence = weight("sequence", (self.count,))  # items, each user's in time order
+    self.keys = weight("keys", (self.count,))  # u * (num_items + 1) + i, sorted
+    self.ends = weight("ends", (self.count,))  # each pair's position in `sequence`
+
+  def _arrays(self, positives: Mapping) -> Dict[str, np.ndarray]:
+    indptr = np.asarray(positives["indptr"], np.int64)
+    if len(indptr) != self.num_users + 1:
+      raise ValueError(f"training positives of {len(indptr) - 1} users for a model of "
+                       f"{self.num_users}")
+    if "time_rank" not in positives:
+      raise ValueError("the training positives have no time order (`time_rank`): data "
+                       "prepared before it; prepare it again with neumf-prepare")
+    indices = np.asarray(positives["indices"], np.int64)
+    owners = np.repeat(np.arange(self.num_users, dtype=np.int64), np.diff(indptr))
+    ends = indptr[owners] + np.asarray(positives["time_rank"], np.int64)
+    sequence = np.empty_like(indices)
+    sequence[ends] = indices
+    return {"indptr": np.append(indptr, indptr[-1]), "sequence": sequence,
+            "keys": owners * (self.num_items + 1) + indices, "ends": ends}
+
+  def call(self, users, items=None):
+    users = ops.cast(users, "int64")
+    if not self.count:
+      return tf.fill([tf.shape(users)[0], self.length], tf.constant(self.num_items, tf.int64))
+    indptr = distribute.local_variable(self.indptr.value)
+    start, stop = tf.gather(indptr, users), tf.gather(indptr, users + 1)
+    end = stop
+    if items is not None:
+      keys = distribute.local_variable(self.keys.value)
+      key = users * (self.num_items + 1) + ops.cast(items, "int64")
+      at = tf.minimum(tf.searchsorted(keys, key), self.count - 1)
+      found = tf.equal(tf.gather(keys, at), key)
+      end = tf.where(found, tf.gather(distribute.local_variable(self.ends.value), at), stop)
+    positions = end[:, None] - 1 - tf.range(self.length, dtype=tf.int64)[None, :]
+    valid = positions >= start[:, None]
+    latest = tf.gather(distribute.local_variable(self.sequence.value), tf.maximum(positions, 0))
+    return tf.where(valid, latest, tf.constant(self.num_items, tf.int64))
+
+  def get_config(self):
+    config = super().get_config()
+    config.update(num_users=self.num_users, num_items=self.num_items, length=self.length,
+                  positives={"count": self.count})
     return config
 
 
@@ -621,66 +741,76 @@ class InteractionTable(layers.Layer):
 
 @keras.saving.register_keras_serializable(package="neumf_trainer")
 class AutoRec(Recommender):
-  """Item-based AutoRec (Sedhain et al. 2015) as a factorised scorer: an item is encoded from
-  the vector of its training interactions r_i [users] (ratings; 1 for implicit feedback),
+  """AutoRec (Sedhain et al. 2015) as a factorised scorer. With `side="item"` (I-AutoRec) an
+  item is encoded from the vector of its training interactions r_i [users] (ratings; 1 for
+  implicit feedback),
 
     h_i = sigmoid(V^T r_i + mu (+ the item's feature term)),   s(u, i) = <w_u, h_i> + b_u + b_i + b
 
-  the decoder's user rows w_u (+ the user's feature term) acting as user embeddings. The
-  encoder V [users, d] is read whole each step (a sparse batch of item vectors times V; a
-  dense gradient, which replicas all-reduce as one device's) and takes `l2 * |V|^2 / users`
-  per example, a row as often as the average user's decoder row. Training leaves the example's
-  own interaction out of its item's encoding (h_i from r_i less r_ui), so the model learns to
-  predict a rating from the other users' ones, which is what evaluation asks of it. An item
-  without training interactions (cold, or the OOV row) is encoded from its features alone;
-  `dropout` trains that case: that fraction of the training examples is coded without its
-  item's interactions (DropoutNet, Volkovs et al. 2017), so the decoder learns to score
-  feature-only codes.
+  the decoder's user rows w_u (+ the user's feature term) acting as user embeddings; with
+  `side="user"` (U-AutoRec) a user is encoded from r_u [items] the same way and the decoder's
+  rows are the item embeddings. The encoder V [other side, d] is read whole each step (a
+  sparse batch of interaction vectors times V; a dense gradient, which replicas all-reduce as
+  one device's) and takes `l2 * |V|^2 / rows` per example, a row as often as the average
+  decoder row. Training leaves the example's own interaction out of its encoding (r_i less
+  r_ui, or r_u less r_ui), so the model learns to predict an interaction from the others,
+  which is what evaluation asks of it. An entity without training interactions (cold, or the
+  OOV row) is encoded from its features alone; `dropout` trains that case: that fraction of
+  the training examples is coded without its interactions (DropoutNet, Volkovs et al. 2017),
+  so the decoder learns to score feature-only codes.
 
   Args:
-    interactions: the item-major rows of training interactions
-      (`PreparedData.train_interactions`), or {"count": n} for a model rebuilt from its
+    interactions: the training interactions as sparse rows of the coded side
+      (`PreparedData.train_interactions(side)`), or {"count": n} for a model rebuilt from its
       config, restored from a checkpoint; None: none.
     ratings: the table holds ratings (explicit feedback), not 1s.
+    side: the coded side, "item" or "user".
   """
 
   def __init__(self, num_users: int, num_items: int, embedding_dim: int = 500,
                interactions: Optional[Mapping] = None, ratings: bool = True,
-               dropout: float = 0.0, **kwargs):
+               dropout: float = 0.0, side: str = schema.ITEM, **kwargs):
     super().__init__(num_users, num_items, **kwargs)
+    if side not in (schema.USER, schema.ITEM):
+      raise ValueError(f"autorec codes {schema.USER!r} or {schema.ITEM!r}, not {side!r}")
     self.embedding_dim = embedding_dim
     self.ratings = ratings
     self.dropout = dropout
+    self.side = side
+    self.other = schema.USER if side == schema.ITEM else schema.ITEM
+    sizes = {schema.USER: num_users, schema.ITEM: num_items}
+    self.encoder_rows = sizes[self.other] + 1
     # Drops whole interaction vectors (a [b, 1] mask): 1 / (1 - rate) is undone in `_encode`.
     self.code_dropout = layers.Dropout(dropout, name="interaction_dropout") if dropout else None
-    self.history = InteractionTable(num_items + 1, num_users + 1, interactions,
-                                    name="item_interactions")
-    self.encoder = Embedding(num_users + 1, embedding_dim, name="encoder",
+    self.history = InteractionTable(sizes[side] + 1, self.encoder_rows, interactions,
+                                    name=f"{side}_interactions")
+    self.encoder = Embedding(self.encoder_rows, embedding_dim, name="encoder",
                              embeddings_initializer=keras.initializers.GlorotUniform())
     self.encoder_bias = self.add_weight(shape=(embedding_dim,), name="encoder_bias",
                                         initializer=keras.initializers.Zeros())
-    self.user_embedding = self._embedding(num_users, embedding_dim, "user_embedding")
+    # The decoder's rows, named by their side (user_embedding for I-AutoRec).
+    self.decoder = self._embedding(sizes[self.other], embedding_dim, f"{self.other}_embedding")
     self._add_biases()
-    self._side_features([embedding_dim, 1])  # [encoding ; bias] per side
+    self._side_features([embedding_dim, 1])  # [encoding or decoder row ; bias] per side
 
-  def _encode(self, items, term, users=None, own=None, training=False):
-    """(h_i [b, d] of `items`, the encoder V [users + 1, d]); with `users` and `own` (r_ui
-    [b]), each h_i less its own r_ui; in training, with `dropout`, a fraction of the examples
-    coded from their features alone."""
-    unique, position = tf.unique(ops.cast(items, "int64"))
+  def _encode(self, ids, term, others=None, own=None, training=False):
+    """(h [b, d] of `ids` of the coded side, the encoder V [other side + 1, d]); with `others`
+    (the examples' ids of the other side) and `own` (r_ui [b]), each code less its own r_ui;
+    in training, with `dropout`, a fraction of the examples coded from their features alone."""
+    unique, position = tf.unique(ops.cast(ids, "int64"))
     # The whole encoder, a dense gradient (replicas all-reduce it as one device's); under a
     # parameter server gathered from its shards.
     table = distribute.local_variable(self.encoder.embeddings.value)
-    encoder = ops.cast(self.encoder(tf.range(self.num_users + 1))
+    encoder = ops.cast(self.encoder(tf.range(self.encoder_rows))
                        if parameter_server.is_sharded(table) else tf.convert_to_tensor(table),
                        "float32")
-    ratings = self.history(unique)  # [unique items, users + 1]
+    ratings = self.history(unique)  # [unique ids, other side + 1]
     encoded = tf.sparse.sparse_dense_matmul(
         tf.SparseTensor(ratings.indices, tf.cast(ratings.values, tf.float32),
-                        ratings.dense_shape), encoder)  # [unique items, d]
+                        ratings.dense_shape), encoder)  # [unique ids, d]
     pre = tf.gather(encoded, position)
     if own is not None:
-      pre -= ops.cast(own, "float32")[:, None] * tf.gather(encoder, ops.cast(users, "int64"))
+      pre -= ops.cast(own, "float32")[:, None] * tf.gather(encoder, ops.cast(others, "int64"))
     if training and self.code_dropout is not None:
       keep = self.code_dropout(tf.ones_like(pre[:, :1]), training=True) * (1.0 - self.dropout)
       pre *= keep
@@ -690,17 +820,18 @@ class AutoRec(Recommender):
     return ops.cast(tf.sigmoid(pre), self.compute_dtype), encoder
 
   def _forward(self, inputs, training=False):
-    """(scores [b], penalized rows, the encoder [users + 1, d])."""
-    users, items = inputs[schema.USER], inputs[schema.ITEM]
+    """(scores [b], penalized rows, the encoder)."""
+    ids = {schema.USER: inputs[schema.USER], schema.ITEM: inputs[schema.ITEM]}
     parts, penalized = self._feature_parts(inputs, training), []
-    (factors_u, bias_u), (factors_i, bias_i) = parts[schema.USER], parts[schema.ITEM]
-    p = self._represent(self.user_embedding, factors_u, users, penalized)
-    h, encoder = self._encode(items, factors_i, users,
+    factors, biases = ({side: parts[side][0] for side in ids},
+                       {side: parts[side][1] for side in ids})
+    w = self._represent(self.decoder, factors[self.other], ids[self.other], penalized)
+    h, encoder = self._encode(ids[self.side], factors[self.side], ids[self.other],
                               self._own_value(inputs) if training else None, training)
-    b_u = self._represent(self.user_bias, bias_u, users, penalized)
-    b_i = self._represent(self.item_bias, bias_i, items, penalized)
-    score = (ops.sum(p * h, axis=-1) + ops.squeeze(b_u, -1) + ops.squeeze(b_i, -1)
-             + ops.cast(self.global_bias, p.dtype))
+    b_u = self._represent(self.user_bias, biases[schema.USER], ids[schema.USER], penalized)
+    b_i = self._represent(self.item_bias, biases[schema.ITEM], ids[schema.ITEM], penalized)
+    score = (ops.sum(w * h, axis=-1) + ops.squeeze(b_u, -1) + ops.squeeze(b_i, -1)
+             + ops.cast(self.global_bias, w.dtype))
     return score, penalized, encoder
 
   def forward(self, inputs, training=False):
@@ -718,26 +849,31 @@ class AutoRec(Recommender):
     return ops.ones_like(ops.cast(inputs[schema.USER], "float32"))
 
   def scores_and_penalty(self, inputs, training=False):
-    """The base class's, plus `l2 * |V|^2 / users` per example for the encoder V."""
+    """The base class's, plus `l2 * |V|^2 / rows` per example for the encoder V."""
     scores, penalized, encoder = self._forward(inputs, training)
     penalty = self._penalty(scores, penalized)
     if self.l2:
-      penalty += self.l2 * ops.sum(ops.square(encoder)) / (self.num_users + 1)
+      penalty += self.l2 * ops.sum(ops.square(encoder)) / self.encoder_rows
     return scores, penalty
 
-  def score_all(self, users, training=False):
-    """<w_u, h_i> + b_u + b_i + b for every item: the catalogue encoded once, one matmul."""
+  def score_all(self, users, training=False, items=None):
+    """<w, h> + b_u + b_i + b for every item, one matmul: I-AutoRec encodes the catalogue,
+    U-AutoRec the batch's users."""
     items = self._all_items(users)
     factors_u, bias_u = self._side_terms(schema.USER, users, None, training)
     factors_i, bias_i = self._side_terms(schema.ITEM, items, None, training)
-    p = self._represent(self.user_embedding, factors_u, users, [])  # [b, d]
-    h = self._encode(items, factors_i)[0]  # [n, d]
-    return self._plus_biases(tf.matmul(p, h, transpose_b=True), users, items, bias_u, bias_i)
+    if self.side == schema.ITEM:
+      p = self._represent(self.decoder, factors_u, users, [])  # [b, d]
+      q = self._encode(items, factors_i)[0]  # [n, d]
+    else:
+      p = self._encode(users, factors_u)[0]
+      q = self._represent(self.decoder, factors_i, items, [])
+    return self._plus_biases(tf.matmul(p, q, transpose_b=True), users, items, bias_u, bias_i)
 
   def get_config(self):
     config = super().get_config()
     config.update(embedding_dim=self.embedding_dim, ratings=self.ratings, dropout=self.dropout,
-                  interactions={"count": self.history.count})
+                  side=self.side, interactions={"count": self.history.count})
     return config
 
 
@@ -747,7 +883,8 @@ def build_model(name: str, num_users: int, num_items: int, embedding_dim: int = 
                 dropout: float = 0.0, l2: float = 0.0,
                 features: Optional[Mapping[str, feature_layers.SideFeatures]] = None,
                 interactions: Optional[Mapping[str, np.ndarray]] = None,
-                ratings: bool = True) -> keras.Model:
+                ratings: bool = True, side: str = schema.ITEM, history: int = 0,
+                positives: Optional[Mapping[str, np.ndarray]] = None) -> keras.Model:
   """Creates model `name` with its variables built (a custom loop needs them before step 1).
 
   Args:
@@ -760,9 +897,15 @@ def build_model(name: str, num_users: int, num_items: int, embedding_dim: int = 
     l2: the embedding penalty's weight.
     features: {side: SideFeatures}: side features added to every representation of the side
       (`trainer.feature_layers`); None or empty: IDs only.
-    interactions: autorec's item-major training interactions
-      (`PreparedData.train_interactions`); None: an empty table (every item encoded as a cold one).
+    interactions: autorec's training interactions as sparse rows of `side`
+      (`PreparedData.train_interactions`); None: an empty table (every entity coded as a cold
+      one).
     ratings: autorec's interactions are ratings (explicit feedback), not 1s.
+    side: the side autorec codes, "item" (I-AutoRec) or "user" (U-AutoRec).
+    history: mf: the user's latest training items before the example that its user vector
+      sums (0: none).
+    positives: with `history`, the training positives with their time order
+      (`PreparedData.train_positives`).
 
   Raises:
     ValueError: naming --model when `name` is unknown.
@@ -778,9 +921,9 @@ def build_model(name: str, num_users: int, num_items: int, embedding_dim: int = 
     model = NeuMF(num_users, num_items, embedding_dim, mlp_embedding_dim, layers, dropout,
                   **common)
   elif name == "mf":
-    model = MF(num_users, num_items, embedding_dim, **common)
+    model = MF(num_users, num_items, embedding_dim, history, positives, **common)
   elif name == "autorec":
-    model = AutoRec(num_users, num_items, embedding_dim, interactions, ratings, dropout,
+    model = AutoRec(num_users, num_items, embedding_dim, interactions, ratings, dropout, side,
                     **common)
   else:
     raise ValueError(f"--model={name!r} is not a known model (one of {', '.join(MODELS)})")

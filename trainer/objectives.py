@@ -327,7 +327,8 @@ class ImplicitSoftmax(Implicit):
   def model_loss(self, model, batch, global_batch_size):
     positive, penalty = model.scores_and_penalty(batch, training=True)  # [b]
     positive = tf.cast(positive, tf.float32)
-    logits = tf.cast(model.score_all(batch[schema.USER], training=True), tf.float32)  # [b, n]
+    logits = tf.cast(model.score_all(batch[schema.USER], training=True,
+                                     items=batch[schema.ITEM]), tf.float32)  # [b, n]
     # The positive's own column is its score as the example gets it (autorec leaves the
     # example's interaction out of it; for the others the two are equal): a cross-entropy.
     rows = tf.range(tf.shape(logits, out_type=tf.int64)[0])

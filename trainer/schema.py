@@ -31,8 +31,10 @@ BLOCK_SIZE = 1024
 METADATA_FILE = "metadata.json"
 USER_VOCAB_FILE = "users.vocab"
 ITEM_VOCAB_FILE = "items.vocab"
-# Each user's training items as compressed sparse rows: `indptr` [users + 1], `indices` [rows];
-# and `rating_sum` [users], the sum of each user's training ratings.
+# Each user's training items as compressed sparse rows: `indptr` [users + 1], `indices` [rows]
+# (items sorted within a user); `time_rank` [rows], each one's rank in its user's time order
+# (0: the earliest, by timestamp then input row; absent from data prepared before it); and
+# `rating_sum` [users], the sum of each user's training ratings.
 TRAIN_POSITIVES_FILE = "train_positives.npz"
 # Leave-one-out with eval negatives: `users`, `positives` [eval users], `negatives` [eval users, N].
 EVAL_NEGATIVES_FILE = "eval_negatives.npz"

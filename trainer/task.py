@@ -61,7 +61,15 @@ flags.DEFINE_integer("hidden_units", _D.hidden_units, "Width of seed_mlp's hidde
 flags.DEFINE_list("layers", [str(n) for n in _D.layers], "MLP tower sizes (mlp, neumf).")
 flags.DEFINE_integer("mlp_embedding_dim", _D.mlp_embedding_dim,
                      "neumf: embedding size of the MLP path.", lower_bound=1)
-flags.DEFINE_float("dropout", _D.dropout, "Dropout after each MLP layer.")
+flags.DEFINE_float("dropout", _D.dropout, "Dropout after each MLP layer; autorec: the fraction "
+                   "of training examples coded from their features alone.")
+flags.DEFINE_enum("autorec_side", _D.autorec_side, config_lib.AUTOREC_SIDES,
+                  "autorec: code items from their users' interactions (I-AutoRec) or users "
+                  "from their items' (U-AutoRec).")
+flags.DEFINE_integer("history", _D.history,
+                     "mf: the user vector also sums this many of the user's latest training "
+                     "items before the example (0: none); needs data prepared with their time "
+                     "order.", lower_bound=0)
 flags.DEFINE_float("l2", _D.l2, "L2 weight on the embedding rows of each batch.")
 flags.DEFINE_integer("num_negatives", _D.num_negatives,
                      "implicit: sampled negatives per positive, redrawn every epoch.",
@@ -148,7 +156,8 @@ def config_from_flags() -> config_lib.TrainConfig:
       optimizer=FLAGS.optimizer, warmup_steps=FLAGS.warmup_steps, decay=FLAGS.decay,
       embedding_dim=FLAGS.embedding_dim, hidden_units=FLAGS.hidden_units,
       layers=_layers(FLAGS.layers), mlp_embedding_dim=FLAGS.mlp_embedding_dim,
-      dropout=FLAGS.dropout, l2=FLAGS.l2, num_negatives=FLAGS.num_negatives,
+      dropout=FLAGS.dropout, autorec_side=FLAGS.autorec_side,
+      history=FLAGS.history, l2=FLAGS.l2, num_negatives=FLAGS.num_negatives,
       exclude_positives=FLAGS.exclude_positives, top_k=FLAGS.top_k, features=FLAGS.features,
       pretrained_gmf_dir=FLAGS.pretrained_gmf_dir, pretrained_mlp_dir=FLAGS.pretrained_mlp_dir,
       alpha=FLAGS.alpha, mixed_precision=FLAGS.mixed_precision, jit_compile=FLAGS.jit_compile,

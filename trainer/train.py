@@ -112,14 +112,20 @@ def build_model(config: TrainConfig, data: artifacts.PreparedData) -> keras.Mode
   """The configured model for a prepared data directory (vocabularies, side features)."""
   metadata = data.metadata
   bias = objectives.for_config(config).output_bias(metadata)
+  if config.history and "time_rank" not in data.train_positives:
+    raise ConfigError(f"--history={config.history} needs the training interactions' time "
+                      f"order, which --data_dir={data.data_dir!r} lacks (prepared by an older "
+                      "neumf-prepare): prepare it again")
   return models.build_model(config.model, metadata.num_users, metadata.num_items,
                             config.embedding_dim, config.hidden_units, bias,
                             layers=config.layers, mlp_embedding_dim=config.mlp_embedding_dim,
                             dropout=config.dropout, l2=config.l2,
                             features=data.side_features(config.features),
-                            interactions=(data.train_interactions(metadata.num_items)
+                            interactions=(data.train_interactions(config.autorec_side)
                                           if config.model == "autorec" else None),
-                            ratings=not metadata.implicit)
+                            ratings=not metadata.implicit, side=config.autorec_side,
+                            history=config.history,
+                            positives=data.train_positives if config.history else None)
 
 
 def load_config(model_dir: str) -> TrainConfig:

@@ -40,16 +40,16 @@ def load_npz(path: str) -> Dict[str, np.ndarray]:
       return {k: z[k] for k in z.files}
 
 
-def item_major_rows(users: np.ndarray, items: np.ndarray, values: np.ndarray,
-                    num_items: int) -> Dict[str, np.ndarray]:
-  """(user, item, value) triples as compressed sparse rows by item, users sorted in a row:
-  `indptr` [num_items + 2] (row `num_items`, the OOV item, empty), `indices` (users) and
-  `values` (float32)."""
-  users, items = np.asarray(users), np.asarray(items)
-  order = np.lexsort((users, items))
-  counts = np.bincount(items, minlength=num_items + 1)[:num_items + 1]
+def sparse_rows(rows: np.ndarray, columns: np.ndarray, values: np.ndarray,
+                num_rows: int) -> Dict[str, np.ndarray]:
+  """(row, column, value) triples as compressed sparse rows, columns sorted in a row:
+  `indptr` [num_rows + 2] (row `num_rows`, the OOV row, empty), `indices` (columns) and
+  `values` (float32). Item-major over users: `sparse_rows(items, users, values, num_items)`."""
+  rows, columns = np.asarray(rows), np.asarray(columns)
+  order = np.lexsort((columns, rows))
+  counts = np.bincount(rows, minlength=num_rows + 1)[:num_rows + 1]
   return {"indptr": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-          "indices": users[order].astype(np.int64),
+          "indices": columns[order].astype(np.int64),
           "values": np.asarray(values, np.float32)[order]}
 
 
@@ -99,11 +99,11 @@ class PreparedData:
     """Each user's training items: `indptr` [users + 1], `indices` [training rows]."""
     return load_npz(self.path(schema.TRAIN_POSITIVES_FILE))
 
-  def train_interactions(self, num_items: int) -> Dict[str, np.ndarray]:
-    """The training rows as item-major sparse rows over users (`item_major_rows`, what
-    `models.InteractionTable` holds):
-    ratings for explicit feedback, 1s for implicit. Reads the training shards once: O(training
-    rows) memory, what a model that holds them (autorec) needs anyway."""
+  def train_interactions(self, side: str = schema.ITEM) -> Dict[str, np.ndarray]:
+    """The training rows as sparse rows of `side` (item-major over users, or user-major over
+    items: `sparse_rows`, what `models.InteractionTable` holds): ratings for explicit
+    feedback, 1s for implicit. Reads the training shards once: O(training rows) memory, what
+    a model that holds them (autorec) needs anyway."""
     users, items, ratings = [], [], []
     for batch in pipeline.make_dataset(self.train_pattern, 65536, training=False):
       users.append(batch[schema.USER].numpy())
@@ -111,7 +111,9 @@ class PreparedData:
       ratings.append(batch[schema.RATING].numpy())
     users, items = np.concatenate(users), np.concatenate(items)
     values = np.ones(len(users), np.float32) if self.metadata.implicit else np.concatenate(ratings)
-    return item_major_rows(users, items, values, num_items)
+    if side == schema.USER:
+      return sparse_rows(users, items, values, self.metadata.num_users)
+    return sparse_rows(items, users, values, self.metadata.num_items)
 
   @functools.cached_property
   def eval_negatives(self) -> Optional[Dict[str, np.ndarray]]:

@@ -601,12 +601,16 @@ def _pass_write(scratch: _Scratch, config: PrepareConfig, splitter: splits.Split
     for split, mask in ((schema.TRAIN, ~held_out), (schema.EVAL, held_out)):
       idx = rng.permutation(np.flatnonzero(mask))
       writers[split].add(users[idx], items[idx], rows["rating"][idx])
+    # (user, item, time, input row) of the training pairs: time is the timestamp, or the
+    # input row when the source has none.
+    train = ~held_out
     np.save(os.path.join(scratch.directory, f"train-pairs-{b}.npy"),
-            np.stack([users[~held_out], items[~held_out]]).astype(np.int32))
+            np.stack([users[train], items[train], rows.get("ts", rows["row"])[train],
+                      rows["row"][train]]).astype(np.int64))
     _tally(out, users, items, rows["rating"], held_out)
     progress.add(len(users))
     # Release this bucket before the next one is read: peak memory is one bucket, not two.
-    rows = keep = users = items = held_out = idx = mask = None
+    rows = keep = users = items = held_out = idx = mask = train = None
   for w in writers.values():
     w.close()
   out.num_train, out.num_eval = writers[schema.TRAIN].rows, writers[schema.EVAL].rows
@@ -640,10 +644,11 @@ def _write_side_files(scratch: _Scratch, config: PrepareConfig, vocab: _Vocabula
                       written: _Written, tmp_dir: str) -> List[str]:
   """The vocabularies, the training positives and (with --eval_negatives) the sampled eval
   negatives; returns their file names."""
-  indptr, indices = _train_positives(scratch, scratch.num_buckets, written.train_user_count,
-                                     vocab.num_items)
+  indptr, indices, ranks = _train_positives(scratch, scratch.num_buckets,
+                                            written.train_user_count, vocab.num_items)
   _write_npz(fileio.join(tmp_dir, schema.TRAIN_POSITIVES_FILE), scratch.directory,
-             indptr=indptr, indices=indices, rating_sum=written.train_user_rating_sum)
+             indptr=indptr, indices=indices, time_rank=ranks,
+             rating_sum=written.train_user_rating_sum)
   fileio.write_lines(fileio.join(tmp_dir, schema.USER_VOCAB_FILE), vocab.raw_users.tolist())
   fileio.write_lines(fileio.join(tmp_dir, schema.ITEM_VOCAB_FILE), vocab.raw_items.tolist())
   names = [schema.USER_VOCAB_FILE, schema.ITEM_VOCAB_FILE, schema.TRAIN_POSITIVES_FILE]
@@ -724,38 +729,47 @@ def _metadata(config: PrepareConfig, source: sources.Source, splitter: splits.Sp
 
 
 def _train_positives(scratch: _Scratch, num_buckets: int, user_count: np.ndarray,
-                     num_items: int) -> Tuple[np.ndarray, np.ndarray]:
-  """Each user's training items as compressed sparse rows, items sorted within a user.
+                     num_items: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Each user's training items as compressed sparse rows, items sorted within a user, and
+  each one's rank in its user's time order (0: the earliest; by timestamp, then input row).
 
-  Filled bucket by bucket from the pairs pass 4 left on scratch: memory is the result (4 bytes
-  per training row) plus one bucket.
+  Filled bucket by bucket from the pairs pass 4 left on scratch: memory is the result (8 bytes
+  per training row) plus one bucket, and 16 bytes per row of times while ranking.
   """
   indptr = np.zeros(len(user_count) + 1, np.int64)
   np.cumsum(user_count, out=indptr[1:])
   indices = np.empty(indptr[-1], np.int32)
+  times, input_rows = np.empty(indptr[-1], np.int64), np.empty(indptr[-1], np.int64)
   cursor = indptr[:-1].copy()
   for b in range(num_buckets):
     path = os.path.join(scratch.directory, f"train-pairs-{b}.npy")
     if not os.path.exists(path):
       continue
-    users, items = np.load(path)
+    users, items, ts, row = np.load(path)
     os.remove(path)
     order = np.argsort(users, kind="stable")
-    users, items = users[order], items[order]
+    users, items, ts, row = users[order], items[order], ts[order], row[order]
     starts = np.flatnonzero(np.append(True, users[1:] != users[:-1]))
     rank = np.arange(len(users)) - np.repeat(starts, np.diff(np.append(starts, len(users))))
-    indices[cursor[users] + rank] = items
+    at = cursor[users] + rank
+    indices[at], times[at], input_rows[at] = items, ts, row
     cursor += np.bincount(users, minlength=len(user_count))
+  ranks = np.empty(indptr[-1], np.int32)
   first = 0
   while first < len(user_count):  # sort within each user, a bounded range of users at a time
     last = max(first + 1, int(np.searchsorted(indptr, indptr[first] + _BUCKET_ROWS,
                                               side="right")) - 1)
     last = min(last, len(user_count))
-    segment = indices[indptr[first]:indptr[last]]
+    span = slice(indptr[first], indptr[last])
     owner = np.repeat(np.arange(first, last, dtype=np.int64), user_count[first:last])
-    segment[:] = segment[np.argsort(owner * num_items + segment)]
+    by_item = np.argsort(owner * num_items + indices[span])
+    indices[span], times[span], input_rows[span] = (
+        indices[span][by_item], times[span][by_item], input_rows[span][by_item])
+    by_time = np.lexsort((input_rows[span], times[span], owner))
+    ranks[span][by_time] = np.arange(len(by_time)) - (indptr[first:last] - indptr[first])[
+        owner[by_time] - first]
     first = last
-  return indptr, indices
+  return indptr, indices, ranks
 
 
 _OUTPUT_PATTERNS = [schema.shard_pattern(s) for s in schema.SPLITS] + [
