@@ -49,8 +49,11 @@ OURS = {
                  "gmf": ["--flagfile=configs/ml100k_implicit.flags", "--model=gmf"],
                  "mf (BPR)": ["--flagfile=configs/ml100k_implicit.flags", "--model=mf",
                               "--task=implicit_bpr", "--embedding_dim=32"],
-                 "mf (softmax), latest-small recipe": [
-                     "--flagfile=configs/latest_small_implicit.flags"]},
+                 "mf + history (softmax), latest-small recipe": [
+                     "--flagfile=configs/latest_small_implicit.flags"],
+                 "mf (softmax), no history": [
+                     "--flagfile=configs/latest_small_implicit.flags", "--history=0",
+                     "--epochs=20", "--l2=0.02"]},
 }
 
 

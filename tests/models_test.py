@@ -10,8 +10,8 @@ from trainer.config import MODELS
 from trainer.data import artifacts
 
 
-# The models, and mf with a user history (`history`), built by `_build`.
-VARIANTS = MODELS + ("mf_history",)
+# The models, mf with a user history (`history`) and U-AutoRec, built by `_build`.
+VARIANTS = MODELS + ("mf_history", "autorec_user")
 
 
 def _positives(num_users, num_items, seed=0):
@@ -28,10 +28,17 @@ def _positives(num_users, num_items, seed=0):
 
 
 def _build(variant, num_users, num_items, *args, **kwargs):
-  """`models.build_model` of a VARIANTS name ("mf_history": mf with a history of 3)."""
+  """`models.build_model` of a VARIANTS name ("mf_history": mf with a history of 3;
+  "autorec_user": autorec coding users from their items)."""
   if variant == "mf_history":
     kwargs.update(history=3, positives=_positives(num_users, num_items))
     variant = "mf"
+  elif variant == "autorec_user":
+    positives = _positives(num_users, num_items)
+    users = np.repeat(np.arange(num_users), np.diff(positives["indptr"]))
+    kwargs.update(side="user", interactions=artifacts.sparse_rows(
+        users, positives["indices"], np.ones(len(users)), num_users))
+    variant = "autorec"
   return models.build_model(variant, num_users, num_items, *args, **kwargs)
 
 

@@ -13,9 +13,11 @@ With p_u, q_i the user and item embeddings:
   neumf     s(u, i) = h . [p_u^G * q_i^G ; MLP([p_u^M ; q_i^M])] + b   (NeuMF: separate
             embeddings for the two paths, fused by one output layer)
   mf        s(u, i) = <p_u, q_i> + b_u + b_i + b                       (Rendle et al. 2020:
-            a well-tuned dot product, the baseline NeuMF must beat)
+            a well-tuned dot product, the baseline NeuMF must beat); with `history`, p_u also
+            sums the user's latest training items before the example (`MF`)
   autorec   s(u, i) = <w_u, sigmoid(V^T r_i + mu)> + b_u + b_i + b       (item-based AutoRec,
-            Sedhain et al. 2015: the item coded from its training interactions r_i)
+            Sedhain et al. 2015: the item coded from its training interactions r_i; or, with
+            side="user", the user coded from theirs)
 
 `score_all(users)` scores every item for each user, [b, num_items]: mf, gmf and autorec, whose
 score is a user vector . an item vector (+ biases), by one matmul against the item table (the
