@@ -3,6 +3,8 @@
   pip install -e ".[bench]"      # the peers: scikit-surprise, implicit (bench-only)
   python bench/quality.py --movielens_dir=ml-100k --task=explicit --output_dir=runs/q/explicit
   python bench/quality.py --movielens_dir=ml-100k --task=implicit --output_dir=runs/q/implicit
+  python bench/quality.py --data_dir=runs/small/folds/fold1/data --task=implicit \
+      --output_dir=runs/q/fold1          # a directory prepared already (a validation fold)
 
 Prepares the split once (explicit: a random 90/10 split with the side files; implicit: the NCF
 protocol, leave-one-out with 99 sampled negatives, users with at least 20 interactions), then
@@ -269,17 +271,24 @@ def plot(runs: Dict[str, List[Dict]], task: str, path: str, title: str) -> None:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--movielens_dir", required=True, help="ml-100k or ml-latest-small")
+  parser.add_argument("--movielens_dir", help="ml-100k or ml-latest-small")
+  parser.add_argument("--data_dir", help="instead of --movielens_dir: a directory prepared "
+                      "already, e.g. a validation fold of bench/validation_folds.py")
   parser.add_argument("--task", choices=sorted(OURS), required=True)
   parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
   parser.add_argument("--output_dir", required=True)
   parser.add_argument("--methods", nargs="*", help="a subset of ours and the peers")
   args = parser.parse_args()
+  if bool(args.movielens_dir) == bool(args.data_dir):
+    parser.error("give one of --movielens_dir and --data_dir")
   missing = peers_available(args.task)
   if missing:
     print(f"NOTE: {missing}; running this project's models only", flush=True)
   data_dir, split_dir = (os.path.join(args.output_dir, d) for d in ("data", "split"))
-  prepare(args.movielens_dir, args.task, data_dir)
+  if args.data_dir:
+    data_dir = args.data_dir
+  else:
+    prepare(args.movielens_dir, args.task, data_dir)
   for name, (rows, digest) in split_export.export_split(data_dir, split_dir).items():
     print(f"split {name}: {rows} rows {digest[:16]}", flush=True)
   metadata = json.load(open(os.path.join(data_dir, "metadata.json")))
@@ -302,7 +311,8 @@ def main() -> None:
       print(f"{method} seed {seed}: {PRIMARY[args.task]} {result[PRIMARY[args.task]]:.4f} in "
             f"{result['train_seconds']:.1f} s", flush=True)
   rows = summarize(runs, args.task)
-  title = f"{os.path.basename(os.path.normpath(args.movielens_dir))}, {args.task}"
+  title = (f"{os.path.normpath(args.data_dir or os.path.basename(args.movielens_dir))}, "
+           f"{args.task}")
   text = f"{title}, seeds {args.seeds}\n\n{table(rows, args.task)}\n"
   print("\n" + text)
   with open(os.path.join(args.output_dir, "quality.md"), "w") as f:

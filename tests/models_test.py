@@ -421,23 +421,35 @@ def _sigmoid(x):
   return 1 / (1 + np.exp(-x))
 
 
-def test_autorec_encodes_each_item_from_its_training_ratings():
-  """s(u, i) = <w_u, sigmoid(V^T r_i + mu)> + b_u + b_i + b, by hand; a cold item (no
-  ratings) is sigmoid(mu); `score_all` is the same scores by one matmul."""
-  model = _autorec()
+@pytest.mark.parametrize("side", ["item", "user"])
+def test_autorec_encodes_from_the_training_ratings_by_hand(side):
+  """I-AutoRec: s(u, i) = <w_u, sigmoid(V^T r_i + mu)> + b_u + b_i + b, V over users; U-AutoRec
+  the same with r_u, V over items and the decoder's rows the items'. An entity without
+  ratings (item 2, the OOV user 4) is sigmoid(mu); `score_all` is the same scores by one
+  matmul; training leaves r_ui out of the code."""
+  model = _autorec(side=side)
   V, mu = model.encoder.embeddings.numpy(), model.encoder_bias.numpy()
+  assert V.shape == ((5, 3) if side == "item" else (4, 3))  # the other side + OOV
   W = model.decoder.embeddings.numpy()
   b_u, b_i = model.user_bias.embeddings.numpy()[:, 0], model.item_bias.embeddings.numpy()[:, 0]
-  r = np.zeros((4, 5))  # items (+ OOV) x users (+ OOV)
+  r = np.zeros((4, 5) if side == "item" else (5, 4))
   for u, i, value in _TRIPLES:
-    r[i, u] = value
+    r[(i, u) if side == "item" else (u, i)] = value
   h = _sigmoid(r @ V + mu)
   users, items = np.array([0, 1, 3, 2, 4]), np.array([0, 2, 1, 3, 1])
-  expected = (W[users] * h[items]).sum(-1) + b_u[users] + b_i[items] + float(model.global_bias)
+  coded, decoded = (items, users) if side == "item" else (users, items)
+  expected = (W[decoded] * h[coded]).sum(-1) + b_u[users] + b_i[items] + float(model.global_bias)
   np.testing.assert_allclose(np.asarray(model({schema.USER: users, schema.ITEM: items})),
                              expected, rtol=1e-5)
-  everything = (W[:4] @ h[:3].T + b_u[:4, None] + b_i[None, :3] + float(model.global_bias))
+  dots = W[:4] @ h[:3].T if side == "item" else h[:4] @ W[:3].T
+  everything = dots + b_u[:4, None] + b_i[None, :3] + float(model.global_bias)
   np.testing.assert_allclose(np.asarray(model.score_all(tf.range(4))), everything, rtol=1e-5)
+  without = _autorec([t for t in _TRIPLES if t[:2] != (2, 1)], side=side)
+  batch = {schema.USER: np.array([2]), schema.ITEM: np.array([1]),
+           schema.RATING: np.array([1.0], "float32")}
+  np.testing.assert_allclose(model.scores_and_penalty(batch, training=True)[0],
+                             without(batch), rtol=1e-5)
+  assert abs(float(without(batch)[0]) - float(model(batch)[0])) > 1e-3
 
 
 def test_autorec_training_leaves_the_example_own_rating_out():
@@ -458,33 +470,6 @@ def test_autorec_training_leaves_the_example_own_rating_out():
               schema.LABEL: np.array([0.0], "float32")}
   np.testing.assert_allclose(implicit.scores_and_penalty(negative, training=True)[0],
                              implicit(negative), rtol=1e-6)
-
-
-def test_user_autorec_encodes_each_user_from_their_training_ratings():
-  """U-AutoRec: s(u, i) = <w_i, sigmoid(V^T r_u + mu)> + b_u + b_i + b, by hand, V over items
-  and the decoder's rows the items'; a user without ratings (OOV) is sigmoid(mu); `score_all`
-  is the same scores by one matmul; training leaves r_ui out of u's code."""
-  model = _autorec(side="user")
-  V, mu = model.encoder.embeddings.numpy(), model.encoder_bias.numpy()
-  assert V.shape == (4, 3)  # items + OOV
-  W = model.decoder.embeddings.numpy()
-  b_u, b_i = model.user_bias.embeddings.numpy()[:, 0], model.item_bias.embeddings.numpy()[:, 0]
-  r = np.zeros((5, 4))  # users (+ OOV) x items (+ OOV)
-  for u, i, value in _TRIPLES:
-    r[u, i] = value
-  h = _sigmoid(r @ V + mu)
-  users, items = np.array([0, 1, 3, 2, 4]), np.array([0, 2, 1, 3, 1])
-  expected = (h[users] * W[items]).sum(-1) + b_u[users] + b_i[items] + float(model.global_bias)
-  np.testing.assert_allclose(np.asarray(model({schema.USER: users, schema.ITEM: items})),
-                             expected, rtol=1e-5)
-  everything = (h[:4] @ W[:3].T + b_u[:4, None] + b_i[None, :3] + float(model.global_bias))
-  np.testing.assert_allclose(np.asarray(model.score_all(tf.range(4))), everything, rtol=1e-5)
-  without = _autorec([t for t in _TRIPLES if t[:2] != (2, 1)], side="user")
-  batch = {schema.USER: np.array([2]), schema.ITEM: np.array([1]),
-           schema.RATING: np.array([1.0], "float32")}
-  np.testing.assert_allclose(model.scores_and_penalty(batch, training=True)[0],
-                             without(batch), rtol=1e-5)
-  assert abs(float(without(batch)[0]) - float(model(batch)[0])) > 1e-3
 
 
 def test_autorec_penalises_the_whole_encoder_and_trains_only_the_rows_it_used():

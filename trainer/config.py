@@ -13,7 +13,8 @@ from trainer.errors import ConfigError  # noqa: F401 (raised here; part of this 
 
 MODELS = ("seed_mlp", "gmf", "mlp", "neumf", "mf", "autorec")
 FACTORISED_MODELS = ("gmf", "mf", "autorec")  # score = a user vector . an item vector (+ biases)
-TASKS = ("explicit", "implicit", "implicit_bpr", "implicit_softmax")  # each is a class of trainer.objectives
+# Each is a class of trainer.objectives.
+TASKS = ("explicit", "implicit", "implicit_bpr", "implicit_softmax")
 OPTIMIZERS = ("adam", "lazy_adam", "adagrad", "sgd")
 DECAYS = ("none", "cosine", "linear")
 AUTOREC_SIDES = ("item", "user")  # the side autorec codes from its interactions

@@ -585,7 +585,8 @@ def _pass_write(scratch: _Scratch, config: PrepareConfig, splitter: splits.Split
                                         kept_rows - expected_eval),
              schema.EVAL: _BlockWriter(tmp_dir, schema.EVAL, num_shards, expected_eval)}
   out = _Written(0, 0, [], [], {}, np.zeros(vocab.num_users, np.int64),
-                 np.zeros(vocab.num_users, np.float64), np.zeros(vocab.num_items, np.int64), np.zeros(vocab.num_users, bool),
+                 np.zeros(vocab.num_users, np.float64), np.zeros(vocab.num_items, np.int64),
+                 np.zeros(vocab.num_users, bool),
                  np.zeros(vocab.num_items, bool), 0.0, np.inf, -np.inf,
                  [] if config.eval_negatives else None)
   progress = _Progress("write", kept_rows)
