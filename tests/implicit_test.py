@@ -183,8 +183,12 @@ import json, sys
 import tensorflow as tf
 assert "trainer" not in sys.modules
 loaded = tf.saved_model.load(sys.argv[1])
-rec = loaded.signatures["recommend"](user=tf.constant(json.loads(sys.argv[2])), k=tf.constant(10))
-print(json.dumps([[i.decode() for i in row] for row in rec["items"].numpy()]))
+users, recent = json.loads(sys.argv[2]), json.loads(sys.argv[3])
+rec = loaded.signatures["recommend"](user=tf.constant(users), k=tf.constant(10))
+now = loaded.signatures["recommend_recent"](user=tf.constant(users), recent=tf.constant(recent),
+                                            k=tf.constant(10))
+print(json.dumps([[[i.decode() for i in row] for row in out["items"].numpy()]
+                  for out in (rec, now)]))
 """
 
 
@@ -192,23 +196,38 @@ def test_the_export_recommends_from_the_whole_user_history_in_a_fresh_process(im
                                                                                tmp_path):
   """mf with --history: the SavedModel carries the histories; `recommend` in a process without
   this package ranks as the restored model's `score_all` (each user's latest items) does,
-  training items left out."""
+  training items left out; `recommend_recent` ranks from the recent items given instead (the
+  user's own latest training items: as `recommend`; others: as the model with those, which
+  are then left out too; unknown and "" ignored)."""
   config = _config(implicit_data, str(tmp_path), model="mf", history=5, epochs=3,
                    task="implicit_softmax")
   train.train_and_evaluate(config)
   users = open(os.path.join(implicit_data, schema.USER_VOCAB_FILE)).read().split()
   items = open(os.path.join(implicit_data, schema.ITEM_VOCAB_FILE)).read().split()
   asked = [0, 7, 150]
-  result = subprocess.run([sys.executable, "-c", _RECOMMEND, config.resolved_export_dir,
-                           json.dumps([users[u] for u in asked])], capture_output=True,
-                          text=True, check=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-  served = json.loads(result.stdout.strip().splitlines()[-1])
   data = artifacts.PreparedData(implicit_data)
   model = train.load_trained_model(config.model_dir, data,
                                    os.path.join(config.resolved_checkpoint_dir, "best"))
   assert model.history == 5 and model.history_table.count == data.metadata.num_train
-  scores = model.score_all(tf.constant(asked, tf.int64)).numpy()
+  own = model.history_table(tf.constant([0])).numpy()[0]  # user 0's latest, latest first
+  recent = [[items[i] for i in own] + ["", ""], [items[3], "nope", items[8], "", "", "", ""],
+            [""] * 7]
+  result = subprocess.run([sys.executable, "-c", _RECOMMEND, config.resolved_export_dir,
+                           json.dumps([users[u] for u in asked]), json.dumps(recent)],
+                          capture_output=True, text=True, check=True,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+  served, served_recent = json.loads(result.stdout.strip().splitlines()[-1])
+  n = data.metadata.num_items
+  latest = tf.constant([own, [3, 8, n, n, n], [n] * 5], tf.int64)
   seen = data.train_positives
-  for row, user in enumerate(asked):
-    scores[row, seen["indices"][seen["indptr"][user]:seen["indptr"][user + 1]]] = -np.inf
-    assert served[row] == [items[i] for i in np.argsort(-scores[row], kind="stable")[:10]]
+  for scores, expected_rows, left_out in (
+      (model.score_all(tf.constant(asked, tf.int64)).numpy(), served, [[], [], []]),
+      (model.score_all(tf.constant(asked, tf.int64), latest=latest).numpy(), served_recent,
+       [own, [3, 8], []])):
+    for row, user in enumerate(asked):
+      scores[row, seen["indices"][seen["indptr"][user]:seen["indptr"][user + 1]]] = -np.inf
+      scores[row, left_out[row]] = -np.inf
+      assert expected_rows[row] == [items[i] for i in np.argsort(-scores[row],
+                                                                 kind="stable")[:10]]
+  assert served_recent[0] == served[0]
+  assert served_recent[1] != served[1]

@@ -35,6 +35,7 @@ SCORE_FEATURES = "score_features"
 RECOMMEND_FEATURES = "recommend_features"
 SCORE_USER_FEATURES = "score_user_features"
 RECOMMEND_USER_FEATURES = "recommend_user_features"
+RECOMMEND_RECENT = "recommend_recent"
 
 
 def _lookup_table(keys, name: str) -> tf.lookup.StaticHashTable:
@@ -61,6 +62,9 @@ def export_saved_model(model: keras.Model, export_dir: str, data: artifacts.Prep
   module.serve = _serve_function(module, model, data.metadata, objective)
   module.recommend = _recommend_function(module, model, data.metadata)
   signatures = {SERVING_DEFAULT: module.serve, RECOMMEND: module.recommend}
+  if getattr(model, "history", 0):  # mf with a user history: recommend from recent items
+    module.recommend_recent = _recommend_recent_function(module, model, data.metadata)
+    signatures[RECOMMEND_RECENT] = module.recommend_recent
   item_features = model.feature_sides.get(schema.ITEM)
   if item_features is not None:  # cold start: items described by their features alone
     encoder = FeatureEncoder(item_features.infos, data)
@@ -132,19 +136,52 @@ def _recommend_function(module: tf.Module, model: keras.Model, metadata: schema.
     tf.debugging.assert_positive(k, message="recommend: k must be positive")
     users = module.user_table.lookup(user)  # [b]
     scores = tf.cast(model.score_all(users, training=False), tf.float32)  # [b, n]
-    seen = tf.RaggedTensor.from_row_splits(module.seen_items, module.seen_splits)
-    known_users = tf.minimum(users, num_users - 1)  # the OOV row has no history
-    rows = tf.gather(seen, known_users)  # [b, None]
-    coordinates = tf.stack([rows.value_rowids(), rows.flat_values], axis=1)
-    coordinates = tf.boolean_mask(coordinates, tf.gather(users < num_users, rows.value_rowids()))
-    excluded = tf.scatter_nd(coordinates, tf.ones(tf.shape(coordinates)[:1], tf.bool),
-                             tf.cast(tf.shape(scores), tf.int64))
-    scores = tf.where(excluded, tf.constant(-np.inf, tf.float32), scores)
-    top = tf.math.top_k(scores, k=tf.minimum(k, num_items))  # [b, k']
-    return {"items": tf.gather(module.item_ids, top.indices), "scores": top.values,
-            "user_known": users < num_users}
+    return _top_unseen(module, scores, users, k, num_users, num_items)
 
   return recommend
+
+
+def _top_unseen(module: tf.Module, scores, users, k, num_users: int, num_items: int,
+                also=None):
+  """The `recommend` outputs from scores [b, n]: the top k of the items each user has not
+  trained on (nor, with `also` [b, m] item indices, any of those; `num_items` ignored)."""
+  seen = tf.RaggedTensor.from_row_splits(module.seen_items, module.seen_splits)
+  known_users = tf.minimum(users, num_users - 1)  # the OOV row has no history
+  rows = tf.gather(seen, known_users)  # [b, None]
+  coordinates = tf.stack([rows.value_rowids(), rows.flat_values], axis=1)
+  coordinates = tf.boolean_mask(coordinates, tf.gather(users < num_users, rows.value_rowids()))
+  if also is not None:
+    extra = tf.where(also < num_items)  # [m', 2]: (row, column) of the known items
+    coordinates = tf.concat([coordinates, tf.stack(
+        [extra[:, 0], tf.gather_nd(also, extra)], axis=1)], axis=0)
+  excluded = tf.scatter_nd(coordinates, tf.ones(tf.shape(coordinates)[:1], tf.bool),
+                           tf.cast(tf.shape(scores), tf.int64))
+  scores = tf.where(excluded, tf.constant(-np.inf, tf.float32), scores)
+  top = tf.math.top_k(scores, k=tf.minimum(k, num_items))  # [b, k']
+  return {"items": tf.gather(module.item_ids, top.indices), "scores": top.values,
+          "user_known": users < num_users}
+
+
+def _recommend_recent_function(module: tf.Module, model: keras.Model,
+                               metadata: schema.Metadata):
+  """mf with `history`: recommend from the items a user interacted with since training
+  (latest first, "" padding; the first `history` count, unknown ones ignored), in place of
+  their training history; neither those nor the training items are recommended."""
+  num_users, num_items, length = metadata.num_users, metadata.num_items, model.history
+
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="user"),
+                                tf.TensorSpec([None, None], tf.string, name="recent"),
+                                tf.TensorSpec([], tf.int32, name="k")])
+  def recommend_recent(user, recent, k):
+    tf.debugging.assert_positive(k, message="recommend_recent: k must be positive")
+    users = module.user_table.lookup(user)  # [b]
+    recent = module.item_table.lookup(recent)[:, :length]  # [b, <= L]
+    latest = tf.pad(recent, [[0, 0], [0, length - tf.shape(recent)[1]]],
+                    constant_values=num_items)  # [b, L]
+    scores = tf.cast(model.score_all(users, training=False, latest=latest), tf.float32)
+    return _top_unseen(module, scores, users, k, num_users, num_items, also=latest)
+
+  return recommend_recent
 
 
 class FeatureEncoder(tf.Module):

@@ -563,12 +563,14 @@ class MF(Recommender):
     # Features shift the factors and the biases alike (a cold item gets a bias by genre).
     self._side_features([embedding_dim, 1])  # [factors ; bias] per side
 
-  def _user_vector(self, users, items, term, penalized):
-    """p_u [b, d]: the ID row (+ the feature term) (+ the history before `items`)."""
+  def _user_vector(self, users, items, term, penalized, latest=None):
+    """p_u [b, d]: the ID row (+ the feature term) (+ the history before `items`, or the
+    `latest` items given)."""
     p = self._represent(self.user_embedding, term, users, penalized)
     if not self.history:
       return p
-    latest = self.history_table(users, items)  # [b, L]
+    if latest is None:
+      latest = self.history_table(users, items)  # [b, L]
     mask = ops.cast(tf.not_equal(latest, self.num_items), p.dtype)[:, :, None]
     rows = self.history_embedding(latest) * mask  # [b, L, d]
     penalized.append(rows)
@@ -589,13 +591,15 @@ class MF(Recommender):
     # Read in the compute dtype, as Keras's call would under a mixed-precision policy.
     return dot + bias + ops.cast(self.global_bias, dot.dtype), penalized
 
-  def score_all(self, users, training=False, items=None):
+  def score_all(self, users, training=False, items=None, latest=None):
     """<p_u, q_i> + b_u + b_i + b for every item: one [b, d] x [d, n] matmul. With `history`,
-    `items` (the examples' items, in training) place each user's history before them."""
+    `items` (the examples' items, in training) place each user's history before them;
+    `latest` [b, history] (item indices, latest first, `num_items` for none) stands for the
+    users' training history (serving what they did since)."""
     catalogue = self._all_items(users)
     (factors_u, bias_u) = self._side_terms(schema.USER, users, None, training)
     (factors_i, bias_i) = self._side_terms(schema.ITEM, catalogue, None, training)
-    p = self._user_vector(users, items, factors_u, [])  # [b, d]
+    p = self._user_vector(users, items, factors_u, [], latest)  # [b, d]
     q = self._represent(self.item_embedding, factors_i, catalogue, [])  # [n, d]
     return self._plus_biases(tf.matmul(p, q, transpose_b=True), users, catalogue, bias_u,
                              bias_i)
