@@ -51,6 +51,15 @@ def test_recommend_cli_prints_k_distinct_known_items(pipeline_run):
   assert scores == sorted(scores, reverse=True)
 
 
+def test_recommend_cli_recent_needs_a_model_with_a_history(pipeline_run):
+  _, model_dir, _, _, _ = pipeline_run
+  result = run_cli("trainer.recommend", f"--export_dir={model_dir}/export", "--user=u5",
+                   "--recent=i1,i2", check=False)
+  assert result.returncode == 2
+  assert "no 'recommend_recent' signature (--recent needs a model trained with --history)" in (
+      result.stderr)
+
+
 def test_saved_model_cli_sees_and_runs_both_signatures(pipeline_run):
   cli = shutil.which("saved_model_cli")
   if cli is None:

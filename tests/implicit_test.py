@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import run_cli
 from trainer import schema, train
 from trainer.config import ConfigError, PrepareConfig, TrainConfig
 from trainer.data import artifacts, preparation
@@ -231,3 +232,7 @@ def test_the_export_recommends_from_the_whole_user_history_in_a_fresh_process(im
                                                                  kind="stable")[:10]]
   assert served_recent[0] == served[0]
   assert served_recent[1] != served[1]
+  printed = run_cli("trainer.recommend", f"--export_dir={config.resolved_export_dir}",
+                    f"--user={users[7]}", f"--recent={items[3]},nope,{items[8]}",
+                    "--k=10").stdout.strip().splitlines()
+  assert [line.split()[1] for line in printed[1:]] == served_recent[1]
