@@ -380,6 +380,14 @@ def test_mf_history_sums_the_latest_items_before_each_example_by_hand():
   everything = p @ q[:4].T + b_u[users, None] + b_i[None, :4] + float(model.global_bias)
   np.testing.assert_allclose(model.score_all(tf.constant(users), items=tf.constant(items)),
                              everything, rtol=1e-5, atol=1e-6)
+  # A sampled negative (0, 1) of the positive (0, 3) sees what (0, 3) saw: its anchor's.
+  negative = {schema.USER: np.array([0, 0]), schema.ITEM: np.array([3, 1]),
+              schema.ANCHOR: np.array([3, 3])}
+  p_anchor = e[0] + a[0] * y[0] + a[1] * y[2]
+  np.testing.assert_allclose(
+      model.scores_and_penalty(negative, training=True)[0],
+      (p_anchor * q[[3, 1]]).sum(-1) + b_u[0] + b_i[[3, 1]] + float(model.global_bias),
+      rtol=1e-5)
   # Without the examples' items: every user's whole history, as for (0, 1), (1, 2).
   np.testing.assert_allclose(model.score_all(tf.constant([0, 1])), everything[[3, 5]],
                              rtol=1e-5, atol=1e-6)

@@ -110,6 +110,7 @@ def test_negatives_are_fresh_reproducible_and_never_a_known_positive():
   assert first[schema.USER].numpy().tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
   assert first[schema.LABEL].numpy().tolist() == [1, 0, 0, 0, 1, 0, 0, 0]
   assert first[schema.RATING].numpy().tolist() == [1, 0, 0, 0, 1, 0, 0, 0]
+  assert first[schema.ANCHOR].numpy().tolist() == [2, 2, 2, 2, 0, 0, 0, 0]  # the positives
   items = first[schema.ITEM].numpy()
   assert items[[0, 4]].tolist() == [2, 0]
   assert items[1:4].tolist() == [5, 5, 5]

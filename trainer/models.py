@@ -581,8 +581,10 @@ class MF(Recommender):
     users, items = inputs[schema.USER], inputs[schema.ITEM]
     parts, penalized = self._feature_parts(inputs, training), []
     (factors_u, bias_u), (factors_i, bias_i) = parts[schema.USER], parts[schema.ITEM]
-    # Training examples see the history before them; evaluation and serving all of it.
-    p = self._user_vector(users, items if training else None, factors_u, penalized)
+    # Training examples see the history before them (a sampled negative: before its
+    # positive, the anchor, as the positive does); evaluation and serving all of it.
+    before = inputs.get(schema.ANCHOR, items) if training else None
+    p = self._user_vector(users, before, factors_u, penalized)
     q = self._represent(self.item_embedding, factors_i, items, penalized)
     biases = [self._represent(self.user_bias, bias_u, users, penalized),
               self._represent(self.item_bias, bias_i, items, penalized)]

@@ -25,6 +25,9 @@ USER = "user"
 ITEM = "item"
 RATING = "rating"
 LABEL = "label"  # implicit feedback: 1 for an observed pair, 0 for a sampled negative
+# Sampled training batches: the observed item each example was drawn for (a positive's own,
+# its negatives' positive's), so a negative is scored in its positive's context (`--history`).
+ANCHOR = "anchor"
 
 BLOCK_SIZE = 1024
 

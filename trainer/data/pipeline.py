@@ -94,10 +94,10 @@ def negative_sampler(num_items: int, num_negatives: int, seed: int,
   """Returns `add(step, batch)`, which adds sampled negatives to a batch of positives.
 
   For every positive (u, i), `num_negatives` items drawn uniformly from all items, with label
-  0 (positives get label 1): NCF's training protocol. The batch holds each positive followed
-  by its negatives (the order within a batch does not change the loss). The draws are
-  stateless, keyed by (seed, batch counter), so they are new every batch and epoch yet
-  reproducible, and they run inside the tf.data graph. With `train_keys` (sorted
+  0 (positives get label 1): NCF's training protocol; each example's `anchor` is i. The batch
+  holds each positive followed by its negatives (the order within a batch does not change the
+  loss). The draws are stateless, keyed by (seed, batch counter), so they are new every batch
+  and epoch yet reproducible, and they run inside the tf.data graph. With `train_keys` (sorted
   u * num_items + i of every training pair), a draw that hits one of the user's positives is
   redrawn, up to `rounds` times (a leftover needs a user who has interacted with most items).
   """
@@ -141,7 +141,8 @@ def negative_sampler(num_items: int, num_negatives: int, seed: int,
     return {schema.USER: tf.repeat(users, num_negatives + 1),
             schema.ITEM: interleave(items, negatives),
             schema.RATING: interleave(batch[schema.RATING], zeros),
-            schema.LABEL: interleave(tf.ones([b], tf.float32), zeros)}
+            schema.LABEL: interleave(tf.ones([b], tf.float32), zeros),
+            schema.ANCHOR: tf.repeat(items, num_negatives + 1)}
 
   return add
 
