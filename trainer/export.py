@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import feature_layers, objectives, schema
+from trainer import feature_layers, models, objectives, schema
 from trainer.data import artifacts
 
 SERVING_DEFAULT = "serving_default"
@@ -62,7 +62,7 @@ def export_saved_model(model: keras.Model, export_dir: str, data: artifacts.Prep
   module.serve = _serve_function(module, model, data.metadata, objective)
   module.recommend = _recommend_function(module, model, data.metadata)
   signatures = {SERVING_DEFAULT: module.serve, RECOMMEND: module.recommend}
-  if getattr(model, "history", 0):  # mf with a user history: recommend from recent items
+  if isinstance(model, models.MF) and model.history:  # recommend from recent items
     module.recommend_recent = _recommend_recent_function(module, model, data.metadata)
     signatures[RECOMMEND_RECENT] = module.recommend_recent
   item_features = model.feature_sides.get(schema.ITEM)
