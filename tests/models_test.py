@@ -393,6 +393,29 @@ def test_mf_history_sums_the_latest_items_before_each_example_by_hand():
                              rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["mf_history", "gmf", "autorec"])
+def test_softmax_scores_are_the_examples_and_the_catalogues(name):
+  """`softmax_scores` = (`scores_and_penalty`'s scores, `score_all` with the examples' items,
+  the penalty); mf builds its user vectors once: one gather of the history rows, [b x L]."""
+  model = _build(name, 20, 10, 4, l2=0.1)
+  rng = np.random.default_rng(0)
+  for weight in model.trainable_weights:
+    weight.assign(rng.normal(size=weight.shape).astype(weight.dtype))
+  batch = {schema.USER: tf.constant([0, 3, 3, 7]), schema.ITEM: tf.constant([1, 1, 2, 9])}
+  with tf.GradientTape() as tape:
+    scores, logits, penalty = model.softmax_scores(batch, training=True)
+    loss = tf.reduce_sum(logits) + tf.reduce_sum(scores) + tf.reduce_sum(penalty)
+  expected_scores, expected_penalty = model.scores_and_penalty(batch, training=True)
+  np.testing.assert_allclose(scores, expected_scores, rtol=1e-5)
+  np.testing.assert_allclose(penalty, expected_penalty, rtol=1e-5)
+  np.testing.assert_allclose(logits, model.score_all(batch[schema.USER], training=True,
+                                                     items=batch[schema.ITEM]),
+                             rtol=1e-5, atol=1e-5)
+  if name == "mf_history":
+    gradient = tape.gradient(loss, model.history_embedding.embeddings)
+    assert gradient.indices.shape[0] == 4 * 3
+
+
 def test_mf_history_needs_the_time_order():
   no_order = {k: v for k, v in _HISTORY.items() if k != "time_rank"}
   with pytest.raises(ValueError, match="no time order"):

@@ -49,6 +49,7 @@ import tensorflow as tf
 from keras import layers, ops
 
 from trainer import distribute, feature_layers, parameter_server, schema
+from trainer.data import artifacts
 from trainer.config import MODELS
 
 
@@ -304,6 +305,14 @@ class Recommender(keras.Model):
     """
     return score_every_pair(lambda pairs: self.forward(pairs, training)[0], users,
                             self.num_items)
+
+  def softmax_scores(self, inputs: Dict, training: bool = False):
+    """(the examples' scores [b], their users' scores of every item [b, num_items], the
+    penalty [b]): what the softmax objective needs, here by `scores_and_penalty` and
+    `score_all`; mf overrides it to build each user vector once for both."""
+    scores, penalty = self.scores_and_penalty(inputs, training)
+    return (scores, self.score_all(inputs[schema.USER], training, items=inputs[schema.ITEM]),
+            penalty)
 
   def _all_items(self, users: tf.Tensor) -> tf.Tensor:
     return tf.range(self.num_items, dtype=users.dtype)
@@ -577,7 +586,8 @@ class MF(Recommender):
     weights = ops.cast(self.recency_weights, p.dtype)[None, :, None]
     return p + ops.sum(rows * weights, axis=1)
 
-  def forward(self, inputs, training=False):
+  def _forward(self, inputs, training=False):
+    """(scores [b], penalized rows, the user vectors p [b, d], the user bias's feature term)."""
     users, items = inputs[schema.USER], inputs[schema.ITEM]
     parts, penalized = self._feature_parts(inputs, training), []
     (factors_u, bias_u), (factors_i, bias_i) = parts[schema.USER], parts[schema.ITEM]
@@ -591,20 +601,34 @@ class MF(Recommender):
     dot = ops.sum(p * q, axis=-1)  # [b]
     bias = ops.squeeze(biases[0], -1) + ops.squeeze(biases[1], -1)
     # Read in the compute dtype, as Keras's call would under a mixed-precision policy.
-    return dot + bias + ops.cast(self.global_bias, dot.dtype), penalized
+    return dot + bias + ops.cast(self.global_bias, dot.dtype), penalized, p, bias_u
+
+  def forward(self, inputs, training=False):
+    return self._forward(inputs, training)[:2]
+
+  def _catalogue_scores(self, p, users, bias_u, training=False):
+    """<p_u, q_i> + b_u + b_i + b of every item for user vectors p [b, d]: one matmul."""
+    catalogue = self._all_items(users)
+    factors_i, bias_i = self._side_terms(schema.ITEM, catalogue, None, training)
+    q = self._represent(self.item_embedding, factors_i, catalogue, [])  # [n, d]
+    return self._plus_biases(tf.matmul(p, q, transpose_b=True), users, catalogue, bias_u,
+                             bias_i)
 
   def score_all(self, users, training=False, items=None, latest=None):
     """<p_u, q_i> + b_u + b_i + b for every item: one [b, d] x [d, n] matmul. With `history`,
     `items` (the examples' items, in training) place each user's history before them;
     `latest` [b, history] (item indices, latest first, `num_items` for none) stands for the
     users' training history (serving what they did since)."""
-    catalogue = self._all_items(users)
-    (factors_u, bias_u) = self._side_terms(schema.USER, users, None, training)
-    (factors_i, bias_i) = self._side_terms(schema.ITEM, catalogue, None, training)
+    factors_u, bias_u = self._side_terms(schema.USER, users, None, training)
     p = self._user_vector(users, items, factors_u, [], latest)  # [b, d]
-    q = self._represent(self.item_embedding, factors_i, catalogue, [])  # [n, d]
-    return self._plus_biases(tf.matmul(p, q, transpose_b=True), users, catalogue, bias_u,
-                             bias_i)
+    return self._catalogue_scores(p, users, bias_u, training)
+
+  def softmax_scores(self, inputs, training=False):
+    """The base class's, from one user vector per example (its ID row, features and history
+    gathered once, not again for the catalogue's scores)."""
+    scores, penalized, p, bias_u = self._forward(inputs, training)
+    return (scores, self._catalogue_scores(p, inputs[schema.USER], bias_u, training),
+            self._penalty(scores, penalized))
 
   def get_config(self):
     config = super().get_config()
@@ -612,6 +636,16 @@ class MF(Recommender):
     if self.history:
       config.update(positives={"count": self.history_table.count})
     return config
+
+
+def _fixed_weight(layer: layers.Layer, name: str, shape, dtype: str,
+                  value: Optional[np.ndarray]):
+  """A non-trainable weight of `layer` holding `value` (data the model carries: checkpoints and
+  the SavedModel), or zeros for a layer rebuilt from its config, to be restored."""
+  return layer.add_weight(
+      shape=shape, dtype=dtype, trainable=False, name=name,
+      initializer=(keras.initializers.Zeros() if value is None
+                   else lambda shape, dtype=None: ops.convert_to_tensor(value)))
 
 
 @keras.saving.register_keras_serializable(package="neumf_trainer")
@@ -639,18 +673,12 @@ class HistoryTable(layers.Layer):
     else:
       self.count = len(positives["indices"]) if positives is not None else 0
       arrays = self._arrays(positives) if positives is not None else None
-
-    def weight(name, shape):
-      value = None if arrays is None else arrays[name]
-      return self.add_weight(
-          shape=shape, dtype="int64", trainable=False, name=name,
-          initializer=(keras.initializers.Zeros() if value is None
-                       else lambda shape, dtype=None: ops.convert_to_tensor(value)))
-
-    self.indptr = weight("indptr", (num_users + 2,))
-    self.sequence = weight("sequence", (self.count,))  # items, each user's in time order
-    self.keys = weight("keys", (self.count,))  # u * (num_items + 1) + i, sorted
-    self.ends = weight("ends", (self.count,))  # each pair's position in `sequence`
+    for name, shape in (("indptr", (num_users + 2,)),  # users' rows, + the OOV user's (empty)
+                        ("sequence", (self.count,)),  # items, each user's in time order
+                        ("keys", (self.count,)),  # u * (num_items + 1) + i, sorted
+                        ("time_rank", (self.count,))):  # each pair's place in its user's row
+      setattr(self, name, _fixed_weight(self, name, shape, "int64",
+                                        None if arrays is None else arrays[name]))
 
   def _arrays(self, positives: Mapping) -> Dict[str, np.ndarray]:
     indptr = np.asarray(positives["indptr"], np.int64)
@@ -660,13 +688,12 @@ class HistoryTable(layers.Layer):
     if "time_rank" not in positives:
       raise ValueError("the training positives have no time order (`time_rank`): data "
                        "prepared before it; prepare it again with neumf-prepare")
-    indices = np.asarray(positives["indices"], np.int64)
-    owners = np.repeat(np.arange(self.num_users, dtype=np.int64), np.diff(indptr))
-    ends = indptr[owners] + np.asarray(positives["time_rank"], np.int64)
-    sequence = np.empty_like(indices)
-    sequence[ends] = indices
-    return {"indptr": np.append(indptr, indptr[-1]), "sequence": sequence,
-            "keys": owners * (self.num_items + 1) + indices, "ends": ends}
+    keys = artifacts.pair_keys(positives, self.num_items + 1)
+    time_rank = np.asarray(positives["time_rank"], np.int64)
+    sequence = np.empty(len(keys), np.int64)  # each row's items reordered by time
+    sequence[np.repeat(indptr[:-1], np.diff(indptr)) + time_rank] = positives["indices"]
+    return {"indptr": np.append(indptr, indptr[-1]), "sequence": sequence, "keys": keys,
+            "time_rank": time_rank}
 
   def call(self, users, items=None):
     users = ops.cast(users, "int64")
@@ -680,7 +707,8 @@ class HistoryTable(layers.Layer):
       key = users * (self.num_items + 1) + ops.cast(items, "int64")
       at = tf.minimum(tf.searchsorted(keys, key), self.count - 1)
       found = tf.equal(tf.gather(keys, at), key)
-      end = tf.where(found, tf.gather(distribute.local_variable(self.ends.value), at), stop)
+      rank = tf.gather(distribute.local_variable(self.time_rank.value), at)
+      end = tf.where(found, start + rank, stop)  # the pair's own place: what came before it
     positions = end[:, None] - 1 - tf.range(self.length, dtype=tf.int64)[None, :]
     valid = positions >= start[:, None]
     latest = tf.gather(distribute.local_variable(self.sequence.value), tf.maximum(positions, 0))
@@ -717,17 +745,12 @@ class InteractionTable(layers.Layer):
     if interactions is not None and len(interactions["indptr"]) != rows + 1:
       raise ValueError(f"interactions: indptr of {len(interactions['indptr'])} entries for "
                        f"{rows} rows")
-
-    def weight(name, shape, dtype):
-      value = None if interactions is None else np.asarray(interactions[name], dtype)
-      return self.add_weight(
-          shape=shape, dtype=dtype, trainable=False, name=name,
-          initializer=(keras.initializers.Zeros() if value is None
-                       else lambda shape, dtype=None: ops.convert_to_tensor(value)))
-
-    self.indptr = weight("indptr", (rows + 1,), "int64")
-    self.indices = weight("indices", (self.count,), "int64")
-    self.values = weight("values", (self.count,), "float32")
+    for name, shape, dtype in (("indptr", (rows + 1,), "int64"),
+                               ("indices", (self.count,), "int64"),
+                               ("values", (self.count,), "float32")):
+      setattr(self, name, _fixed_weight(
+          self, name, shape, dtype,
+          None if interactions is None else np.asarray(interactions[name], dtype)))
 
   def call(self, ids):
     ids = ops.cast(ids, "int64")

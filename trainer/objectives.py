@@ -325,10 +325,8 @@ class ImplicitSoftmax(Implicit):
                         f"--model={self.config.model}")
 
   def model_loss(self, model, batch, global_batch_size):
-    positive, penalty = model.scores_and_penalty(batch, training=True)  # [b]
-    positive = tf.cast(positive, tf.float32)
-    logits = tf.cast(model.score_all(batch[schema.USER], training=True,
-                                     items=batch[schema.ITEM]), tf.float32)  # [b, n]
+    positive, logits, penalty = model.softmax_scores(batch, training=True)  # [b], [b, n]
+    positive, logits = tf.cast(positive, tf.float32), tf.cast(logits, tf.float32)
     # The positive's own column is its score as the example gets it (autorec leaves the
     # example's interaction out of it; for the others the two are equal): a cross-entropy.
     rows = tf.range(tf.shape(logits, out_type=tf.int64)[0])
