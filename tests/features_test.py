@@ -67,10 +67,10 @@ def test_encoding_by_hand(tmp_path):
 
 @pytest.mark.parametrize("text,message", [
     ("sku,price\na,1\na,2\n", r"items.csv:3: duplicate row for item 'a', first at .*items.csv:2"),
-    ("sku,price\na,1\nb,cheap\n", r"items.csv:3: numeric feature 'price' 'cheap' is not a finite"),
+    ("sku,price\na,1\nb,cheap\n", r"items.csv:3: numeric feature 'price' 'cheap' is not a number"),
     ("sku,price\na,1\nb,inf\n", r"items.csv:3: numeric feature 'price' 'inf'"),
     ("sku,cost\na,1\n", r"items.csv:1: no column 'price' in the header 'sku,cost'"),
-    ("sku,price\n,1\n", r"items.csv:2: empty ID"),
+    ("sku,price\n,1\n", r"items.csv:2: item ID '' is empty"),
     ("sku,price\n", r"items.csv: no feature rows"),
 ])
 def test_bad_feature_files_name_file_line_and_value(tmp_path, text, message):

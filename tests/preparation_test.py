@@ -213,7 +213,9 @@ def test_skipped_bad_rows_are_counted_in_the_metadata(tmp_path):
   metadata = preparation.prepare(PrepareConfig(
       output_dir=str(tmp_path / "out"), source="movielens", input=(str(src),),
       skip_bad_rows=True, eval_fraction=0.3))
-  assert metadata.bad_rows_skipped == 2 and metadata.rows_read == 3
+  assert metadata.bad_rows_skipped == 2 and metadata.rows_read == 5
+  assert metadata.bad_rows_by_reason == {"number_range": 1, "number_syntax": 1}
+  assert metadata.num_train + metadata.num_eval == 3
 
 
 def _digest(directory):

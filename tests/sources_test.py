@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from trainer.data import sources
+from trainer.data import sources, values
 
 
 def _write(tmp_path, name, text):
@@ -42,7 +42,7 @@ def test_each_movielens_format_is_read(tmp_path, text):
     ("1\t2\t3\t4\n5\t6\tgood\t8\n", r"x\.txt:2: rating 'good' is not a number: '5\\t6\\tgood\\t8'"),
     ("1\t2\t9\t4\n", r"x\.txt:1: rating 9 is outside the range \[0\.5, 5\.0\]"),
     ("1\t2\t3\tnoon\n", r"x\.txt:1: timestamp 'noon' is not an integer"),
-    ("1\t\t3\t4\n", r"x\.txt:1: empty user or item ID"),
+    ("1\t\t3\t4\n", r"x\.txt:1: item '' is empty"),
     ("", r"x\.txt: empty file"),
     ("userId,movieId,rating,timestamp\n", r"x\.txt: no rows after the header"),
     ("just words\n", r"x\.txt:1: not a MovieLens ratings file"),
@@ -154,11 +154,12 @@ def test_synthetic_refuses_too_dense_requests():
 
 def test_a_bad_row_raises_or_is_counted_under_skip_bad_rows(tmp_path):
   with pytest.raises(ValueError, match="^f.csv:3: broken$"):
-    sources.reject(None, "f.csv:3: broken")
-  bad = sources.BadRows()
+    values.reject(None, "fields", "f.csv:3: broken")
+  bad = values.Rejections()
   for k in range(12):
-    sources.reject(bad, f"f.csv:{k}: broken")
+    values.reject(bad, "fields" if k % 3 else "encoding", f"f.csv:{k}: broken")
   assert bad.count == 12 and len(bad.examples) == 10  # every row counted, ten shown
+  assert bad.by_reason == {"fields": 8, "encoding": 4}
   # Every source says what it skipped through the same attribute.
   assert sources.SyntheticSource(10, 10, 20).bad is None
   path = tmp_path / "r.csv"

@@ -6,9 +6,9 @@ a config built in code is checked the same way. Errors name the flag and the off
 """
 
 import dataclasses
-import json
 from typing import Optional, Tuple
 
+from trainer import strict_json
 from trainer.errors import ConfigError  # noqa: F401 (raised here; part of this module's API)
 
 MODELS = ("seed_mlp", "gmf", "mlp", "neumf", "mf", "autorec")
@@ -300,4 +300,4 @@ class TrainConfig:
     return max(num_replicas, self.eval_batch_size - self.eval_batch_size % num_replicas)
 
   def to_json(self) -> str:
-    return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+    return strict_json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"

@@ -11,7 +11,6 @@ Examples:
       --tfds_manual_dir=/data/archives --output_dir=/tmp/latest-small
 """
 
-import json
 import os
 import sys
 
@@ -20,7 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # before TensorFlow loads: h
 from absl import app, flags, logging  # noqa: E402
 
 from trainer import config as config_lib  # noqa: E402
-from trainer import errors, malloc  # noqa: E402
+from trainer import errors, malloc, strict_json  # noqa: E402
 
 FLAGS = flags.FLAGS
 _D = config_lib.PrepareConfig
@@ -152,7 +151,7 @@ def main(argv):
     logging.error("%s", e)
     print(f"neumf-prepare: error: {e}", file=sys.stderr)
     sys.exit(code)
-  print(json.dumps({"output_dir": config.output_dir, "num_users": metadata.num_users,
+  print(strict_json.dumps({"output_dir": config.output_dir, "num_users": metadata.num_users,
                     "num_items": metadata.num_items, "num_train": metadata.num_train,
                     "num_eval": metadata.num_eval, "split": metadata.split,
                     "bad_rows_skipped": metadata.bad_rows_skipped}, sort_keys=True))

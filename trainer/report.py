@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence
 
 import tensorflow as tf
 
-from trainer import fileio
+from trainer import fileio, strict_json
 
 HISTORY_FILE = "history.json"
 REPORT_FILE = "report.png"
@@ -56,7 +56,8 @@ class History:
   def save(self) -> None:
     """Writes the history (on the task that writes it; safe to repeat)."""
     if self.write:
-      fileio.write_text_atomic(self.path, json.dumps({"epochs": self.epochs}, indent=1) + "\n")
+      fileio.write_text_atomic(self.path,
+                               strict_json.dumps({"epochs": self.epochs}, indent=1) + "\n")
 
   def first_reaching(self, metric: str, reached) -> Optional[Dict]:
     """The first epoch whose `metric` satisfies `reached(value)`, or None."""

@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
+from trainer import strict_json
+
 SCHEMA_VERSION = 2
 
 # Feature names: the keys of parsed batches and of the model's input dict.
@@ -205,8 +207,13 @@ class Metadata:
   eval_negatives: int = 0  # leave-one-out: sampled negatives per eval user
   duplicates_policy: str = "error"
   duplicates_merged: int = 0
+  # Where every row went: rows_read = num_train + num_eval + bad_rows_skipped +
+  # duplicates_merged + rows_filtered (checked when written). Blank lines are not rows.
   rows_read: int = 0
   bad_rows_skipped: int = 0
+  bad_rows_by_reason: Dict[str, int] = dataclasses.field(default_factory=dict)
+  rows_filtered: int = 0  # rows of the users under --min_user_interactions
+  blank_lines: int = 0
   users_filtered: int = 0
   density: float = 0.0
   rating_histogram: Dict[str, int] = dataclasses.field(default_factory=dict)
@@ -223,7 +230,7 @@ class Metadata:
   schema_version: int = SCHEMA_VERSION
 
   def to_json(self) -> str:
-    return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+    return strict_json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
 
   @classmethod
   def from_json(cls, text: str, where: Optional[str] = None) -> "Metadata":

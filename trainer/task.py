@@ -7,7 +7,6 @@ a bad flag or input, 131 when another task of the cluster was lost, 132 when sto
 unreachable.
 """
 
-import json
 import os
 import sys
 
@@ -16,7 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # before TensorFlow loads: h
 from absl import app, flags, logging  # noqa: E402
 
 from trainer import config as config_lib  # noqa: E402
-from trainer import errors, malloc  # noqa: E402
+from trainer import errors, malloc, strict_json  # noqa: E402
 
 FLAGS = flags.FLAGS
 _D = config_lib.TrainConfig  # defaults live in the dataclass
@@ -203,7 +202,7 @@ def main(argv):
     # and on a lost one it never returns.
     _fail(f"{e}. {errors.RESUME_HINT}" if retry else str(e), e.exit_code,
           now="ps" in ((cluster or {}).get("cluster") or {}))
-  print(json.dumps(metrics, sort_keys=True))
+  print(strict_json.dumps(metrics, sort_keys=True))
 
 
 def _fail(message: str, exit_code: int, now: bool = False) -> None:

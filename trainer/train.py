@@ -27,7 +27,7 @@ import tensorflow as tf
 from absl import logging
 
 from trainer import (distribute, export, fileio, models, objectives, optimizers,
-                     parameter_server, report)
+                     parameter_server, report, strict_json)
 from trainer.checkpointer import Checkpointer, TrainingState, best_epoch, start_afresh
 from trainer.config import TrainConfig
 from trainer.data import artifacts, pipeline
@@ -357,7 +357,7 @@ def _run(config: TrainConfig, strategy: tf.distribute.Strategy,
         f"writing {report.REPORT_FILE} to {config.model_dir}", config.storage_retries)
     fileio.retry(lambda: fileio.write_text_atomic(
         fileio.join(config.model_dir, METRICS_FILE),
-        json.dumps(result, indent=2, sort_keys=True) + "\n"),
+        strict_json.dumps(result, indent=2, sort_keys=True) + "\n"),
         f"writing {METRICS_FILE} to {config.model_dir}", config.storage_retries)
   logging.info("Final eval %s; exported to %s", _shown(final), config.resolved_export_dir)
   return result

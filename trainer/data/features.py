@@ -37,6 +37,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer import schema
+from trainer.data import values
 
 KINDS = ("categorical", "multi_hot", "numeric", "bucketized")
 _NUMERIC_KINDS = ("numeric", "bucketized")  # parsed as numbers when the file is read
@@ -126,6 +127,7 @@ class RawFeatures:
   # numeric and bucketized features float64 numbers (NaN when empty), parsed once when read
   values: Dict[str, Any]
   lines: List[int]  # each row's line number
+  bad: Optional[values.Rejections] = None  # rows skipped under --skip_bad_rows, by reason
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -133,78 +135,123 @@ class RawFeatures:
 
 def read_feature_file(side: str, path: str, id_column: Optional[str],
                       specs: Sequence[FeatureSpec], delimiter: str = ",",
-                      header: bool = True) -> RawFeatures:
-  """Reads a delimited feature file: an ID column and the declared feature columns.
+                      header: bool = True,
+                      bad: Optional[values.Rejections] = None) -> RawFeatures:
+  """Reads a delimited feature file: an ID column and the declared feature columns, under the
+  one policy of `trainer.data.values` (UTF-8, exact field counts, clean IDs, strict numbers).
+
+  Args:
+    bad: under --skip_bad_rows, where bad rows are counted by reason (None: they raise).
 
   Raises:
-    ValueError: naming file:line and the value: an unknown column, a duplicate ID row, a row
-      with too few fields, an empty ID.
+    ValueError: naming file:line and the value: an unknown or repeated column, a duplicate ID
+      row, a row with another number of fields than the header, a bad ID or number.
   """
   if not id_column:
     raise ValueError(f"--{side}_features={path}: name its ID column with --{side}_id_column")
   if not specs:
     raise ValueError(f"--{side}_features={path}: declare its columns with "
                      f"--{side}_feature_columns (name:kind[:argument],...)")
-  text = _read_text(path, "utf-8")
-  rows = csv.reader(io.StringIO(text), delimiter=delimiter) if len(delimiter) == 1 else (
-      line.split(delimiter) for line in io.StringIO(text).read().splitlines())
+  text = _read_text(path, "utf-8-sig", "surrogateescape")
+  lines = [line.rstrip("\n") for line in io.StringIO(text, newline=None).readlines()]
   first = 1
   columns = [id_column] + [s.column for s in specs]
+  fields = None
   if header:
-    names = [c.strip() for c in next(iter(rows), [])]
+    parsed, _ = values.split_lines(lines[:1], delimiter)
+    names = [c.strip() for c in (parsed[0] or [])] if parsed else []
+    values.check_header(path, names)
     unknown = [c for c in columns if c not in names]
     if unknown:
       raise ValueError(f"{path}:1: no column {unknown[0]!r} in the header "
-                       f"{delimiter.join(names)!r}")
+                       f"{delimiter.join(names)[:200]!r}")
     positions = [names.index(c) for c in columns]
-    first = 2
+    fields, lines, first = len(names), lines[1:], 2
   else:
     try:
       positions = [int(c) for c in columns]
     except ValueError:
       raise ValueError(f"--{side}_id_column / --{side}_feature_columns must name 0-based "
                        "column indices when the feature file has no header") from None
-  return _collect(side, path, specs, ((first + k, row) for k, row in enumerate(rows)),
-                  positions)
+  rows, reasons = values.split_lines(lines, delimiter)
+  utf8_bad = values.not_utf8(lines)
+  numbered = []
+  for k, (row, reason) in enumerate(zip(rows, reasons)):
+    if reason is not None:
+      row = ("quoting", f"malformed CSV quoting ({reason.split(':', 1)[1]})")
+    elif utf8_bad[k]:
+      row = ("encoding", "holds bytes that are not UTF-8 (re-encode the file as UTF-8)")
+    numbered.append((first + k, row, lines[k]))
+  if fields is None:  # no header: the first row sets the width
+    fields = next((len(r) for _, r, line in numbered if line.strip() and isinstance(r, list)),
+                  None)
+  return _collect(side, path, specs, numbered, positions, bad, fields)
 
 
-def _read_text(path: str, encoding: str) -> str:
+def _read_text(path: str, encoding: str, errors: str = "replace") -> str:
   if not tf.io.gfile.exists(path):
     raise ValueError(f"feature file {path!r} does not exist")
   with tf.io.gfile.GFile(path, "rb") as f:
-    return f.read().decode(encoding, errors="replace")
+    return f.read().decode(encoding, errors=errors)
 
 
 def _collect(side: str, path: str, specs: Sequence[FeatureSpec],
-             rows: Iterator[Tuple[int, List[str]]], positions: List[int]) -> RawFeatures:
-  """Rows (line, fields) -> RawFeatures, refusing short rows, empty and duplicate IDs."""
-  out = RawFeatures(side, path, tuple(specs), [], {s.name: [] for s in specs}, [])
+             rows: Iterable[Tuple[int, Any, str]], positions: List[int],
+             bad: Optional[values.Rejections] = None,
+             fields: Optional[int] = None) -> RawFeatures:
+  """Rows (line, fields or (reason, why), text) -> RawFeatures under the policy: a row with
+  another number of fields (`fields`; None: at least as many as the positions need), an empty,
+  unclean or repeated ID, or a bad number raises or, with `bad`, is counted and skipped."""
+  out = RawFeatures(side, path, tuple(specs), [], {s.name: [] for s in specs}, [], bad)
   first_line: Dict[str, int] = {}
   width = max(positions) + 1
-  for line, row in rows:
-    if not row or not any(field.strip() for field in row):
+  numeric = [spec.kind in _NUMERIC_KINDS for spec in specs]
+  for line, row, text in rows:
+    if not text.strip():
       continue
-    if len(row) < width:
-      raise ValueError(f"{path}:{line}: expected at least {width} fields, got {len(row)}: "
-                       f"{row!r}")
+    problem = row if isinstance(row, tuple) else _row_problem(
+        row, positions, specs, numeric, fields, width, side, first_line, path)
+    if problem is not None:
+      values.reject(bad, problem[0], f"{path}:{line}: {problem[1]}: {text[:200]!r}")
+      continue
     raw_id = row[positions[0]].strip()
-    if not raw_id:
-      raise ValueError(f"{path}:{line}: empty ID")
-    if raw_id in first_line:
-      raise ValueError(f"{path}:{line}: duplicate row for {side} {raw_id!r}, first at "
-                       f"{path}:{first_line[raw_id]}")
     first_line[raw_id] = line
     out.ids.append(raw_id)
     out.lines.append(line)
-    for spec, position in zip(specs, positions[1:]):
+    for spec, position, is_number in zip(specs, positions[1:], numeric):
       value = row[position].strip()
-      out.values[spec.name].append(value or None)
+      out.values[spec.name].append((values.parse_number(value)[0] if value else np.nan)
+                                   if is_number else (value or None))
   if not out.ids:
-    raise ValueError(f"{path}: no feature rows")
-  for spec in specs:  # numbers are parsed now, so a bad one fails before the log is read
-    if spec.kind in _NUMERIC_KINDS:
-      out.values[spec.name] = _numbers(spec, out.values[spec.name], out.lines, path)
+    raise ValueError(f"{path}: no feature rows"
+                     + (f" ({bad.count} bad rows skipped)" if bad and bad.count else ""))
+  for spec, is_number in zip(specs, numeric):
+    if is_number:
+      out.values[spec.name] = np.asarray(out.values[spec.name], np.float64)
   return out
+
+
+def _row_problem(row: List[str], positions: List[int], specs: Sequence[FeatureSpec],
+                 numeric: List[bool], fields: Optional[int], width: int, side: str,
+                 first_line: Dict[str, int], path: str) -> Optional[Tuple[str, str]]:
+  """(reason, what is wrong) of a feature row, or None when it is good."""
+  if (len(row) != fields) if fields is not None else (len(row) < width):
+    return "fields", (f"expected {fields if fields is not None else f'at least {width}'} "
+                      f"fields, got {len(row)}")
+  raw_id = row[positions[0]].strip()
+  reason = values.id_reason(raw_id)
+  if reason is not None:
+    return reason, values.describe(reason, f"{side} ID", raw_id)
+  if raw_id in first_line:
+    return "id_duplicate", (f"duplicate row for {side} {raw_id!r}, first at "
+                            f"{path}:{first_line[raw_id]}")
+  for spec, position, is_number in zip(specs, positions[1:], numeric):
+    value = row[position].strip()
+    if is_number and value:
+      reason = values.parse_number(value)[1]
+      if reason is not None:
+        return reason, values.describe(reason, f"{spec.kind} feature {spec.name!r}", value)
+  return None
 
 
 # MovieLens side files: fixed layouts, read into named features.
@@ -240,20 +287,21 @@ def read_movielens_features(side: str, path: str) -> RawFeatures:
     rows = csv.reader(io.StringIO(text))
     next(rows)
     return _collect(side, path, MOVIELENS_ITEM_SPECS, (
-        (k + 2, [r[0], _movielens_genres(r[2]), _title_year(r[1])]) if len(r) >= 3 else (k + 2, r)
-        for k, r in enumerate(rows)), [0, 1, 2])
-  if side == schema.ITEM and first.count("|") == 23:  # 100K u.item
-    return _collect(side, path, MOVIELENS_ITEM_SPECS, (
-        (k, _ml100k_item(path, k, line)) for k, line in lines), [0, 1, 2])
-  if side == schema.ITEM and first.count("::") == 2:  # 1M movies.dat
-    return _collect(side, path, MOVIELENS_ITEM_SPECS, (
-        (k, _ml1m_item(line)) for k, line in lines), [0, 1, 2])
-  if side == schema.USER and first.count("|") == 4:  # 100K u.user
-    return _collect(side, path, ML100K_USER_SPECS, (
-        (k, _ml_user(line.split("|"), (1, 2, 3, 4))) for k, line in lines), [0, 1, 2, 3, 4])
-  if side == schema.USER and first.count("::") == 4:  # 1M users.dat
-    return _collect(side, path, ML1M_USER_SPECS, (
-        (k, _ml_user(line.split("::"), (2, 1, 3, 4))) for k, line in lines), [0, 1, 2, 3, 4])
+        (k + 2, [r[0], _movielens_genres(r[2]), _title_year(r[1])] if len(r) >= 3 else r,
+         ",".join(r)) for k, r in enumerate(rows)), [0, 1, 2])
+  layouts = [
+      (schema.ITEM, first.count("|") == 23, MOVIELENS_ITEM_SPECS,  # 100K u.item
+       lambda k, line: _ml100k_item(path, k, line)),
+      (schema.ITEM, first.count("::") == 2, MOVIELENS_ITEM_SPECS,  # 1M movies.dat
+       lambda k, line: _ml1m_item(line)),
+      (schema.USER, first.count("|") == 4, ML100K_USER_SPECS,  # 100K u.user
+       lambda k, line: _ml_user(line.split("|"), (1, 2, 3, 4))),
+      (schema.USER, first.count("::") == 4, ML1M_USER_SPECS,  # 1M users.dat
+       lambda k, line: _ml_user(line.split("::"), (2, 1, 3, 4)))]
+  for layout_side, matches, specs, fields_of in layouts:
+    if side == layout_side and matches:
+      return _collect(side, path, specs, ((k, fields_of(k, line), line) for k, line in lines),
+                      list(range(len(specs) + 1)))
   expected = ("u.item, movies.dat or movies.csv" if side == schema.ITEM
               else "u.user or users.dat")
   raise ValueError(f"{path}:1: not a MovieLens {side}s file (expected {expected}); first line "
@@ -283,9 +331,11 @@ def from_movielens_examples(examples: Iterable[Mapping[str, Any]],
                              str(example["user_zip_code"])[:_ZIP_PREFIX]])
   out = []
   if items:
-    out.append(_collect(schema.ITEM, path, MOVIELENS_ITEM_SPECS, items.values(), [0, 1, 2]))
+    out.append(_collect(schema.ITEM, path, MOVIELENS_ITEM_SPECS,
+                        ((n, row, "|".join(row)) for n, row in items.values()), [0, 1, 2]))
   if users:
-    out.append(_collect(schema.USER, path, ML1M_USER_SPECS, users.values(), [0, 1, 2, 3, 4]))
+    out.append(_collect(schema.USER, path, ML1M_USER_SPECS,
+                        ((n, row, "|".join(row)) for n, row in users.values()), [0, 1, 2, 3, 4]))
   return out
 
 
@@ -340,6 +390,7 @@ class FeatureTable:
   rows_without_entity: int  # feature rows whose ID is not in the interaction log
   entities_without_row: int  # IDs of the log with no feature row (every feature missing)
   path: str = ""  # where the features came from (a file, or tfds:<name>)
+  bad_rows_by_reason: Dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def encode(raw: RawFeatures, dense_ids: Sequence[str], min_count: int) -> FeatureTable:
@@ -376,7 +427,8 @@ def encode(raw: RawFeatures, dense_ids: Sequence[str], min_count: int) -> Featur
     info.append({"side": raw.side, "name": spec.name, "kind": spec.kind, "missing": missing,
                  **extra})
   return FeatureTable(raw.side, raw.specs, arrays, vocabularies, info, unmatched,
-                      int(np.sum(row_of[:-1] < 0)), raw.path)
+                      int(np.sum(row_of[:-1] < 0)), raw.path,
+                      dict(raw.bad.by_reason) if raw.bad is not None else {})
 
 
 def _vocabulary(tokens: List[List[str]], min_count: int) -> List[str]:
@@ -407,22 +459,6 @@ def _encode_multi_hot(spec, values, min_count):
     codes = sorted({lookup[t] for t in entity if t in lookup})
     array[row, :len(codes)] = codes
   return array, vocabulary, {"vocab_size": len(vocabulary) + 1, "width": width}
-
-
-def _numbers(spec, values, lines, path) -> np.ndarray:
-  """A column's strings as float64 (NaN for None); a non-finite value names file:line."""
-  out = np.full(len(values), np.nan, np.float64)
-  for k, v in enumerate(values):
-    if v is None:
-      continue
-    try:
-      out[k] = float(v)
-    except ValueError:
-      pass
-    if not np.isfinite(out[k]):
-      raise ValueError(f"{path}:{lines[k]}: {spec.kind} feature {spec.name!r} {v!r} is not a "
-                       "finite number")
-  return out
 
 
 def _encode_numeric(spec, numbers, min_count):

@@ -44,7 +44,7 @@ from absl import logging
 
 from trainer import fileio, schema
 from trainer.config import ConfigError, PrepareConfig
-from trainer.data import features, sources, splits
+from trainer.data import features, sources, splits, values
 
 T = TypeVar("T")
 
@@ -403,6 +403,7 @@ def _prepare(config: PrepareConfig, source: sources.Source, splitter: splits.Spl
   stats = _pass_dedupe(scratch, config, source, ids, splitter, total)
   vocab = _dense_vocabulary(scratch, config, stats, ids)
   kept_rows = int(stats.user_count[vocab.kept_user].sum())
+  stats.rows_filtered = int(stats.user_count[~vocab.kept_user].sum())
   fileio.makedirs(config.output_dir)
   tmp_dir = fileio.join(config.output_dir, f".tmp-prepare-{uuid.uuid4().hex}")
   fileio.makedirs(tmp_dir)
@@ -417,7 +418,7 @@ def _prepare(config: PrepareConfig, source: sources.Source, splitter: splits.Spl
             for raw in raw_features]
   names += [_write_feature_table(table, tmp_dir, scratch.directory) for table in tables]
   names += [schema.feature_vocab_file(t.side, name) for t in tables for name in t.vocabularies]
-  metadata = _metadata(config, source, splitter, vocab, stats, written, total, tables)
+  metadata = _metadata(config, source, splitter, vocab, stats, written, tables)
   fileio.write_text_atomic(fileio.join(tmp_dir, schema.METADATA_FILE), metadata.to_json())
   _publish(tmp_dir, config.output_dir, names)
   elapsed = time.time() - started
@@ -425,7 +426,18 @@ def _prepare(config: PrepareConfig, source: sources.Source, splitter: splits.Spl
                "%.1fs (%.0f rows/s)", written.num_train, written.num_eval, vocab.num_users,
                vocab.num_items, config.split, config.output_dir, elapsed,
                total / max(elapsed, 1e-9))
+  logging.info("%s", accounts_line(metadata))
   return metadata
+
+
+def accounts_line(metadata: schema.Metadata) -> str:
+  """Where every row went, in one line: the invariant, with the skipped rows by reason."""
+  reasons = ", ".join(f"{k} {v}" for k, v in metadata.bad_rows_by_reason.items())
+  return (f"Rows: {metadata.rows_read} read = {metadata.num_train + metadata.num_eval} "
+          f"prepared + {metadata.bad_rows_skipped} bad rows skipped"
+          + (f" ({reasons})" if reasons else "")
+          + f" + {metadata.duplicates_merged} duplicates merged + {metadata.rows_filtered} "
+          f"of users under --min_user_interactions; {metadata.blank_lines} blank lines")
 
 
 def _num_buckets(config: PrepareConfig, source: sources.Source) -> int:
@@ -483,6 +495,7 @@ class _Stats:
   user_count: np.ndarray
   item_count: np.ndarray
   duplicates: int = 0
+  rows_filtered: int = 0  # rows of users under --min_user_interactions
 
 
 def _pass_dedupe(scratch: _Scratch, config: PrepareConfig, source: sources.Source, ids: _Ids,
@@ -680,7 +693,8 @@ def read_features(config: PrepareConfig,
     specs = features.parse_specs(columns, f"{side}_feature_columns")
     out.append(features.read_feature_file(side, path, getattr(config, f"{side}_id_column"),
                                           specs, config.features_delimiter,
-                                          config.features_header))
+                                          config.features_header,
+                                          values.Rejections() if config.skip_bad_rows else None))
   return out
 
 
@@ -699,13 +713,17 @@ def _write_feature_table(table: features.FeatureTable, tmp_dir: str, scratch_dir
 
 
 def _metadata(config: PrepareConfig, source: sources.Source, splitter: splits.Splitter,
-              vocab: _Vocabulary, stats: _Stats, written: _Written, total: int,
+              vocab: _Vocabulary, stats: _Stats, written: _Written,
               tables: Sequence[features.FeatureTable] = ()) -> schema.Metadata:
   """The metadata of the prepared directory (written last, marking it complete)."""
   bad = source.bad
   feature_files = {t.side: {"path": t.path,
                             "rows_without_entity": t.rows_without_entity,
-                            "entities_without_row": t.entities_without_row} for t in tables}
+                            "entities_without_row": t.entities_without_row,
+                            "bad_rows_skipped": sum(t.bad_rows_by_reason.values()),
+                            "bad_rows_by_reason": dict(sorted(t.bad_rows_by_reason.items()))}
+                   for t in tables}
+  accounts = _accounts(source, stats, written)
   return schema.Metadata(
       num_users=vocab.num_users, num_items=vocab.num_items, num_train=written.num_train,
       num_eval=written.num_eval, rating_min=float(written.rating_min),
@@ -719,14 +737,32 @@ def _metadata(config: PrepareConfig, source: sources.Source, splitter: splits.Sp
                                             & (written.train_item_count == 0))),
       implicit=not source.has_ratings, min_user_interactions=config.min_user_interactions,
       eval_negatives=config.eval_negatives, duplicates_policy=config.duplicates,
-      duplicates_merged=stats.duplicates, rows_read=total,
-      bad_rows_skipped=bad.count if bad is not None else 0,
+      duplicates_merged=stats.duplicates, rows_read=accounts["rows_read"],
+      bad_rows_skipped=accounts["bad_rows_skipped"],
+      bad_rows_by_reason=dict(sorted(bad.by_reason.items())) if bad is not None else {},
+      blank_lines=source.blank_lines, rows_filtered=accounts["rows_filtered"],
       users_filtered=int((~vocab.kept_user & (stats.user_count > 0)).sum()),
       density=(written.num_train + written.num_eval) / float(vocab.num_users * vocab.num_items),
       rating_histogram=_histogram(written.histogram), input_fingerprint=source.fingerprint(),
       train_shard_examples=written.train_shard_rows,
       features=[info for t in tables for info in t.info], feature_files=feature_files,
       **splitter.metadata_fields())
+
+
+def _accounts(source: sources.Source, stats: "_Stats", written: "_Written") -> Dict[str, int]:
+  """Where every row read went: rows read = prepared (train + eval) + bad rows skipped +
+  duplicates merged + rows of users under --min_user_interactions.
+
+  Raises:
+    RuntimeError: the counts do not add up (a bug: no row may vanish without a count).
+  """
+  bad = source.bad.count if source.bad is not None else 0
+  out = {"rows_read": source.rows_read, "prepared": written.num_train + written.num_eval,
+         "bad_rows_skipped": bad, "duplicates_merged": stats.duplicates,
+         "rows_filtered": stats.rows_filtered}
+  if out["rows_read"] != sum(v for k, v in out.items() if k != "rows_read"):
+    raise RuntimeError(f"preparation lost rows: {out}")
+  return out
 
 
 def _train_positives(scratch: _Scratch, num_buckets: int, user_count: np.ndarray,

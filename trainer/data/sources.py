@@ -10,18 +10,17 @@ any delimited file(s) (`csv`), TensorFlow Datasets' MovieLens builders (`tfds`),
 synthetic generator with a planted low-rank structure.
 """
 
-import csv
 import dataclasses
 import hashlib
 import io
 import math
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer.data import features
+from trainer.data import features, values
 
 CHUNK_ROWS = 1 << 20
 
@@ -41,26 +40,6 @@ class Chunk:
     return len(self.ratings)
 
 
-@dataclasses.dataclass
-class BadRows:
-  """Rows skipped under --skip_bad_rows: counted and reported, never silently dropped."""
-
-  count: int = 0
-  examples: List[str] = dataclasses.field(default_factory=list)
-
-  def add(self, message: str) -> None:
-    self.count += 1
-    if len(self.examples) < 10:
-      self.examples.append(message)
-
-
-def reject(bad: Optional[BadRows], message: str) -> None:
-  """A bad row: raises ValueError(message), or under --skip_bad_rows (`bad` set) counts it."""
-  if bad is None:
-    raise ValueError(message)
-  bad.add(message)
-
-
 class Source:
   """A log to read: `chunks()` yields it; `files` names where rows come from."""
 
@@ -68,8 +47,10 @@ class Source:
   id_format: Optional[Sequence[str]] = None  # (user, item) formats of int codes, e.g. "u{}"
   has_ratings: bool = True
   has_timestamps: bool = True
-  # Rows skipped under --skip_bad_rows (None: the first bad row is an error).
-  bad: Optional[BadRows] = None
+  # Rows skipped under --skip_bad_rows, by reason (None: the first bad row is an error).
+  bad: Optional[values.Rejections] = None
+  rows_read = 0  # every row read, good or bad (blank lines are not rows)
+  blank_lines = 0
 
   def chunks(self) -> Iterator[Chunk]:
     raise NotImplementedError
@@ -86,46 +67,6 @@ class Source:
     return []
 
 
-def _to_float(values: Sequence[str], where: Callable[[int], str], rows: Sequence[str],
-              what: str, bad: Optional[BadRows]) -> np.ndarray:
-  """Converts a column to float64 vectorised; on failure, finds and names the first bad row."""
-  try:
-    return np.asarray(values, dtype=np.float64)
-  except ValueError:
-    pass
-  out = np.empty(len(values), np.float64)
-  for k, v in enumerate(values):
-    try:
-      out[k] = float(v)
-      continue
-    except ValueError:
-      pass
-    reject(bad, f"{where(k)}: {what} {v!r} is not a number: {rows[k]!r}")
-    out[k] = np.nan
-  return out
-
-
-def _to_int(values: Sequence[str], where: Callable[[int], str], rows: Sequence[str],
-            what: str, bad: Optional[BadRows]) -> np.ndarray:
-  try:
-    return np.asarray(values, dtype=np.int64)
-  except (ValueError, OverflowError):
-    pass
-  out = np.empty(len(values), np.int64)
-  valid = np.ones(len(values), bool)
-  for k, v in enumerate(values):
-    try:
-      out[k] = int(v)
-      continue
-    except (ValueError, OverflowError):
-      pass
-    reject(bad, f"{where(k)}: {what} {v!r} is not an integer: {rows[k]!r}")
-    valid[k] = False
-    out[k] = 0
-  out[~valid] = np.iinfo(np.int64).min  # marks the row bad for the caller
-  return out
-
-
 @dataclasses.dataclass
 class Columns:
   """Which columns of a delimited file hold what: names (with a header) or 0-based indices."""
@@ -139,6 +80,10 @@ class Columns:
 class DelimitedSource(Source):
   """Delimited text files: MovieLens raw formats and any CSV-like log.
 
+  Every value goes through the one policy of `trainer.data.values` (strict numbers, clean
+  IDs, exact field counts, UTF-8); a bad row raises ValueError naming file:line, the column
+  and the value, or under --skip_bad_rows is counted by reason.
+
   Args:
     patterns: files or globs, local or `gs://`; read in sorted order.
     columns: which columns hold user, item, rating and timestamp.
@@ -147,11 +92,14 @@ class DelimitedSource(Source):
     rating_range: ratings outside [low, high] are errors (None: any finite number).
     skip_bad_rows: count and report bad rows instead of failing on the first.
     flag: the flag that named the input, for error messages.
+    num_fields: the fields every row holds (a fixed format without a header); None: as many
+      as the header names, or without a header as the file's first row holds.
   """
 
   def __init__(self, patterns: Sequence[str], columns: Columns, delimiter: str = ",",
                header: bool = True, rating_range=None, skip_bad_rows: bool = False,
-               flag: str = "--input", description: str = "delimited file"):
+               flag: str = "--input", description: str = "delimited file",
+               num_fields: Optional[int] = None):
     files: List[str] = []
     for pattern in patterns:
       matched = sorted(tf.io.gfile.glob(pattern)) if any(c in pattern for c in "*?[") else (
@@ -164,8 +112,9 @@ class DelimitedSource(Source):
     self.delimiter = delimiter
     self.header = header
     self.rating_range = rating_range
-    self.bad = BadRows() if skip_bad_rows else None
+    self.bad = values.Rejections() if skip_bad_rows else None
     self.description = description
+    self.num_fields = num_fields
     self.has_ratings = columns.rating is not None
     self.has_timestamps = columns.timestamp is not None
     self._digests: Dict[str, str] = {}
@@ -175,10 +124,14 @@ class DelimitedSource(Source):
             "columns": dataclasses.asdict(self.columns), "delimiter": self.delimiter,
             "header": self.header}
 
-  def _split(self, line: str) -> List[str]:
-    if len(self.delimiter) > 1:
-      return line.split(self.delimiter)
-    return next(csv.reader([line], delimiter=self.delimiter))
+  def _header(self, path: str, first: str) -> List[str]:
+    rows, reasons = values.split_lines([first], self.delimiter)
+    if rows[0] is None:
+      raise ValueError(f"{path}:1: the header is not valid CSV ({reasons[0].split(':', 1)[1]}): "
+                       f"{first[:200]!r}")
+    names = [c.strip() for c in rows[0]]
+    values.check_header(path, names)
+    return names
 
   def _positions(self, path: str, header_fields: Optional[List[str]]) -> List[Optional[int]]:
     wanted = [self.columns.user, self.columns.item, self.columns.rating, self.columns.timestamp]
@@ -190,7 +143,7 @@ class DelimitedSource(Source):
       elif header_fields is not None:
         if column not in header_fields:
           raise ValueError(f"{path}:1: no {name} column {column!r} in the header "
-                           f"{self.delimiter.join(header_fields)!r}")
+                           f"{self.delimiter.join(header_fields)[:200]!r}")
         out.append(header_fields.index(column))
       else:
         try:
@@ -207,19 +160,26 @@ class DelimitedSource(Source):
   def _file_chunks(self, file_index: int, path: str) -> Iterator[Chunk]:
     digest = hashlib.sha256()
     with tf.io.gfile.GFile(path, "rb") as f:
-      text = io.TextIOWrapper(_HashingReader(f, digest), encoding="utf-8", errors="replace",
-                              newline=None)
+      # utf-8-sig: a byte-order mark at the start is not part of the first field; bytes that
+      # are not UTF-8 become lone surrogates, which the policy refuses by line.
+      text = io.TextIOWrapper(_HashingReader(f, digest), encoding="utf-8-sig",
+                              errors="surrogateescape", newline=None)
       line_number = 0
-      positions = None
+      fields = self.num_fields
       if self.header:
         first = text.readline()
         line_number = 1
         if not first.strip():
           raise ValueError(f"{path}: empty file, no header and no rows")
-        positions = self._positions(path, [c.strip() for c in self._split(first.rstrip("\n"))])
+        names = self._header(path, first.rstrip("\n"))
+        positions = self._positions(path, names)
+        fields = len(names)
       else:
         positions = self._positions(path, None)
       width = max(p for p in positions if p is not None) + 1
+      if fields is not None and fields < width:
+        raise ValueError(f"{path}:1: the header names {fields} columns, fewer than the "
+                         f"column indices need ({width})")
       rows_seen = 0
       while True:
         lines = text.readlines(CHUNK_ROWS * 24)
@@ -227,7 +187,9 @@ class DelimitedSource(Source):
           break
         start = line_number + 1
         line_number += len(lines)
-        chunk = self._parse(path, file_index, start, lines, positions, width)
+        if fields is None:  # no header: the file's first row sets the width
+          fields = _first_row_width(lines, self.delimiter, path, start, width)
+        chunk = self._parse(path, file_index, start, lines, positions, fields)
         if chunk is not None and len(chunk):
           rows_seen += len(chunk)
           yield chunk
@@ -235,55 +197,94 @@ class DelimitedSource(Source):
         raise ValueError(f"{path}: no rows" + (" after the header" if self.header else ""))
     self._digests[path] = digest.hexdigest()
 
-  def _parse(self, path, file_index, start, lines, positions, width) -> Optional[Chunk]:
+  def _parse(self, path, file_index, start, lines, positions, fields) -> Optional[Chunk]:
     lines = [line.rstrip("\r\n") for line in lines]
     keep_lines = [k for k, line in enumerate(lines) if line.strip()]
+    self.blank_lines += len(lines) - len(keep_lines)
     if len(keep_lines) != len(lines):  # blank lines: keep their numbers for messages
       lines = [lines[k] for k in keep_lines]
+    self.rows_read += len(lines)
     numbers = np.asarray(keep_lines, np.int64) + start
-    if len(self.delimiter) > 1:
-      rows = [line.split(self.delimiter) for line in lines]
-    else:
-      rows = list(csv.reader(lines, delimiter=self.delimiter))
-    where = lambda k: f"{path}:{numbers[k]}"  # noqa: E731
-    good = np.ones(len(rows), bool)
+    rows, split_reasons = values.split_lines(lines, self.delimiter)
+    reasons: List[Optional[Tuple[str, str]]] = [None] * len(lines)
+    not_utf8 = values.not_utf8(lines)
     for k, row in enumerate(rows):
-      if len(row) < width or (len(self.delimiter) > 1 and len(row) != width):
-        reject(self.bad, f"{where(k)}: expected {width} fields of {self.description}, got "
-               f"{len(row)}: {lines[k]!r}")
-        good[k] = False
-    if not good.all():
-      rows = [r for r, g in zip(rows, good) if g]
-      lines = [x for x, g in zip(lines, good) if g]
-      numbers = numbers[good]
-    if not rows:
-      return None
+      if row is None:
+        reasons[k] = ("quoting", f"malformed CSV quoting ({split_reasons[k].split(':', 1)[1]})")
+      elif len(row) != fields:
+        reasons[k] = ("fields", f"expected {fields} fields of {self.description}, got "
+                      f"{len(row)}")
+      elif not_utf8[k]:
+        reasons[k] = ("encoding", "holds bytes that are not UTF-8 (re-encode the file as "
+                      "UTF-8)")
+    good = [k for k, r in enumerate(reasons) if r is None]
+    rows = [rows[k] for k in good]
     pu, pi, pr, pt = positions
-    users = np.array([r[pu].strip() for r in rows])
-    items = np.array([r[pi].strip() for r in rows])
-    valid = (np.char.str_len(users) > 0) & (np.char.str_len(items) > 0)
-    for k in np.flatnonzero(~valid):
-      reject(self.bad, f"{where(k)}: empty user or item ID: {lines[k]!r}")
-    if pr is None:
-      ratings = np.ones(len(rows), np.float64)
-    else:
-      ratings = _to_float([r[pr].strip() for r in rows], where, lines, "rating", self.bad)
-      finite = np.isfinite(ratings)
-      low, high = self.rating_range or (-np.inf, np.inf)
-      in_range = finite & (ratings >= low) & (ratings <= high)
-      for k in np.flatnonzero(finite & ~in_range & valid):
-        reject(self.bad, f"{where(k)}: rating {rows[k][pr].strip()} is outside the range "
-               f"[{low}, {high}]: {lines[k]!r}")
-      valid &= in_range
+    users = [r[pu].strip() for r in rows]
+    items = [r[pi].strip() for r in rows]
+    self._check(reasons, good, "user", users, values.id_reasons(users))
+    self._check(reasons, good, "item", items, values.id_reasons(items))
+    ratings = np.ones(len(rows), np.float64)
+    if pr is not None:
+      raw = [r[pr].strip() for r in rows]
+      ratings, bad = values.parse_numbers(raw)
+      self._check(reasons, good, "rating", raw, bad)
+      if self.rating_range is not None:
+        low, high = self.rating_range
+        outside = np.flatnonzero(~((ratings >= low) & (ratings <= high)) & np.isfinite(ratings))
+        for j in outside.tolist():
+          if reasons[good[j]] is None:
+            reasons[good[j]] = ("number_range", f"rating {raw[j]} is outside the range "
+                                f"[{low}, {high}]")
     timestamps = None
     if pt is not None:
-      timestamps = _to_int([r[pt].strip() for r in rows], where, lines, "timestamp", self.bad)
-      valid &= timestamps != np.iinfo(np.int64).min
+      raw = [r[pt].strip() for r in rows]
+      timestamps, bad = values.parse_integers(raw)
+      self._check(reasons, good, "timestamp", raw, bad)
+    for k, reason in enumerate(reasons):  # in line order: the first bad line is the error
+      if reason is not None:
+        values.reject(self.bad, reason[0], f"{path}:{numbers[k]}: {reason[1]}: "
+                      f"{_shown(lines[k])}")
+    valid = np.array([reasons[k] is None for k in good], bool)
     if not valid.all():
-      users, items, ratings, numbers = users[valid], items[valid], ratings[valid], numbers[valid]
+      users = [u for u, v in zip(users, valid) if v]
+      items = [i for i, v in zip(items, valid) if v]
+      ratings = ratings[valid]
       timestamps = None if timestamps is None else timestamps[valid]
-    return Chunk(users, items, ratings.astype(np.float32), timestamps, file_index,
-                 numbers) if len(users) else None
+    numbers = numbers[[k for k, r in enumerate(reasons) if r is None]]
+    if not users:
+      return None
+    return Chunk(np.array(users), np.array(items), ratings.astype(np.float32), timestamps,
+                 file_index, numbers)
+
+  @staticmethod
+  def _check(reasons, good, column, raw, bad) -> None:
+    """Records the first reason of each row (`good[j]` is row j's line) that has none yet."""
+    if bad is None:
+      return
+    for j, reason in enumerate(bad):
+      if reason is not None and reasons[good[j]] is None:
+        reasons[good[j]] = (reason, values.describe(reason, column, raw[j]))
+
+
+def _first_row_width(lines: List[str], delimiter: str, path: str, start: int,
+                     width: int) -> int:
+  """The field count of the first non-blank line (a file without a header)."""
+  for k, line in enumerate(lines):
+    line = line.rstrip("\r\n")
+    if line.strip():
+      rows, _ = values.split_lines([line], delimiter)
+      count = len(rows[0]) if rows[0] is not None else width
+      if count < width:
+        raise ValueError(f"{path}:{start + k}: the first row has {count} fields, fewer than "
+                         f"the column indices need ({width}): {_shown(line)}")
+      return count
+  return width
+
+
+def _shown(line: str) -> str:
+  """A line for an error message: quoted, at most 200 characters."""
+  return repr(line if len(line) <= 200 else line[:197] + "...")
 
 
 class _HashingReader(io.RawIOBase):
@@ -339,7 +340,7 @@ def movielens_source(path: str, skip_bad_rows: bool = False) -> DelimitedSource:
                            description=_ML_DESCRIPTIONS[fmt])
   return DelimitedSource([path], Columns("0", "1", "2", "3"),
                          "\t" if fmt == "u.data" else "::", False, MOVIELENS_RATING_RANGE,
-                         skip_bad_rows, description=_ML_DESCRIPTIONS[fmt])
+                         skip_bad_rows, description=_ML_DESCRIPTIONS[fmt], num_fields=4)
 
 
 class TfdsSource(Source):
@@ -401,12 +402,38 @@ class TfdsSource(Source):
                            "rating": x["user_rating"], "timestamp": x["timestamp"]})
     line = 1
     for batch in self._tfds.as_numpy(ds.batch(CHUNK_ROWS)):
-      users = np.array([u.decode() for u in batch["user"]])
-      items = np.array([i.decode() for i in batch["item"]])
-      yield Chunk(users, items, batch["rating"].astype(np.float32),
-                  batch["timestamp"].astype(np.int64), 0,
-                  np.arange(line, line + len(users), dtype=np.int64))
+      users = [u.decode("utf-8", "surrogateescape").strip() for u in batch["user"]]
+      items = [i.decode("utf-8", "surrogateescape").strip() for i in batch["item"]]
+      chunk = checked_chunk(self, Chunk(
+          np.array(users), np.array(items), batch["rating"].astype(np.float64),
+          batch["timestamp"].astype(np.int64), 0,
+          np.arange(line, line + len(users), dtype=np.int64)))
+      self.rows_read += len(users)
       line += len(users)
+      if chunk is not None:
+        yield chunk
+
+
+def checked_chunk(source: Source, chunk: Chunk) -> Optional[Chunk]:
+  """A chunk of values parsed already (TensorFlow Datasets), under the policy of
+  `trainer.data.values`: its IDs and ratings checked, bad rows raised or counted; ratings
+  become float32."""
+  reasons: List[Optional[str]] = [None] * len(chunk)
+  for column, check, raw in (
+      ("user", values.id_reasons(chunk.users.tolist()), chunk.users),
+      ("item", values.id_reasons(chunk.items.tolist()), chunk.items),
+      ("rating", values.check_numbers(chunk.ratings), chunk.ratings)):
+    for k, reason in enumerate(check or ()):
+      if reason is not None and reasons[k] is None:
+        reasons[k] = reason
+        values.reject(source.bad, reason, f"{source.where(chunk.file_index, chunk.lines[k])}: "
+                      f"{values.describe(reason, column, str(raw[k]))}")
+  valid = np.array([r is None for r in reasons], bool)
+  chunk = Chunk(chunk.users[valid], chunk.items[valid],
+                chunk.ratings[valid].astype(np.float32),
+                None if chunk.timestamps is None else chunk.timestamps[valid],
+                chunk.file_index, chunk.lines[valid])
+  return chunk if len(chunk) else None
 
 
 SYNTHETIC_RATING_RANGE = (1.0, 5.0)
@@ -500,6 +527,7 @@ class SyntheticSource(Source):
       last = min(max(last, user + 1), self.num_users)
       chunk = self._block(user, last)
       chunk.lines = np.arange(row, row + len(chunk), dtype=np.int64)
+      self.rows_read += len(chunk)
       row += len(chunk)
       yield chunk
       user = last
