@@ -404,36 +404,37 @@ class TfdsSource(Source):
     for batch in self._tfds.as_numpy(ds.batch(CHUNK_ROWS)):
       users = [u.decode("utf-8", "surrogateescape").strip() for u in batch["user"]]
       items = [i.decode("utf-8", "surrogateescape").strip() for i in batch["item"]]
-      chunk = checked_chunk(self, Chunk(
-          np.array(users), np.array(items), batch["rating"].astype(np.float64),
-          batch["timestamp"].astype(np.int64), 0,
-          np.arange(line, line + len(users), dtype=np.int64)))
+      chunk = checked_chunk(self, users, items, batch["rating"].astype(np.float64),
+                            batch["timestamp"].astype(np.int64), 0,
+                            np.arange(line, line + len(users), dtype=np.int64))
       self.rows_read += len(users)
       line += len(users)
       if chunk is not None:
         yield chunk
 
 
-def checked_chunk(source: Source, chunk: Chunk) -> Optional[Chunk]:
-  """A chunk of values parsed already (TensorFlow Datasets), under the policy of
-  `trainer.data.values`: its IDs and ratings checked, bad rows raised or counted; ratings
-  become float32."""
-  reasons: List[Optional[str]] = [None] * len(chunk)
-  for column, check, raw in (
-      ("user", values.id_reasons(chunk.users.tolist()), chunk.users),
-      ("item", values.id_reasons(chunk.items.tolist()), chunk.items),
-      ("rating", values.check_numbers(chunk.ratings), chunk.ratings)):
+def checked_chunk(source: Source, users: List[str], items: List[str], ratings: np.ndarray,
+                  timestamps: Optional[np.ndarray], file_index: int,
+                  lines: np.ndarray) -> Optional[Chunk]:
+  """A chunk of values parsed already (TensorFlow Datasets) under the policy of
+  `trainer.data.values`: IDs (as Python strings: a NumPy string array drops trailing NULs) and
+  ratings checked, bad rows raised or counted; ratings become float32."""
+  reasons: List[Optional[Tuple[str, str]]] = [None] * len(users)
+  for column, check, raw in (("user", values.id_reasons(users), users),
+                             ("item", values.id_reasons(items), items),
+                             ("rating", values.check_numbers(ratings), ratings)):
     for k, reason in enumerate(check or ()):
       if reason is not None and reasons[k] is None:
-        reasons[k] = reason
-        values.reject(source.bad, reason, f"{source.where(chunk.file_index, chunk.lines[k])}: "
-                      f"{values.describe(reason, column, str(raw[k]))}")
+        reasons[k] = (reason, values.describe(reason, column, str(raw[k])))
+  for k, reason in enumerate(reasons):  # in row order: the first bad row is the error
+    if reason is not None:
+      values.reject(source.bad, reason[0], f"{source.where(file_index, lines[k])}: {reason[1]}")
   valid = np.array([r is None for r in reasons], bool)
-  chunk = Chunk(chunk.users[valid], chunk.items[valid],
-                chunk.ratings[valid].astype(np.float32),
-                None if chunk.timestamps is None else chunk.timestamps[valid],
-                chunk.file_index, chunk.lines[valid])
-  return chunk if len(chunk) else None
+  if not valid.any():
+    return None
+  return Chunk(np.array(users)[valid], np.array(items)[valid],
+               np.asarray(ratings)[valid].astype(np.float32),
+               None if timestamps is None else timestamps[valid], file_index, lines[valid])
 
 
 SYNTHETIC_RATING_RANGE = (1.0, 5.0)
