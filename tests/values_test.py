@@ -193,7 +193,7 @@ def test_parsed_values_follow_the_same_policy():
   assert source.bad.by_reason == {"number_not_finite": 1, "id_control_character": 1,
                                   "id_empty": 1}
   strict = sources.Source()
-  with pytest.raises(ValueError, match=r"row 2: rating nan is not a finite number"):
+  with pytest.raises(ValueError, match=r"row 2: rating 'nan' is not a finite number"):
     sources.checked_chunk(strict, *chunk)
 
 
