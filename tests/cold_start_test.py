@@ -248,3 +248,55 @@ def test_the_export_serves_new_users_by_their_profile(cold_user_run):
   young, old = served["top"]
   assert all(_kind(int(i[1:])) == "good" for i in young), served
   assert all(_kind(int(i[1:])) == "bad" for i in old), served
+
+
+_BAD_REQUESTS = """
+import json, sys
+import tensorflow as tf
+loaded = tf.saved_model.load(sys.argv[1])
+out = {}
+def attempt(name, call):
+  try:
+    result = call()
+    out[name] = {k: v.numpy().tolist() for k, v in result.items() if k != "items"}
+    if "items" in result:
+      out[name]["items"] = [[i.decode() for i in row] for row in result["items"].numpy()]
+  except tf.errors.InvalidArgumentError as e:
+    out[name] = {"error": e.message}
+recommend, score = loaded.signatures["recommend"], loaded.signatures["score_features"]
+attempt("k0", lambda: recommend(user=tf.constant(["u1"]), k=tf.constant(0)))
+attempt("k_negative", lambda: recommend(user=tf.constant(["u1"]), k=tf.constant(-3)))
+attempt("k_huge", lambda: recommend(user=tf.constant(["u1"]), k=tf.constant(2**31 - 1)))
+attempt("odd_ids", lambda: recommend(user=tf.constant(["", "u" * 100000, "u1"]),
+                                     k=tf.constant(3)))
+attempt("score_mismatch", lambda: score(user=tf.constant(["u1", "u2"]),
+                                        item_kind=tf.constant(["good"])))
+attempt("serve_mismatch", lambda: loaded.signatures["serving_default"](
+    user=tf.constant(["u1", "u2", "u3"]), item=tf.constant(["i1"])))
+attempt("features_k0", lambda: loaded.signatures["recommend_features"](
+    user=tf.constant(["u1"]), k=tf.constant(0), item_kind=tf.constant(["good"])))
+print(json.dumps(out))
+"""
+
+
+def test_bad_requests_get_a_documented_result_or_a_clear_error(cold_data, feature_run):
+  config, _ = feature_run
+  if config.model != "mf":
+    pytest.skip("the signatures are the same for every model: mf's export shows them")
+  result = subprocess.run([sys.executable, "-c", _BAD_REQUESTS, config.resolved_export_dir],
+                          capture_output=True, text=True, check=True,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+  out = json.loads(result.stdout.strip().splitlines()[-1])
+  assert "recommend: k must be positive" in out["k0"]["error"]
+  assert "recommend: k must be positive" in out["k_negative"]["error"]
+  assert "recommend_features: k must be positive" in out["features_k0"]["error"]
+  num_items = artifacts.load_metadata(cold_data).num_items
+  # k above the catalogue: every item, the user's training items last (score -inf).
+  assert len(out["k_huge"]["items"][0]) == num_items == len(set(out["k_huge"]["items"][0]))
+  # The empty ID and a 100,000-character one are unknown users, served from the OOV row.
+  assert out["odd_ids"]["user_known"] == [False, False, True]
+  assert out["odd_ids"]["scores"][0] == out["odd_ids"]["scores"][1]
+  assert ("score_features: item_kind and user must have the same length"
+          in out["score_mismatch"]["error"])
+  assert ("serving_default: item and user must have the same length"
+          in out["serve_mismatch"]["error"])

@@ -122,10 +122,14 @@ class Checkpointer:
     every = self.config.checkpoint_every_secs
     return bool(every) and time.time() - self._last_save >= every
 
-  def save_if_due(self, global_step: int, agreed_by_clock: bool) -> bool:
-    """Saves a mid-epoch checkpoint when the step interval or the tasks' clock says so."""
+  def is_due(self, global_step: int, agreed_by_clock: bool) -> bool:
+    """Whether a mid-epoch checkpoint is due by the step interval or the tasks' clock."""
     every = self.config.checkpoint_every_steps
-    if (every and global_step % every == 0) or agreed_by_clock:
+    return bool(every and global_step % every == 0) or agreed_by_clock
+
+  def save_if_due(self, global_step: int, agreed_by_clock: bool) -> bool:
+    """Saves a mid-epoch checkpoint when `is_due`; returns whether it saved."""
+    if self.is_due(global_step, agreed_by_clock):
       self.save(global_step)
       return True
     return False

@@ -6,6 +6,7 @@ a config built in code is checked the same way. Errors name the flag and the off
 """
 
 import dataclasses
+import math
 from typing import Optional, Tuple
 
 from trainer import strict_json
@@ -26,11 +27,21 @@ SOURCES = ("synthetic", "movielens", "csv", "tfds")
 SPLITS = ("random", "leave_one_out", "temporal", "cold_items")
 DUPLICATE_POLICIES = ("error", "keep_latest", "mean")
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker_mirrored", "parameter_server")
+DEFAULT_BATCH_SIZE = 1024  # examples per global step when --batch_size is not given
 
 
 def _require(condition: bool, message: str) -> None:
   if not condition:
     raise ConfigError(message)
+
+
+def _require_finite(config) -> None:
+  """Every float field is a finite number (NaN and infinities pass comparisons unnoticed and
+  cannot be written as JSON)."""
+  for field in dataclasses.fields(config):
+    value = getattr(config, field.name)
+    if isinstance(value, float) and not math.isfinite(value):
+      raise ConfigError(f"--{field.name}={value} must be a finite number")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +98,7 @@ class PrepareConfig:
 
   def validate(self) -> "PrepareConfig":
     _require(bool(self.output_dir), "--output_dir is required")
+    _require_finite(self)
     _require(self.source in SOURCES,
              f"--source={self.source!r} is not one of {', '.join(SOURCES)}")
     _require(self.split in SPLITS, f"--split={self.split!r} is not one of {', '.join(SPLITS)}")
@@ -178,7 +190,9 @@ class TrainConfig:
   model: str = "seed_mlp"
   task: str = "explicit"
   epochs: int = 3
-  batch_size: int = 1024  # global, across all replicas (implicit: positives + negatives)
+  # Global, across all replicas (implicit: positives + negatives); None: DEFAULT_BATCH_SIZE
+  # rounded down to whole groups of a positive and its negatives per replica (`for_replicas`).
+  batch_size: Optional[int] = None
   eval_batch_size: int = 8192
   learning_rate: float = 1e-3
   optimizer: str = "adam"
@@ -248,6 +262,7 @@ class TrainConfig:
   def validate(self) -> "TrainConfig":
     _require(bool(self.data_dir), "--data_dir is required")
     _require(bool(self.model_dir), "--model_dir is required")
+    _require_finite(self)
     for name, allowed in (("model", MODELS), ("strategy", STRATEGIES), ("task", TASKS),
                           ("optimizer", OPTIMIZERS), ("decay", DECAYS),
                           ("autorec_side", AUTOREC_SIDES),
@@ -258,7 +273,8 @@ class TrainConfig:
                  "mlp_embedding_dim", "shuffle_buffer_blocks", "log_every_steps",
                  "max_checkpoints", "num_cpu_devices", "top_k"):
       value = getattr(self, name)
-      _require(value >= 1, f"--{name}={value} must be at least 1")
+      _require(value is None and name == "batch_size" or value >= 1,
+               f"--{name}={value} must be at least 1")
     _require(self.ps_shard_min_mb > 0, f"--ps_shard_min_mb={self.ps_shard_min_mb} must be "
              "positive")
     for name in ("warmup_steps", "num_negatives", "history", "early_stopping_patience",
@@ -293,6 +309,16 @@ class TrainConfig:
     from trainer import objectives  # the rules of the task's objective (loads TensorFlow)
     objectives.for_config(self).check_config()
     return self
+
+  def for_replicas(self, num_replicas: int) -> "TrainConfig":
+    """This configuration with its batch size settled: --batch_size when given, else
+    DEFAULT_BATCH_SIZE rounded down to a multiple of the replicas x (1 + --num_negatives) for
+    a task that samples negatives, so that every task trains with its defaults."""
+    if self.batch_size is not None:
+      return self
+    unit = num_replicas * self.examples_per_positive
+    return dataclasses.replace(
+        self, batch_size=max(unit, DEFAULT_BATCH_SIZE - DEFAULT_BATCH_SIZE % unit))
 
   def eval_batch_for(self, num_replicas: int) -> int:
     """The global eval batch: --eval_batch_size rounded down to a multiple of the replicas

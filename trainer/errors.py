@@ -1,13 +1,15 @@
 """The errors the command lines turn into exit codes, one type per kind of failure.
 
 A command line exits with `error.exit_code` of the type it caught: 2 for what a person must fix
-(a flag, an input file, a missing bucket), and a code of 128 or more for what a restart may cure
+(a flag, an input file, a missing bucket), 3 for a run that diverged (restarting it repeats it:
+change the learning rate or the data), and a code of 128 or more for what a restart may cure
 (Kubeflow's ExitCode restart policy retries 128-255 and treats 1-127 as permanent). Free of
 TensorFlow, so flag parsing can raise them before TensorFlow loads.
 """
 
 # Exit codes of the command lines.
 USAGE_EXIT_CODE = 2  # bad flags or input: fix the command
+DIVERGED_EXIT_CODE = 3  # training diverged (non-finite loss, weights or metrics): nothing shipped
 LOST_PEER_EXIT_CODE = 131  # another task of the cluster was lost: restart every task
 STORAGE_EXIT_CODE = 132  # storage unreachable after retries: restart once it is back
 
@@ -48,3 +50,10 @@ class LostPeerError(TrainerError, RuntimeError):
   """Another task of the cluster stopped answering (its collective failed or timed out)."""
 
   exit_code = LOST_PEER_EXIT_CODE
+
+
+class DivergedError(TrainerError, ArithmeticError):
+  """Training diverged: a loss, weight or eval metric is NaN or infinite. The run stopped with
+  its latest checkpoint the last finite one, exported nothing and wrote no metrics.json."""
+
+  exit_code = DIVERGED_EXIT_CODE

@@ -12,8 +12,10 @@ Signatures (raw string IDs in, so clients never see dense indices; vocabularies 
          bool[b]; k' = min(k, number of items). Items the user has in the training data are
          never recommended (their scores are -inf, and they come last if k' reaches them).
 
-Unknown IDs map to the models' out-of-vocabulary row and are flagged `*_known = False`, so one
-unknown ID does not fail a whole request batch.
+Unknown IDs (the empty string and IDs of any length included) map to the models'
+out-of-vocabulary row and are flagged `*_known = False`, so one unknown ID does not fail a
+whole request batch. A bad request fails with InvalidArgumentError naming the signature and
+the inputs: k <= 0, or inputs of one example each that differ in length.
 
 The Keras model is captured by the serving functions' closures and only its variables are
 attached to the exported module: a Keras model stored as an attribute reloads with
@@ -117,6 +119,7 @@ def _serve_function(module: tf.Module, model: keras.Model, metadata: schema.Meta
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="user"),
                                 tf.TensorSpec([None], tf.string, name="item")])
   def serve(user, item):
+    _same_length("serving_default", {"user": user, "item": item})
     users = module.user_table.lookup(user)  # [b]
     items = module.item_table.lookup(item)  # [b]
     scores = tf.cast(model({schema.USER: users, schema.ITEM: items}, training=False),
@@ -139,6 +142,17 @@ def _recommend_function(module: tf.Module, model: keras.Model, metadata: schema.
     return _top_unseen(module, scores, users, k, num_users, num_items)
 
   return recommend
+
+
+def _same_length(signature: str, named) -> None:
+  """Refuses a request whose inputs (one per example) differ in length, naming them, instead
+  of a shape error from deep inside the model."""
+  (first_name, first), *rest = named.items()
+  for name, value in rest:
+    tf.debugging.assert_equal(
+        tf.shape(value)[0], tf.shape(first)[0],
+        message=f"{signature}: {name} and {first_name} must have the same length (one per "
+        "example)")
 
 
 def _top_unseen(module: tf.Module, scores, users, k, num_users: int, num_items: int,
@@ -174,6 +188,7 @@ def _recommend_recent_function(module: tf.Module, model: keras.Model,
                                 tf.TensorSpec([], tf.int32, name="k")])
   def recommend_recent(user, recent, k):
     tf.debugging.assert_positive(k, message="recommend_recent: k must be positive")
+    _same_length("recommend_recent", {"user": user, "recent": recent})
     users = module.user_table.lookup(user)  # [b]
     recent = module.item_table.lookup(recent)[:, :length]  # [b, <= L]
     latest = tf.pad(recent, [[0, 0], [0, length - tf.shape(recent)[1]]],
@@ -217,6 +232,10 @@ class FeatureEncoder(tf.Module):
                           tf.float32 if i.kind in ("numeric", "bucketized") else tf.string,
                           name=f"{i.side}_{i.name}") for i in self.infos]
 
+  def named(self, values):
+    """{input name: tensor} of features given in `infos` order."""
+    return {f"{i.side}_{i.name}": value for i, value in zip(self.infos, values)}
+
   def encode(self, values):
     """The combined layout (`feature_layers.combine`) of features given in `infos` order."""
     per_feature = {}
@@ -243,6 +262,7 @@ def _score_features_function(module: tf.Module, model: keras.Model, metadata: sc
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="user"),
                                 *encoder.input_specs()])
   def score_features(user, *features):
+    _same_length("score_features", {"user": user, **encoder.named(features)})
     users = module.user_table.lookup(user)  # [b]
     items = tf.fill(tf.shape(users), tf.constant(num_items, tf.int64))  # the OOV row
     scores = tf.cast(model({schema.USER: users, schema.ITEM: items,
@@ -265,6 +285,7 @@ def _recommend_features_function(module: tf.Module, model: keras.Model,
                                 *encoder.input_specs()])
   def recommend_features(user, k, *features):
     tf.debugging.assert_positive(k, message="recommend_features: k must be positive")
+    _same_length("recommend_features", encoder.named(features))
     users = module.user_table.lookup(user)  # [b]
     combined = encoder.encode(features)  # [n, ...]
     batch, n = tf.shape(users)[0], tf.shape(combined["indices"])[0]
@@ -288,6 +309,7 @@ def _score_user_features_function(module: tf.Module, model: keras.Model,
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="item"),
                                 *encoder.input_specs()])
   def score_user_features(item, *features):
+    _same_length("score_user_features", {"item": item, **encoder.named(features)})
     items = module.item_table.lookup(item)  # [b]
     users = tf.fill(tf.shape(items), tf.constant(num_users, tf.int64))  # the OOV row
     scores = tf.cast(model({schema.USER: users, schema.ITEM: items,
@@ -308,6 +330,7 @@ def _recommend_user_features_function(module: tf.Module, model: keras.Model,
                                 *encoder.input_specs()])
   def recommend_user_features(k, *features):
     tf.debugging.assert_positive(k, message="recommend_user_features: k must be positive")
+    _same_length("recommend_user_features", encoder.named(features))
     combined = encoder.encode(features)  # [b, ...]
     batch = tf.shape(combined["indices"])[0]
     repeated = {name: tf.repeat(value, num_items, axis=0) for name, value in combined.items()}

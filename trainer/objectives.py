@@ -80,7 +80,7 @@ class Objective:
   def check_replicas(self, num_replicas: int) -> None:
     """The global batch must split evenly into replicas of whole positive groups."""
     unit = num_replicas * self.examples_per_positive
-    if self.config.batch_size % unit:
+    if self.config.batch_size is not None and self.config.batch_size % unit:
       raise ConfigError(f"--batch_size={self.config.batch_size} is not divisible by the "
                         f"{num_replicas} replicas"
                         + (" x (1 + --num_negatives)" if self.samples_negatives else ""))
@@ -222,7 +222,7 @@ class Implicit(Objective):
     if config.num_negatives < 1:
       raise ConfigError(f"--num_negatives={config.num_negatives}: --task={self.name} needs "
                         "negatives")
-    if config.batch_size % self.examples_per_positive:
+    if config.batch_size is not None and config.batch_size % self.examples_per_positive:
       raise ConfigError(f"--batch_size={config.batch_size} is not divisible by 1 + "
                         f"--num_negatives = {self.examples_per_positive} (a batch holds "
                         "positives and their negatives)")

@@ -19,7 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # before TensorFlow loads: h
 from absl import app, flags, logging  # noqa: E402
 
 from trainer import config as config_lib  # noqa: E402
-from trainer import errors, malloc, strict_json  # noqa: E402
+from trainer import cli, errors, malloc, strict_json  # noqa: E402
 
 FLAGS = flags.FLAGS
 _D = config_lib.PrepareConfig
@@ -159,7 +159,7 @@ def main(argv):
 
 def run():
   """Console-script entry point."""
-  app.run(main)
+  cli.run(main, "neumf-prepare")
 
 
 if __name__ == "__main__":

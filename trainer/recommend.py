@@ -14,6 +14,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # before TensorFlow loads: h
 
 from absl import app, flags  # noqa: E402
 
+from trainer import cli  # noqa: E402
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("export_dir", None, "The SavedModel written by neumf-train (local or gs://).")
 flags.DEFINE_multi_string("user", None, "Raw user ID; repeat the flag for several users.")
@@ -59,7 +61,7 @@ def main(argv):
 
 def run():
   """Console-script entry point."""
-  app.run(main)
+  cli.run(main, "neumf-recommend")
 
 
 if __name__ == "__main__":

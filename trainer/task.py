@@ -15,7 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # before TensorFlow loads: h
 from absl import app, flags, logging  # noqa: E402
 
 from trainer import config as config_lib  # noqa: E402
-from trainer import errors, malloc, strict_json  # noqa: E402
+from trainer import cli, errors, malloc, strict_json  # noqa: E402
 
 FLAGS = flags.FLAGS
 _D = config_lib.TrainConfig  # defaults live in the dataclass
@@ -42,7 +42,10 @@ flags.DEFINE_enum("task", _D.task, config_lib.TASKS,
                   "the whole catalogue (softmax cross-entropy; mf, gmf; HR@K/NDCG@K).")
 flags.DEFINE_integer("epochs", _D.epochs, "Passes over the training data.", lower_bound=1)
 flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size, across all replicas; "
-                     "implicit: positives plus their negatives.", lower_bound=1)
+                     "implicit: positives plus their negatives. Default: "
+                     f"{config_lib.DEFAULT_BATCH_SIZE}, rounded down to a multiple of the "
+                     "replicas x (1 + --num_negatives) for tasks that sample negatives.",
+                     lower_bound=1)
 flags.DEFINE_integer("eval_batch_size", _D.eval_batch_size, "Global evaluation batch size.",
                      lower_bound=1)
 flags.DEFINE_float("learning_rate", _D.learning_rate, "Peak learning rate.", lower_bound=0.0)
@@ -218,7 +221,7 @@ def _fail(message: str, exit_code: int, now: bool = False) -> None:
 
 def run():
   """Console-script entry point."""
-  app.run(main)
+  cli.run(main, "neumf-train")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from trainer import (distribute, export, fileio, models, objectives, optimizers,
 from trainer.checkpointer import Checkpointer, TrainingState, best_epoch, start_afresh
 from trainer.config import TrainConfig
 from trainer.data import artifacts, pipeline
-from trainer.errors import ConfigError, LostPeerError, StorageError
+from trainer.errors import ConfigError, DivergedError, LostPeerError, StorageError
 
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.json"
@@ -101,6 +101,65 @@ def weights_checksum(model: keras.Model) -> str:
       variable = tf.convert_to_tensor(variable.value)
     digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(variable)).tobytes())
   return digest.hexdigest()
+
+
+def weights_finite(model: keras.Model) -> bool:
+  """Whether every floating-point weight is finite (a sharded table, shard by shard where it
+  lives)."""
+  for variable in parameter_server.trainable_leaves(model.weights):
+    if (tf.as_dtype(variable.dtype).is_floating
+        and not bool(tf.reduce_all(tf.math.is_finite(variable)))):
+      return False
+  return True
+
+
+class DivergenceGuard:
+  """Stops a run the moment its numbers stop being finite, so that it never looks like a
+  success: a non-finite training loss (checked after every `train_loop` call, whose loss is
+  the same on every task), weights (checked before every checkpoint, so the latest checkpoint
+  stays the last finite one) or eval metric. Raises DivergedError, whose message names the
+  epoch and step, the last finite loss and what to try; nothing is exported after it and
+  metrics.json is not written."""
+
+  def __init__(self, config: TrainConfig, metadata, model: keras.Model):
+    self.config, self.metadata, self.model = config, metadata, model
+    self.last_finite: Optional[Tuple[float, int]] = None  # (loss, global step)
+
+  def check_loss(self, loss: float, epoch: int, first: int, last: int, step: int) -> None:
+    """`loss`: the mean of steps `first`..`last` (1-based, of epoch `epoch`), ending at
+    global step `step`."""
+    if math.isfinite(loss):
+      self.last_finite = (loss, step)
+      return
+    raise DivergedError(self._message(
+        f"the mean training loss of steps {first}-{last} of epoch {epoch} (global step "
+        f"{step}) is {loss}"))
+
+  def check_weights(self, epoch: int, step: int) -> None:
+    if not weights_finite(self.model):
+      raise DivergedError(self._message(
+          f"the weights after global step {step} (epoch {epoch}) hold NaN or infinite values; "
+          "that checkpoint was not written"))
+
+  def check_metrics(self, epoch: int, eval_metrics: Dict[str, float]) -> None:
+    bad = sorted(k for k, v in eval_metrics.items() if not math.isfinite(v))
+    if bad:
+      raise DivergedError(self._message(
+          f"the eval metrics after epoch {epoch} are not finite "
+          f"({', '.join(f'{k} {eval_metrics[k]}' for k in bad)})"))
+
+  def _message(self, what: str) -> str:
+    config, metadata = self.config, self.metadata
+    last = (f"the last finite loss was {self.last_finite[0]:.6g} at global step "
+            f"{self.last_finite[1]}" if self.last_finite else "no finite loss was seen")
+    data = (f"the ratings of --data_dir range over [{metadata.rating_min:g}, "
+            f"{metadata.rating_max:g}] (metadata.json)" if not metadata.implicit
+            else "the data is implicit feedback (labels 0 and 1)")
+    return (f"training diverged: {what}; {last}. The latest checkpoint holds the last finite "
+            "weights; nothing was exported and metrics.json was not written. Try a lower "
+            f"--learning_rate (now {config.learning_rate:g}), a learning-rate warm-up "
+            f"(--warmup_steps, now {config.warmup_steps}), --mixed_precision=float32 (now "
+            f"{config.mixed_precision}); {data}")
 
 
 def _format_eta(seconds: float) -> str:
@@ -257,6 +316,9 @@ def train_and_evaluate(config: TrainConfig,
   """
   config.validate()
   strategy = strategy or tf.distribute.get_strategy()
+  if config.batch_size is None:
+    config = config.for_replicas(strategy.num_replicas_in_sync)
+    logging.info("--batch_size not given: %d examples per global step", config.batch_size)
   if parameter_server.is_parameter_server(strategy) and (
       config.jit_compile or config.mixed_precision == "float16"):
     raise ConfigError("--strategy=parameter_server does not support "
@@ -421,6 +483,8 @@ def _train_epochs(config: TrainConfig, state: TrainingState, runner: "EpochRunne
     progress.train_seconds += stats.seconds
     progress.trained_steps += stats.steps
     eval_metrics = evaluate()
+    runner.guard.check_metrics(e + 1, eval_metrics)
+    runner.guard.check_weights(e + 1, int(state.step.numpy()))
     improved = tracker.update(e + 1, eval_metrics)
     state.epoch.assign(e + 1)
     state.epoch_loss.assign(0.0)
@@ -455,6 +519,7 @@ class EpochRunner:
                model: keras.Model, optimizer: keras.optimizers.Optimizer,
                state: TrainingState, checkpointer: Checkpointer):
     self.config, self.state, self.checkpointer = config, state, checkpointer
+    self.guard = DivergenceGuard(config, data.metadata, model)
     self.steps_per_epoch = _steps_per_epoch(config, data)
     make_dataset = functools.partial(
         pipeline.make_dataset, data.train_pattern,
@@ -485,12 +550,15 @@ class EpochRunner:
       n = min(config.log_every_steps, per_epoch - done,
               self.checkpointer.steps_until_due(global_step) or per_epoch)
       loss, agreed = self._train_steps(n)
+      self.guard.check_loss(loss, epoch + 1, done + 1, done + n, global_step + n)
       done, global_step, loss_sum = done + n, global_step + n, loss_sum + loss * n
       state.step.assign(global_step)
       state.epoch_loss.assign(loss_sum)
       self._log_progress(epoch, done, resumed_at, loss, start)
       # Mid-epoch checkpoints (the epoch's end saves after evaluation).
-      if done < per_epoch and self.checkpointer.save_if_due(global_step, agreed):
+      if done < per_epoch and self.checkpointer.is_due(global_step, agreed):
+        self.guard.check_weights(epoch + 1, global_step)
+        self.checkpointer.save(global_step)
         logging.info("Saved checkpoint %d (epoch %d, step %d of %d)", global_step, epoch + 1,
                      done, per_epoch)
     seconds = time.time() - start
