@@ -35,6 +35,8 @@ setup(
             # A real Cloud Storage API, offline, behind a TLS proxy with a test CA.
             "gcp-storage-emulator>=2026.7.19",
             "cryptography>=42",
+            # Property-based fuzzing of the readers (tests/fuzz_test.py).
+            "hypothesis>=6.100",
         ],
         # The peers bench/quality.py measures us against: never runtime dependencies.
         "bench": [

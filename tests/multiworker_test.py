@@ -148,3 +148,22 @@ def test_malformed_tf_config_is_a_start_up_error(data_dir, tmp_path, value, mess
                           capture_output=True, text=True, timeout=120)
   assert result.returncode == 2
   assert message in result.stderr
+
+
+def test_a_diverging_run_stops_every_worker_with_exit_code_3(data_dir, tmp_path):
+  model_dir = str(tmp_path / "model")
+  processes = _start([("worker", 0), ("worker", 1)], data_dir, model_dir, epochs=2,
+                     extra=("--optimizer=sgd", "--learning_rate=1e30", "--log_every_steps=1",
+                            "--checkpoint_every_secs=0"))
+  for p in processes:  # the loss is reduced across the workers: each stops at the same step
+    try:
+      p.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+      for q in processes:
+        q.kill()
+      pytest.fail("a worker kept running after the loss diverged")
+    log = open(p.log_path).read()
+    assert p.returncode == 3, log[-3000:]
+    assert "training diverged: the mean training loss of steps" in log
+  assert not os.path.exists(os.path.join(model_dir, "metrics.json"))
+  assert not os.path.exists(os.path.join(model_dir, "export"))

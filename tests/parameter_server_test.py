@@ -287,3 +287,23 @@ def test_parameter_server_without_ps_tasks_is_refused():
   with pytest.raises(ConfigError, match="--strategy=multi_worker_mirrored"):
     distribute.uses_parameter_servers("multi_worker_mirrored", cluster)
   assert distribute.uses_parameter_servers("auto", cluster)
+
+
+def test_a_diverging_run_stops_the_cluster_with_exit_code_3(ps_data, tmp_path):
+  model_dir = str(tmp_path / "ps")
+  processes = start_cluster(ps_data, model_dir, workers=1, ps=1,
+                            extra=("--epochs=2", "--optimizer=sgd", "--learning_rate=1e30",
+                                   "--log_every_steps=1"))
+  chief = processes[-1]
+  try:
+    out, _ = chief.communicate(timeout=300)
+  finally:
+    for p in processes[:-1]:
+      p.kill()
+      p.wait()
+  log = open(chief.log_path).read()
+  assert chief.returncode == 3, log[-3000:]
+  assert "training diverged: the mean training loss of steps" in log
+  assert out.strip() == ""
+  assert not os.path.exists(os.path.join(model_dir, "metrics.json"))
+  assert not os.path.exists(os.path.join(model_dir, "export"))
