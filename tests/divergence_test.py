@@ -109,3 +109,24 @@ def test_every_task_trains_with_default_flags(tmp_path, task):
   strict_json.loads(open(os.path.join(data_dir, "metadata.json")).read())
   assert json.loads(open(os.path.join(model_dir, "config.json")).read())["batch_size"] == (
       metrics["global_batch_size"])
+
+
+def test_ratings_that_overflow_the_loss_stop_the_run_naming_their_range(tmp_path):
+  # 3e38 is a float32 and passes preparation; its squared error does not fit one: the first
+  # step's loss is infinite. The message points at the data's range.
+  log = tmp_path / "log.csv"
+  log.write_text("user,item,rating\n" + "".join(
+      f"u{u},i{i},{'3e38' if (u + i) % 7 == 0 else 1 + (u * i) % 5}\n"
+      for u in range(20) for i in range(10)))
+  from trainer.config import PrepareConfig
+  from trainer.data import preparation
+  data_dir = str(tmp_path / "data")
+  preparation.prepare(PrepareConfig(output_dir=data_dir, source="csv", input=(str(log),),
+                                    user_column="user", item_column="item",
+                                    rating_column="rating", num_shards=1))
+  config = TrainConfig(data_dir=data_dir, model_dir=str(tmp_path / "m"), epochs=1,
+                       batch_size=32, log_every_steps=1, embedding_dim=4, hidden_units=4)
+  with pytest.raises(errors.DivergedError, match=r"steps 1-1 of epoch 1 \(global step 1\) is "
+                     r"(inf|nan); no finite loss was seen.*range over \[1, 3e\+38\]"):
+    train.train_and_evaluate(config)
+  _assert_nothing_shipped(config.model_dir)

@@ -154,7 +154,11 @@ def main(argv):
   print(strict_json.dumps({"output_dir": config.output_dir, "num_users": metadata.num_users,
                     "num_items": metadata.num_items, "num_train": metadata.num_train,
                     "num_eval": metadata.num_eval, "split": metadata.split,
-                    "bad_rows_skipped": metadata.bad_rows_skipped}, sort_keys=True))
+                    "rows_read": metadata.rows_read,
+                    "bad_rows_skipped": metadata.bad_rows_skipped,
+                    "bad_rows_by_reason": metadata.bad_rows_by_reason,
+                    "duplicates_merged": metadata.duplicates_merged,
+                    "rows_filtered": metadata.rows_filtered}, sort_keys=True))
 
 
 def run():
