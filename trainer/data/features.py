@@ -173,19 +173,12 @@ def read_feature_file(side: str, path: str, id_column: Optional[str],
     except ValueError:
       raise ValueError(f"--{side}_id_column / --{side}_feature_columns must name 0-based "
                        "column indices when the feature file has no header") from None
-  rows, reasons = values.split_lines(lines, delimiter)
-  utf8_bad = values.not_utf8(lines)
-  numbered = []
-  for k, (row, reason) in enumerate(zip(rows, reasons)):
-    if reason is not None:
-      row = ("quoting", f"malformed CSV quoting ({reason.split(':', 1)[1]})")
-    elif utf8_bad[k]:
-      row = ("encoding", "holds bytes that are not UTF-8 (re-encode the file as UTF-8)")
-    numbered.append((first + k, row, lines[k]))
   if fields is None:  # no header: the first row sets the width
-    fields = next((len(r) for _, r, line in numbered if line.strip() and isinstance(r, list)),
-                  None)
-  return _collect(side, path, specs, numbered, positions, bad, fields)
+    first_rows, _ = values.split_lines([line for line in lines if line.strip()][:1], delimiter)
+    fields = len(first_rows[0]) if first_rows and first_rows[0] is not None else None
+  rows, reasons = values.line_reasons(lines, delimiter, fields)
+  return _collect(side, path, specs, ((first + k, reason or row, line) for k, (row, reason, line)
+                                      in enumerate(zip(rows, reasons, lines))), positions, bad)
 
 
 def _read_text(path: str, encoding: str, errors: str = "replace") -> str:
@@ -197,11 +190,10 @@ def _read_text(path: str, encoding: str, errors: str = "replace") -> str:
 
 def _collect(side: str, path: str, specs: Sequence[FeatureSpec],
              rows: Iterable[Tuple[int, Any, str]], positions: List[int],
-             bad: Optional[values.Rejections] = None,
-             fields: Optional[int] = None) -> RawFeatures:
-  """Rows (line, fields or (reason, why), text) -> RawFeatures under the policy: a row with
-  another number of fields (`fields`; None: at least as many as the positions need), an empty,
-  unclean or repeated ID, or a bad number raises or, with `bad`, is counted and skipped."""
+             bad: Optional[values.Rejections] = None) -> RawFeatures:
+  """Rows (line, fields or (reason, why), text) -> RawFeatures under the policy: a row already
+  found bad, with too few fields for the positions, an empty, unclean or repeated ID, or a bad
+  number raises or, with `bad`, is counted and skipped."""
   out = RawFeatures(side, path, tuple(specs), [], {s.name: [] for s in specs}, [], bad)
   first_line: Dict[str, int] = {}
   width = max(positions) + 1
@@ -210,7 +202,7 @@ def _collect(side: str, path: str, specs: Sequence[FeatureSpec],
     if not text.strip():
       continue
     problem = row if isinstance(row, tuple) else _row_problem(
-        row, positions, specs, numeric, fields, width, side, first_line, path)
+        row, positions, specs, numeric, width, side, first_line, path)
     if problem is not None:
       values.reject(bad, problem[0], f"{path}:{line}: {problem[1]}: {text[:200]!r}")
       continue
@@ -232,12 +224,11 @@ def _collect(side: str, path: str, specs: Sequence[FeatureSpec],
 
 
 def _row_problem(row: List[str], positions: List[int], specs: Sequence[FeatureSpec],
-                 numeric: List[bool], fields: Optional[int], width: int, side: str,
+                 numeric: List[bool], width: int, side: str,
                  first_line: Dict[str, int], path: str) -> Optional[Tuple[str, str]]:
   """(reason, what is wrong) of a feature row, or None when it is good."""
-  if (len(row) != fields) if fields is not None else (len(row) < width):
-    return "fields", (f"expected {fields if fields is not None else f'at least {width}'} "
-                      f"fields, got {len(row)}")
+  if len(row) < width:
+    return "fields", f"expected at least {width} fields, got {len(row)}"
   raw_id = row[positions[0]].strip()
   reason = values.id_reason(raw_id)
   if reason is not None:

@@ -205,18 +205,8 @@ class DelimitedSource(Source):
       lines = [lines[k] for k in keep_lines]
     self.rows_read += len(lines)
     numbers = np.asarray(keep_lines, np.int64) + start
-    rows, split_reasons = values.split_lines(lines, self.delimiter)
-    reasons: List[Optional[Tuple[str, str]]] = [None] * len(lines)
-    not_utf8 = values.not_utf8(lines)
-    for k, row in enumerate(rows):
-      if row is None:
-        reasons[k] = ("quoting", f"malformed CSV quoting ({split_reasons[k].split(':', 1)[1]})")
-      elif len(row) != fields:
-        reasons[k] = ("fields", f"expected {fields} fields of {self.description}, got "
-                      f"{len(row)}")
-      elif not_utf8[k]:
-        reasons[k] = ("encoding", "holds bytes that are not UTF-8 (re-encode the file as "
-                      "UTF-8)")
+    rows, reasons = values.line_reasons(lines, self.delimiter, fields,
+                                        f" of {self.description}")
     good = [k for k, r in enumerate(reasons) if r is None]
     rows = [rows[k] for k in good]
     pu, pi, pr, pt = positions

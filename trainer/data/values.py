@@ -130,6 +130,32 @@ def split_lines(lines: Sequence[str],
   return rows, reasons
 
 
+def line_reasons(lines: Sequence[str], delimiter: str, fields: Optional[int],
+                 what: str = "") -> Tuple[List[Optional[List[str]]],
+                                         List[Optional[Tuple[str, str]]]]:
+  """Splits lines into fields and checks what concerns a whole line: its quoting, its field
+  count (`fields`; None: any) and its encoding.
+
+  Returns:
+    (fields of each line, None where malformed; (reason, what is wrong) of each bad line)
+  """
+  rows, split_reasons = split_lines(lines, delimiter)
+  encoding = not_utf8(lines)
+  reasons: List[Optional[Tuple[str, str]]] = []
+  for k, row in enumerate(rows):
+    if row is None:
+      reasons.append(("quoting",
+                      f"malformed CSV quoting ({split_reasons[k].split(':', 1)[1]})"))
+    elif fields is not None and len(row) != fields:
+      reasons.append(("fields", f"expected {fields} fields{what}, got {len(row)}"))
+    elif encoding[k]:
+      reasons.append(("encoding", "holds bytes that are not UTF-8 (re-encode the file as "
+                      "UTF-8)"))
+    else:
+      reasons.append(None)
+  return rows, reasons
+
+
 def not_utf8(lines: Sequence[str]) -> np.ndarray:
   """[n] bool: the line held bytes that are not UTF-8 (read with errors="surrogateescape")."""
   if not _NOT_UTF8.search("".join(lines)):
