@@ -96,3 +96,40 @@ def test_duplicate_rows_are_summed_like_a_segment_sum(layout, num_rows):
   assert sorted(rows.numpy().tolist()) == sorted(expected)
   for row, total in zip(rows.numpy(), summed.numpy()):
     np.testing.assert_allclose(total, expected[row], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: optimizers.make_optimizer("sgd", 1.0, loss_scale=True),
+    lambda: optimizers.make_optimizer("lazy_adam", 1.0, loss_scale=True),
+])
+def test_an_overflow_on_another_replica_is_skipped_by_every_replica(mirrored_strategy, make):
+  # Keras's own LossScaleOptimizer took `finite` from replica 0's gradients: replica 1's inf
+  # was summed into the update (the weight became -inf) and the scale stayed.
+  with mirrored_strategy.scope():
+    dense = keras.Variable(np.ones(2, "float32"))
+    table = keras.Variable(np.ones((4, 2), "float32"))
+    optimizer = make()
+    optimizer.build([dense, table])
+  scale = float(optimizer.dynamic_scale.numpy())
+
+  def step():
+    replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+    value = tf.where(tf.equal(replica, 1), np.inf, 1.0)
+    gradients = [tf.fill([2], value),
+                 tf.IndexedSlices(tf.fill([1, 2], value), tf.constant([2], tf.int64),
+                                  tf.constant([4, 2], tf.int64))]
+    optimizer.apply_gradients(zip(gradients, [dense, table]))
+
+  mirrored_strategy.run(tf.function(step))
+  assert float(optimizer.dynamic_scale.numpy()) == scale / 2  # lowered on every replica
+  for variable in (dense, table):
+    for replica_value in mirrored_strategy.experimental_local_results(variable.value):
+      np.testing.assert_array_equal(replica_value.numpy(), 1.0)  # the step was skipped
+
+
+def test_loss_scaling_checks_sparse_gradients_by_their_rows():
+  optimizer = optimizers.make_optimizer("sgd", 1.0, loss_scale=True)
+  rows = tf.IndexedSlices(tf.constant([[1.0, np.inf]]), tf.constant([3], tf.int64),
+                          tf.constant([1000000, 2], tf.int64))
+  assert not bool(optimizer.check_finite([rows]))
+  assert bool(optimizer.check_finite([tf.IndexedSlices(tf.ones([1, 2]), tf.constant([3]))]))

@@ -216,6 +216,29 @@ class LazyAdam(keras.optimizers.Optimizer):
     return config
 
 
+class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
+  """Keras's dynamic loss scaling, with finiteness decided over every replica's gradients.
+
+  Keras 3.15 takes `finite` from each replica's own gradients, before the inner optimizer
+  all-reduces them (and, under a merge call, from replica 0 alone), so an overflow on another
+  replica is summed into every update while the scale stays: on several GPUs a float16 run
+  writes inf into its weights. Here each replica's verdict is all-reduced first, so every
+  replica skips the step and lowers the scale together. Sparse gradients are checked by their
+  rows (`IndexedSlices.values`), never densified to a table-sized tensor.
+  """
+
+  def check_finite(self, grads):
+    verdicts = [tf.reduce_all(tf.math.is_finite(g.values if isinstance(g, tf.IndexedSlices)
+                                                else g)) for g in grads if g is not None]
+    finite = tf.reduce_all(tf.stack(verdicts)) if verdicts else tf.constant(True)
+    context = tf.distribute.get_replica_context()
+    if context is not None and context.num_replicas_in_sync > 1:
+      overflowed = context.all_reduce(tf.distribute.ReduceOp.SUM,
+                                      tf.cast(tf.logical_not(finite), tf.float32))
+      finite = tf.equal(overflowed, 0.0)
+    return finite
+
+
 def make_optimizer(name: str, learning_rate: float, warmup_steps: int = 0,
                    total_steps: int = 1, decay: str = "none",
                    loss_scale: bool = False) -> keras.optimizers.Optimizer:
@@ -236,5 +259,5 @@ def make_optimizer(name: str, learning_rate: float, warmup_steps: int = 0,
   else:
     raise ValueError(f"--optimizer={name!r} is not one of {', '.join(OPTIMIZERS)}")
   if loss_scale:
-    optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    optimizer = LossScaleOptimizer(optimizer, name="loss_scale_optimizer")
   return optimizer
