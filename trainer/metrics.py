@@ -228,8 +228,11 @@ def make_ranking_evaluation(model: keras.Model, strategy: tf.distribute.Strategy
     if not corrections:
       return sums
     ranks = len(corrections["hr"])  # how often each sampled rank occurs
-    return tf.concat([sums, tf.cast(tf.math.bincount(rank, minlength=ranks, maxlength=ranks),
-                                    tf.float32)], 0)
+    # A segment sum, not tf.math.bincount: GPU DenseBincount raises under op determinism.
+    # Ranks past the table (none, by construction) would be dropped, as bincount's maxlength.
+    counts = tf.math.unsorted_segment_sum(tf.ones_like(rank, tf.float32),
+                                          tf.where(rank < ranks, rank, -1), ranks)
+    return tf.concat([sums, counts], 0)
 
   def full_step(batch):
     users, items = batch[schema.USER], batch[schema.ITEM]

@@ -14,6 +14,7 @@ import math
 import keras
 import tensorflow as tf
 from keras import ops
+from tensorflow.python.framework import config as tf_config  # op determinism's state
 
 from trainer import distribute
 from trainer.config import OPTIMIZERS
@@ -85,14 +86,19 @@ def _sum_duplicates(gradient: tf.IndexedSlices, table_shape: tf.TensorShape):
 
   def into_table():
     n = tf.shape(indices, out_type=tf.int64)[0]
-    # The sum as one-hot^T x values, a sparse-dense matmul (TensorFlow's scatter-adds cost
-    # ~100 ns a row here), over column blocks whose table-sized result stays in cache.
-    one_hot = tf.SparseTensor(tf.stack([tf.range(n), tf.cast(indices, tf.int64)], 1),
-                              tf.ones([n], values.dtype), tf.stack([n, num_rows]))
     flat = tf.reshape(values, [n, width])
-    table = tf.concat([tf.sparse.sparse_dense_matmul(one_hot, flat[:, k:k + _BLOCK_COLUMNS],
-                                                     adjoint_a=True)
-                       for k in range(0, width, _BLOCK_COLUMNS)], 1)
+    if tf_config.is_op_determinism_enabled():
+      # GPU SparseTensorDenseMatMul raises under op determinism; the segment sum has a
+      # deterministic (sorted) GPU kernel.
+      table = tf.math.unsorted_segment_sum(flat, indices, num_rows)
+    else:
+      # The sum as one-hot^T x values, a sparse-dense matmul (TensorFlow's scatter-adds cost
+      # ~100 ns a row here), over column blocks whose table-sized result stays in cache.
+      one_hot = tf.SparseTensor(tf.stack([tf.range(n), tf.cast(indices, tf.int64)], 1),
+                                tf.ones([n], values.dtype), tf.stack([n, num_rows]))
+      table = tf.concat([tf.sparse.sparse_dense_matmul(one_hot, flat[:, k:k + _BLOCK_COLUMNS],
+                                                       adjoint_a=True)
+                         for k in range(0, width, _BLOCK_COLUMNS)], 1)
     count = tf.math.unsorted_segment_sum(tf.ones_like(indices, tf.int32), indices, num_rows)
     rows = tf.cast(tf.where(count > 0)[:, 0], indices.dtype)
     summed = tf.gather(table, rows)
