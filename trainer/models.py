@@ -47,6 +47,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 from keras import layers, ops
+# Whether a function is being traced for XLA, where shapes must be static.
+from tensorflow.python.ops import control_flow_util
 
 from trainer import distribute, feature_layers, parameter_server, schema
 from trainer.data import artifacts
@@ -721,10 +723,15 @@ class HistoryTable(layers.Layer):
     return config
 
 
+# Interactions coded per chunk by InteractionTable, x the code size: bounds the [chunk, d]
+# rows gathered at once (2^26 floats, 256 MiB).
+INTERACTION_CHUNK = 1 << 26
+
+
 @keras.saving.register_keras_serializable(package="neumf_trainer")
 class InteractionTable(layers.Layer):
   """The training interactions as fixed weights, one row per item (compressed sparse rows over
-  users): `call(items)` is the batch's rows as a SparseTensor [b, columns]. The SavedModel and
+  users): `call(items, table)` is each item's row times `table` [columns, d]. The SavedModel and
   checkpoints carry them, so serving encodes a known item as training did.
 
   Args:
@@ -732,12 +739,13 @@ class InteractionTable(layers.Layer):
     interactions: {indptr [rows + 1], indices [n] (columns), values [n]}; or {"count": n}
       (a layer rebuilt from its config) for n zeros to be restored from a checkpoint; None:
       none.
+    chunk: at most this many values (interactions x d) gathered at once.
   """
 
   def __init__(self, rows: int, columns: int, interactions: Optional[Mapping] = None,
-               **kwargs):
+               chunk: int = INTERACTION_CHUNK, **kwargs):
     super().__init__(**kwargs)
-    self.rows, self.columns = rows, columns
+    self.rows, self.columns, self.chunk = rows, columns, chunk
     if interactions is not None and "indptr" not in interactions:
       self.count, interactions = int(interactions["count"]), None
     else:
@@ -752,21 +760,53 @@ class InteractionTable(layers.Layer):
           self, name, shape, dtype,
           None if interactions is None else np.asarray(interactions[name], dtype)))
 
-  def call(self, ids):
+  def call(self, ids, table):
+    """sum_j values_j table[columns_j] over each row of `ids`: [len(ids), d] float32.
+
+    Gathers and segment sums, which every device, op determinism and XLA support (a sparse
+    product has no XLA kernel, raises under determinism on a GPU and refuses nnz x d > 2^31
+    there; a ragged range runs on the host). Outside XLA, the rows' interactions are taken
+    `chunk` at a time, so memory stays chunk x d however many rows are coded (the whole
+    catalogue, for full evaluation and serving). Inside an XLA function, where shapes must be
+    static, every row is coded and the batch's gathered.
+    """
     ids = ops.cast(ids, "int64")
+    table = tf.cast(table, tf.float32)
+    if control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
+      return tf.gather(self._every_row(table), ids)
     indptr = distribute.local_variable(self.indptr.value)
-    starts, ends = tf.gather(indptr, ids), tf.gather(indptr, ids + 1)
-    positions = tf.ragged.range(starts, ends)  # [b, (row length)]
-    flat = positions.flat_values
-    columns = tf.gather(distribute.local_variable(self.indices.value), flat)
-    return tf.SparseTensor(
-        tf.stack([positions.value_rowids(), columns], axis=1),
-        tf.gather(distribute.local_variable(self.values.value), flat),
-        tf.stack([tf.shape(ids, out_type=tf.int64)[0], tf.constant(self.columns, tf.int64)]))
+    starts, lengths = tf.gather(indptr, ids), tf.gather(indptr, ids + 1) - tf.gather(indptr, ids)
+    ends = tf.cumsum(lengths)  # [b]: where each row's interactions end in the batch's
+    total = tf.reduce_sum(lengths)
+    chunk = tf.constant(max(1, self.chunk // max(1, int(table.shape[-1] or 1))), tf.int64)
+
+    def body(done, out):
+      at = tf.range(done, tf.minimum(done + chunk, total))  # [c] positions in the batch's
+      row = tf.searchsorted(ends, at, side="right")  # [c] the row each belongs to
+      position = tf.gather(starts, row) + at - (tf.gather(ends, row) - tf.gather(lengths, row))
+      columns = tf.gather(distribute.local_variable(self.indices.value), position)
+      values = tf.cast(tf.gather(distribute.local_variable(self.values.value), position),
+                       tf.float32)  # (read in the compute dtype under mixed precision)
+      return done + chunk, out + tf.math.unsorted_segment_sum(
+          values[:, None] * tf.gather(table, columns), row, tf.shape(ids)[0])
+
+    out = tf.zeros([tf.shape(ids)[0], tf.shape(table)[1]], tf.float32)
+    return tf.while_loop(lambda done, _: done < total, body,
+                         (tf.constant(0, tf.int64), out))[1]
+
+  def _every_row(self, table):
+    """Every row's sum (static shapes): [rows, d]."""
+    indptr = distribute.local_variable(self.indptr.value)
+    row = tf.searchsorted(indptr[1:], tf.range(self.count, dtype=tf.int64), side="right")
+    values = tf.cast(distribute.local_variable(self.values.value), tf.float32)
+    columns = distribute.local_variable(self.indices.value)
+    return tf.math.unsorted_segment_sum(values[:, None] * tf.gather(table, columns), row,
+                                        self.rows)
 
   def get_config(self):
     config = super().get_config()
-    config.update(rows=self.rows, columns=self.columns, interactions={"count": self.count})
+    config.update(rows=self.rows, columns=self.columns, interactions={"count": self.count},
+                  chunk=self.chunk)
     return config
 
 
@@ -835,10 +875,7 @@ class AutoRec(Recommender):
     encoder = ops.cast(self.encoder(tf.range(self.encoder_rows))
                        if parameter_server.is_sharded(table) else tf.convert_to_tensor(table),
                        "float32")
-    ratings = self.history(unique)  # [unique ids, other side + 1]
-    encoded = tf.sparse.sparse_dense_matmul(
-        tf.SparseTensor(ratings.indices, tf.cast(ratings.values, tf.float32),
-                        ratings.dense_shape), encoder)  # [unique ids, d]
+    encoded = self.history(unique, encoder)  # [unique ids, d]
     pre = tf.gather(encoded, position)
     if own is not None:
       pre -= ops.cast(own, "float32")[:, None] * tf.gather(encoder, ops.cast(others, "int64"))
