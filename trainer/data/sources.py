@@ -207,8 +207,11 @@ class DelimitedSource(Source):
     numbers = np.asarray(keep_lines, np.int64) + start
     rows, reasons = values.line_reasons(lines, self.delimiter, fields,
                                         f" of {self.description}")
-    good = [k for k, r in enumerate(reasons) if r is None]
-    rows = [rows[k] for k in good]
+    if any(reasons):
+      good = [k for k, r in enumerate(reasons) if r is None]
+      rows = [rows[k] for k in good]
+    else:
+      good = range(len(rows))
     pu, pi, pr, pt = positions
     users = [r[pu].strip() for r in rows]
     items = [r[pi].strip() for r in rows]
@@ -231,21 +234,27 @@ class DelimitedSource(Source):
       raw = [r[pt].strip() for r in rows]
       timestamps, bad = values.parse_integers(raw)
       self._check(reasons, good, "timestamp", raw, bad)
-    for k, reason in enumerate(reasons):  # in line order: the first bad line is the error
-      if reason is not None:
-        values.reject(self.bad, reason[0], f"{path}:{numbers[k]}: {reason[1]}: "
-                      f"{_shown(lines[k])}")
-    valid = np.array([reasons[k] is None for k in good], bool)
-    if not valid.all():
-      users = [u for u, v in zip(users, valid) if v]
-      items = [i for i, v in zip(items, valid) if v]
-      ratings = ratings[valid]
-      timestamps = None if timestamps is None else timestamps[valid]
-    numbers = numbers[[k for k, r in enumerate(reasons) if r is None]]
+    if any(reasons):
+      users, items, ratings, timestamps, numbers = self._drop_bad(
+          path, lines, numbers, reasons, good, users, items, ratings, timestamps)
     if not users:
       return None
     return Chunk(np.array(users), np.array(items), ratings.astype(np.float32), timestamps,
                  file_index, numbers)
+
+  def _drop_bad(self, path, lines, numbers, reasons, good, users, items, ratings, timestamps):
+    """Raises for, or counts, the bad rows (in line order: the first bad line is the error)
+    and returns the columns of the others."""
+    for k, reason in enumerate(reasons):
+      if reason is not None:
+        values.reject(self.bad, reason[0], f"{path}:{numbers[k]}: {reason[1]}: "
+                      f"{_shown(lines[k])}")
+    valid = np.array([reasons[k] is None for k in good], bool)
+    users = [u for u, v in zip(users, valid) if v]
+    items = [i for i, v in zip(items, valid) if v]
+    timestamps = None if timestamps is None else timestamps[valid]
+    numbers = numbers[[k for k, r in enumerate(reasons) if r is None]]
+    return users, items, ratings[valid], timestamps, numbers
 
   @staticmethod
   def _check(reasons, good, column, raw, bad) -> None:

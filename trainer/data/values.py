@@ -102,16 +102,19 @@ def check_header(path: str, names: Sequence[str]) -> None:
     seen[name] = position
 
 
-def split_lines(lines: Sequence[str],
-                delimiter: str) -> Tuple[List[Optional[List[str]]], List[Optional[str]]]:
+def split_lines(lines: Sequence[str], delimiter: str, quoted: bool = True
+                ) -> Tuple[List[Optional[List[str]]], List[Optional[str]]]:
   """Splits each line into fields, each on its own (a quoted field never spans lines).
+
+  Args:
+    quoted: False when no line holds a quote character (the caller looked): one fast pass.
 
   Returns:
     (fields of each line, None where it is malformed; the reason of each malformed line)
   """
   if len(delimiter) > 1:
     return [line.split(delimiter) for line in lines], [None] * len(lines)
-  if not any('"' in line for line in lines):  # no quoting: one fast pass
+  if not quoted or '"' not in "".join(lines):  # no quoting: one fast pass
     try:
       rows = list(csv.reader(lines, delimiter=delimiter, strict=True))
       if len(rows) == len(lines):
@@ -139,8 +142,13 @@ def line_reasons(lines: Sequence[str], delimiter: str, fields: Optional[int],
   Returns:
     (fields of each line, None where malformed; (reason, what is wrong) of each bad line)
   """
-  rows, split_reasons = split_lines(lines, delimiter)
-  encoding = not_utf8(lines)
+  text = "".join(lines)
+  rows, split_reasons = split_lines(lines, delimiter, quoted='"' in text)
+  encoding = (np.zeros(len(lines), bool) if not _NOT_UTF8.search(text)
+              else np.array([bool(_NOT_UTF8.search(line)) for line in lines], bool))
+  if (all(r is None for r in split_reasons) and not encoding.any()
+      and (fields is None or set(map(len, rows)) <= {fields})):
+    return rows, [None] * len(rows)  # the common case, without a loop in Python
   reasons: List[Optional[Tuple[str, str]]] = []
   for k, row in enumerate(rows):
     if row is None:
@@ -154,13 +162,6 @@ def line_reasons(lines: Sequence[str], delimiter: str, fields: Optional[int],
     else:
       reasons.append(None)
   return rows, reasons
-
-
-def not_utf8(lines: Sequence[str]) -> np.ndarray:
-  """[n] bool: the line held bytes that are not UTF-8 (read with errors="surrogateescape")."""
-  if not _NOT_UTF8.search("".join(lines)):
-    return np.zeros(len(lines), bool)
-  return np.array([bool(_NOT_UTF8.search(line)) for line in lines], bool)
 
 
 # ----------------------------------------------------------------------------- columns
