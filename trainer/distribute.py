@@ -141,6 +141,17 @@ def configure_cpu_devices(num_devices: int) -> None:
                          f"{have} CPU devices; configure devices before any op runs") from e
 
 
+# Take the code paths chosen for GPUs on a machine without one (tests and debugging).
+GPU_CODE_PATHS_VARIABLE = "NEUMF_GPU_CODE_PATHS"
+
+
+def gpu_code_paths() -> bool:
+  """Whether to build the graphs chosen for GPUs: a GPU is visible, or
+  NEUMF_GPU_CODE_PATHS=1 asks for them on CPUs (where each still runs, only slower)."""
+  return (os.environ.get(GPU_CODE_PATHS_VARIABLE) == "1"
+          or bool(tf.config.list_logical_devices("GPU")))
+
+
 def local_variable(variable: tf.Variable) -> tf.Variable:
   """`variable`, or under a strategy the copy of the current replica (or of the device an
   optimizer update runs on): the one to gather rows from.

@@ -766,17 +766,17 @@ class InteractionTable(layers.Layer):
 
     Three ways, each where it is right. Inside an XLA function, where shapes must be static,
     every row is coded and the batch's gathered (a sparse product and a ragged range have no
-    XLA kernels). On a machine with GPUs (`segments` forces it), gathers and segment sums,
-    `chunk` values at a time, so memory stays bounded however many rows are coded (the whole
-    catalogue, for full evaluation and serving): the GPU sparse product raises under op
-    determinism and refuses nnz x d > 2^31, and a ragged range runs on the host. On CPUs, the
-    sparse product, 1.25x faster here than the segment sums for the ML-100K recipe.
+    XLA kernels). On a machine with GPUs (`distribute.gpu_code_paths`; `segments` forces it),
+    gathers and segment sums, `chunk` values at a time, so memory stays bounded however many
+    rows are coded (the whole catalogue, for full evaluation and serving): the GPU sparse
+    product raises under op determinism and refuses nnz x d > 2^31, and a ragged range runs
+    on the host. On CPUs, the sparse product, faster there (README, "On GPUs").
     """
     ids = ops.cast(ids, "int64")
     table = tf.cast(table, tf.float32)
     if control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
       return tf.gather(self._every_row(table), ids)
-    if not (self.segments or tf.config.list_logical_devices("GPU")):
+    if not (self.segments or distribute.gpu_code_paths()):
       return self._sparse_product(ids, table)
     indptr = distribute.local_variable(self.indptr.value)
     starts, lengths = tf.gather(indptr, ids), tf.gather(indptr, ids + 1) - tf.gather(indptr, ids)
