@@ -88,19 +88,26 @@ def test_the_cli_exits_3_and_says_what_to_try(tiny_data_dir, tmp_path):
   _assert_nothing_shipped(model_dir)
 
 
+@pytest.fixture(scope="module")
+def implicit_dir(tmp_path_factory):
+  from trainer.config import PrepareConfig
+  from trainer.data import preparation
+  out = str(tmp_path_factory.mktemp("defaults_implicit"))
+  preparation.prepare(PrepareConfig(output_dir=out, num_users=100, num_items=60,
+                                    num_ratings=3000, num_shards=1, implicit=True,
+                                    split="leave_one_out", eval_negatives=20))
+  return out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["explicit", "implicit", "implicit_bpr", "implicit_softmax"])
-def test_every_task_trains_with_default_flags(tmp_path, task):
-  data_dir = str(tmp_path / "data")
-  implicit = task != "explicit"
-  run_cli("trainer.prepare", "--source=synthetic", f"--output_dir={data_dir}",
-          "--num_users=100", "--num_items=60", "--num_ratings=3000", "--num_shards=1",
-          *(["--implicit", "--split=leave_one_out", "--eval_negatives=20"] if implicit else []))
+def test_every_task_trains_with_default_flags(tiny_data_dir, implicit_dir, tmp_path, task):
+  # TrainConfig's defaults are the flags' (task.py takes them from the dataclass).
   model_dir = str(tmp_path / "model")
-  model = ["--model=mf"] if task == "implicit_softmax" else []  # seed_mlp has no catalogue
-  result = run_cli("trainer.task", f"--data_dir={data_dir}", f"--model_dir={model_dir}",
-                   f"--task={task}", "--epochs=1", *model, timeout=600)
-  metrics = strict_json.loads(result.stdout.strip().splitlines()[-1])
+  model = {"model": "mf"} if task == "implicit_softmax" else {}  # seed_mlp has no catalogue
+  data_dir = tiny_data_dir if task == "explicit" else implicit_dir
+  metrics = train.train_and_evaluate(TrainConfig(data_dir=data_dir, model_dir=model_dir,
+                                                 task=task, epochs=1, **model))
   assert metrics["global_batch_size"] == (1020 if task in ("implicit", "implicit_bpr")
                                           else 1024)
   # Every JSON written is strict: no NaN or Infinity anywhere.
