@@ -109,8 +109,8 @@ class _Scratch:
 
   def _write(self, bucket: int, columns: Dict[str, np.ndarray]) -> None:
     self._columns = list(columns)
-    for name, values in columns.items():
-      np.save(self._path(bucket, self._parts[bucket], name), values)
+    for name, column in columns.items():
+      np.save(self._path(bucket, self._parts[bucket], name), column)
     self._parts[bucket] += 1
 
   def append(self, bucket_of_rows: np.ndarray, columns: Dict[str, np.ndarray]) -> None:
@@ -702,9 +702,9 @@ def _write_feature_table(table: features.FeatureTable, tmp_dir: str, scratch_dir
   """Writes a side's feature arrays and vocabularies; returns the table's file name."""
   name = schema.feature_table_file(table.side)
   _write_npz(fileio.join(tmp_dir, name), scratch_dir, **table.arrays)
-  for feature, values in table.vocabularies.items():
+  for feature, vocabulary in table.vocabularies.items():
     fileio.write_lines(fileio.join(tmp_dir, schema.feature_vocab_file(table.side, feature)),
-                       values)
+                       vocabulary)
   if table.rows_without_entity or table.entities_without_row:
     logging.warning("%s features: %d rows of IDs not in the log (ignored); %d %ss of the log "
                     "have no row (every feature missing)", table.side,
