@@ -150,3 +150,69 @@ def test_a_failing_write_is_retried_then_named(tmp_path, monkeypatch, retries):
   with pytest.raises(StorageError, match="writing checkpoint 4 to .* failed"):
     checkpointer.save(4)
   assert calls == [4] * (retries + 1)
+
+
+def _legacy_copy(path: str, out: str, change=None) -> str:
+  """`path` rewritten as a checkpoint of before int64 feature index tables: every variable
+  under its key, the index tables as int32 `indices` (`change` edits them first)."""
+  reader = tf.train.load_checkpoint(path)
+  root, top = tf.Module(), set()
+  for key in reader.get_variable_to_dtype_map():
+    if not key.endswith("/.ATTRIBUTES/VARIABLE_VALUE") or key.startswith("save_counter"):
+      continue
+    parts = key.split("/")[:-2]
+    value = reader.get_tensor(key)
+    if parts[-1] == "index_table":
+      parts[-1], value = "indices", (change or (lambda v: v))(value.astype(np.int32))
+    node = root
+    top.add(parts[0])
+    for part in parts[:-1]:
+      if not hasattr(node, part):
+        setattr(node, part, tf.Module())
+      node = getattr(node, part)
+    setattr(node, parts[-1], tf.Variable(value))
+  return tf.train.Checkpoint(**{name: getattr(root, name) for name in top}).write(out)
+
+
+def test_a_checkpoint_with_int32_feature_index_tables_restores(tmp_path):
+  """Checkpoints of older versions hold the feature index tables as int32 (no GPU kernel,
+  now int64): a resume and an export still read them, and refuse other data's tables."""
+  from models_test import _feature_tables
+  from trainer.checkpointer import restore
+  from trainer.errors import ConfigError
+
+  def parts():
+    keras.utils.set_random_seed(0)
+    model = models.build_model("gmf", 10, 11, 4, features=_feature_tables())
+    optimizer = optimizers.make_optimizer("lazy_adam", 0.1)
+    optimizer.build(model.trainable_variables)
+    return model, optimizer, TrainingState.create()
+
+  model, optimizer, state = parts()
+  assert model.item_feature_tables.index_table.dtype == "int64"
+  checkpointer = Checkpointer(_config(tmp_path / "new"), tf.distribute.get_strategy(), model,
+                              optimizer, state)
+  _step(model, optimizer)
+  checkpointer.save(3)
+  path = tf.train.latest_checkpoint(checkpointer.directory)
+  legacy = _legacy_copy(path, str(tmp_path / "legacy" / "ckpt-3"))
+  assert tf.train.load_checkpoint(legacy).get_variable_to_dtype_map()[
+      "model/item_feature_tables/indices/.ATTRIBUTES/VARIABLE_VALUE"] == tf.int32
+  model2, optimizer2, state2 = parts()
+  plain = tf.train.Checkpoint(model=model2).read(legacy)  # what a plain restore does with it
+  with pytest.raises(AssertionError, match=r"indices_table, shape=\(11, 3\), dtype=int64"):
+    plain.assert_existing_objects_matched()
+  plain.expect_partial()
+
+  restore(tf.train.Checkpoint(model=model2, optimizer=optimizer2, state=state2.variables()),
+          legacy, model2)
+  for a, b in zip(_weights(model2), _weights(model)):
+    np.testing.assert_array_equal(a, b)
+  fresh = parts()[0].trainable_weights[0].numpy()
+  assert not np.array_equal(fresh, model2.trainable_weights[0].numpy())  # it did restore
+  assert int(state2.step.numpy()) == int(state.step.numpy())
+
+  other = _legacy_copy(path, str(tmp_path / "other" / "ckpt-3"), change=lambda v: v[::-1])
+  with pytest.raises(ConfigError, match=r"ckpt-3: its item_feature_tables .* differ from the "
+                     "ones built from the data directory's feature files"):
+    restore(tf.train.Checkpoint(model=parts()[0]), other, model2)

@@ -162,10 +162,6 @@ def _host_by_design(op: str, dtypes: str) -> bool:
 # (op, dtype attrs) placed on the host today, tracked in issue #25 (and named in
 # ../shared/notes/gpu_audit.md): each is a copy or a sync, not an error, without XLA.
 KNOWN_HOST_OPS = {
-    # S5/R4: the side-feature index table is int32, which has no GPU gather kernel (its dtype
-    # is a checkpoint key's: changing it needs a restore that converts old checkpoints).
-    ("ResourceGather", "Tindices=int32,dtype=int32"),
-    ("ResourceGather", "Tindices=int64,dtype=int32"),
     # TensorFlow's own all-gather of sparse gradients pads int64 indices (cross_device_utils).
     ("Pad", "T=int64,Tpaddings=int32"),
     # S7: the full protocol's mask of seen items is built from ragged rows on the host.
@@ -270,6 +266,68 @@ def guard_violations(functions, deterministic=False):
 
 
 @pytest.fixture(scope="module")
+def featured_data(tmp_path_factory):
+  """Explicit ratings with side features of every kind on both sides (small vocabularies: the
+  feature embeddings' XLA-compiled dense path)."""
+  root = tmp_path_factory.mktemp("guard_features")
+  rng = np.random.default_rng(0)
+  (root / "log.csv").write_text("user,item,rating\n" + "".join(
+      f"u{u},i{i},{1 + (u * i) % 5}\n" for u in range(40) for i in rng.choice(30, 12, False)))
+  (root / "users.csv").write_text("id,age,job\n" + "".join(
+      f"u{u},{18 + u},{('a', 'b', 'c')[u % 3]}\n" for u in range(40)))
+  (root / "items.csv").write_text("id,tags,year\n" + "".join(
+      f"i{i},{'|'.join(('x', 'y', 'z')[:1 + i % 3])},{1990 + i}\n" for i in range(30)))
+  from trainer.config import PrepareConfig
+  from trainer.data import preparation
+  out = str(root / "data")
+  preparation.prepare(PrepareConfig(
+      output_dir=out, source="csv", input=(str(root / "log.csv"),), user_column="user",
+      item_column="item", rating_column="rating", user_features=str(root / "users.csv"),
+      user_id_column="id", user_feature_columns="age:numeric,job:categorical",
+      item_features=str(root / "items.csv"), item_id_column="id",
+      item_feature_columns="tags:multi_hot:|,year:bucketized:4", num_shards=1))
+  return out
+
+
+def _gpu_kernel_dtype(op: str, dtype) -> bool:
+  """Whether `op` has a GPU kernel for variables of `dtype`."""
+  node = tf.compat.v1.NodeDef(op=op, attr={"dtype": tf.compat.v1.AttrValue(
+      type=tf.as_dtype(dtype).as_datatype_enum)})
+  return _has_kernel(node, ("GPU", "DEFAULT"))
+
+
+def test_side_features_train_with_jit_where_host_variables_sit_on_another_device(
+    featured_data, tmp_path):
+  """R4: on a GPU, a variable whose dtype has no GPU kernel stays on the host, where an
+  XLA-compiled step cannot read it. Here such variables are put on the second logical CPU
+  while the step runs on the first: the compiled step must not need any."""
+  from trainer import train
+  from trainer.config import TrainConfig
+  assert not _gpu_kernel_dtype("ResourceGather", tf.int32)  # the registry's rule, checked
+  assert _gpu_kernel_dtype("ResourceGather", tf.int64)
+  created, moved = [], []
+
+  def like_a_gpu(next_creator, **kwargs):
+    variable = next_creator(**kwargs)
+    created.append(variable.dtype)
+    if variable.dtype != tf.string and not (  # strings: serving's lookups, host by design
+        _gpu_kernel_dtype("VarHandleOp", variable.dtype)
+            and _gpu_kernel_dtype("ResourceGather", variable.dtype)):
+      moved.append(variable.name)
+      with tf.device("/cpu:1"):
+        variable = next_creator(**kwargs)
+    return variable
+
+  config = TrainConfig(data_dir=featured_data, model_dir=str(tmp_path / "m"), model="neumf",
+                       embedding_dim=4, mlp_embedding_dim=4, layers=(8, 4), epochs=1,
+                       batch_size=64, jit_compile=True, checkpoint_every_secs=0)
+  with tf.device("/cpu:0"), tf.variable_creator_scope(like_a_gpu):
+    result = train.train_and_evaluate(config)
+  assert tf.int64 in created and np.isfinite(result["eval_rmse"])
+  assert not moved, f"variables a GPU keeps on the host: {moved}"
+
+
+@pytest.fixture(scope="module")
 def implicit_data(tmp_path_factory):
   from trainer.config import PrepareConfig
   from trainer.data import preparation
@@ -280,29 +338,33 @@ def implicit_data(tmp_path_factory):
   return out
 
 
-GRID = [  # (model, task, optimizer, precision, jit): every model, task, optimizer and precision,
-    # with and without XLA
-    ("seed_mlp", "explicit", "adam", "float32", True),
-    ("neumf", "implicit", "lazy_adam", "bfloat16", False),
-    ("gmf", "implicit_bpr", "adagrad", "float32", True),
-    ("mf", "implicit_softmax", "sgd", "float16", False),
-    ("mlp", "implicit", "lazy_adam", "float32", False),
-    ("autorec", "explicit", "lazy_adam", "float16", True),
+GRID = [  # (model, task, optimizer, precision, jit, side features): every model, task,
+    # optimizer and precision, with and without XLA, and side features with each
+    ("seed_mlp", "explicit", "adam", "float32", True, False),
+    ("neumf", "implicit", "lazy_adam", "bfloat16", False, False),
+    ("gmf", "implicit_bpr", "adagrad", "float32", True, False),
+    ("mf", "implicit_softmax", "sgd", "float16", False, False),
+    ("mlp", "implicit", "lazy_adam", "float32", False, False),
+    ("autorec", "explicit", "lazy_adam", "float16", True, False),
+    ("neumf", "explicit", "adam", "bfloat16", True, True),
+    ("mf", "explicit", "lazy_adam", "float16", False, True),
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model,task,optimizer,precision,jit", GRID,
-                         ids=["-".join(map(str, g)) for g in GRID])
+@pytest.mark.parametrize("model,task,optimizer,precision,jit,features", GRID,
+                         ids=["-".join(map(str, g[:5])) + ("-features" if g[5] else "")
+                              for g in GRID])
 def test_every_op_of_training_and_evaluation_has_a_gpu_kernel(
-    tiny_data_dir, implicit_data, mirrored_strategy, tmp_path, monkeypatch, model, task,
-    optimizer, precision, jit):
+    tiny_data_dir, implicit_data, featured_data, mirrored_strategy, tmp_path, monkeypatch,
+    model, task, optimizer, precision, jit, features):
   from trainer import export, train
   from trainer.config import TrainConfig
   tf.function(lambda x: x + 1, jit_compile=True)(tf.ones(1))  # registers the XLA kernels
   monkeypatch.setenv("NEUMF_GPU_CODE_PATHS", "1")  # build what a GPU machine builds
   config = TrainConfig(
-      data_dir=tiny_data_dir if task == "explicit" else implicit_data,
+      data_dir=(featured_data if features else tiny_data_dir if task == "explicit"
+                else implicit_data),
       model_dir=str(tmp_path / "m"), model=model, task=task, optimizer=optimizer,
       mixed_precision=precision, jit_compile=jit, epochs=1, batch_size=60 if task in (
           "implicit", "implicit_bpr") else 64, embedding_dim=4, hidden_units=4,
@@ -319,6 +381,32 @@ def test_every_op_of_training_and_evaluation_has_a_gpu_kernel(
   steps = step_functions({n: f for n, f in functions.items() if n not in serving})
   assert any("train_loop" in n for n in steps) and any("sums" in n for n in steps), sorted(steps)
   broken = guard_violations(steps)
-  assert not broken, "\n".join(f"{config.model} ({task}, {optimizer}, {precision}, jit {jit}): "
+  assert not broken, "\n".join(f"{config.model} ({task}, {optimizer}, {precision}, jit {jit}, "
+                               f"features {features}): "
                                f"{rule}: {op} [{dtypes}] in {name}"
                                for rule, op, dtypes, name in broken)
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_feature_gradients_sum_in_float32_under_mixed_precision(policy):
+  """M1: one feature value shared by 4096 rows of a batch sums 4096 gradients into its row;
+  in bfloat16 the sum stops at 256 (256 + 1 rounds to 256)."""
+  import keras
+  from trainer import feature_layers as fl
+  infos = [fl.FeatureInfo("item", "genre", "categorical", 3)]
+  previous = keras.config.dtype_policy()
+  keras.config.set_dtype_policy(policy)
+  try:
+    layer = fl.FeatureEmbedding(infos, 2)
+  finally:
+    keras.config.set_dtype_policy(previous)
+  rows = 4096
+  combined = {"indices": tf.ones([rows, 1], tf.int64), "weights": tf.ones([rows, 1]),
+              "numeric": tf.zeros([rows, 0])}
+  with tf.GradientTape() as tape:
+    output = layer(combined, training=True)
+    loss = tf.reduce_sum(tf.cast(output, tf.float32))
+  assert output.dtype == layer.compute_dtype != "float32"
+  gradient = tf.convert_to_tensor(tape.gradient(loss, layer.embeddings.value))
+  assert gradient.dtype == tf.float32
+  np.testing.assert_array_equal(gradient.numpy()[1], [rows, rows])

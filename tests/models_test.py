@@ -297,7 +297,7 @@ def test_feature_embedding_takes_serving_inputs_of_any_width():
   layer = fl.FeatureEmbedding(side.infos, 3)
   combined = tables(tf.constant([0, 3, 1]))
 
-  @tf.function(input_signature=[{"indices": tf.TensorSpec([None, None], tf.int32),
+  @tf.function(input_signature=[{"indices": tf.TensorSpec([None, None], tf.int64),
                                   "weights": tf.TensorSpec([None, None], tf.float32),
                                   "numeric": tf.TensorSpec([None, 1], tf.float32)}])
   def serve(given):

@@ -11,6 +11,7 @@ removed by `clean_up`. Every write is retried on transient storage errors (`file
 """
 
 import dataclasses
+import re
 import time
 from typing import Optional
 
@@ -20,8 +21,41 @@ from absl import logging
 
 from trainer import distribute, fileio
 from trainer.config import TrainConfig
+from trainer.errors import ConfigError
 
 BEST_SUBDIR = "best"
+
+# Checkpoints written before the side-feature index tables became int64 hold them as int32
+# under this key (a dtype change no restore converts).
+LEGACY_INDEX_TABLE = re.compile(r"^model/(\w+_feature_tables)/indices/\.ATTRIBUTES/VARIABLE_VALUE$")
+
+
+def restore(checkpoint: tf.train.Checkpoint, path: str, model: keras.Model,
+            partial: bool = False) -> None:
+  """Restores `path` into `checkpoint` (whose `model` is `model`): every object the
+  checkpoint holds must match unless `partial`.
+
+  A checkpoint from before int64 feature index tables holds int32 ones: the model's, built
+  from the same prepared data, must equal them (they are the feature files' values, never
+  trained), and then the rest is restored around them.
+  """
+  reader = tf.train.load_checkpoint(path)
+  legacy = {key: LEGACY_INDEX_TABLE.match(key).group(1)
+            for key in reader.get_variable_to_dtype_map() if LEGACY_INDEX_TABLE.match(key)}
+  for key, layer in legacy.items():
+    saved, built = reader.get_tensor(key), getattr(model, layer).index_table.numpy()
+    if saved.shape != built.shape or (saved != built).any():
+      raise ConfigError(f"checkpoint {path}: its {layer} (int32, written by an older version) "
+                        f"differ from the ones built from the data directory's feature files: "
+                        f"the run was trained on other prepared data")
+  status = checkpoint.restore(path)
+  if partial or legacy:
+    if legacy:
+      logging.info("Checkpoint %s predates int64 feature index tables: its %s match the data's",
+                   path, ", ".join(sorted(legacy.values())))
+    status.expect_partial()
+  else:
+    status.assert_existing_objects_matched()
 
 
 @dataclasses.dataclass
@@ -93,7 +127,7 @@ class Checkpointer:
     """Restores the latest checkpoint unless --overwrite; returns its path, or None."""
     latest = None if self.config.overwrite else tf.train.latest_checkpoint(self.directory)
     if latest:
-      self.checkpoint.restore(latest).assert_existing_objects_matched()
+      restore(self.checkpoint, latest, self.model)
     return latest
 
   def restore_best(self, current_epoch: Optional[int] = None) -> Optional[str]:
@@ -106,7 +140,7 @@ class Checkpointer:
     """
     best = tf.train.latest_checkpoint(self._task_best_directory)
     if best and best_epoch(best) != current_epoch:
-      tf.train.Checkpoint(model=self.model).restore(best).expect_partial()
+      restore(tf.train.Checkpoint(model=self.model), best, self.model, partial=True)
     return best
 
   # ------------------------------------------------------------------ save

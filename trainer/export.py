@@ -241,7 +241,7 @@ class FeatureEncoder(tf.Module):
     per_feature = {}
     for info, value in zip(self.infos, values):
       if info.kind in ("categorical", "multi_hot"):
-        per_feature[info.name] = tf.cast(self.tables[info.name].lookup(value), tf.int32)
+        per_feature[info.name] = tf.cast(self.tables[info.name].lookup(value), tf.int64)
       elif info.kind == "numeric":
         mean, std = self.numbers[info.name]
         per_feature[info.name] = tf.where(tf.math.is_nan(value), 0.0, (value - mean) / std)

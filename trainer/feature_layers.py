@@ -68,7 +68,7 @@ def combine(infos: Sequence[FeatureInfo],
   Every indexed feature gets its own range of one combined vocabulary (offsets in `infos`
   order), so a side needs one embedding gather however many features it has:
 
-    indices  int32 [b, W]: combined indices, W = the indexed features' widths summed
+    indices  int64 [b, W]: combined indices, W = the indexed features' widths summed
     weights  float32 [b, W]: 1 for a categorical or bucketized value, 1/k for each of a
              multi-hot feature's k values, 0 for missing (index 0) and padding
     numeric  float32 [b, N]: the numeric features, standardised
@@ -83,16 +83,16 @@ def combine(infos: Sequence[FeatureInfo],
     if info.kind == "numeric":
       numeric.append(tf.cast(value, tf.float32))
       continue
-    value = tf.cast(value, tf.int32)
+    value = tf.cast(value, tf.int64)
     if info.kind != "multi_hot":
       value = value[:, None]
     present = tf.cast(value > 0, tf.float32)  # [b, w]
     count = tf.maximum(tf.reduce_sum(present, axis=1, keepdims=True), 1.0)
-    indices.append(value + offset)
+    indices.append(value + tf.constant(offset, tf.int64))
     weights.append(present / count)
     offset += info.vocab_size
   batch = tf.shape(tf.convert_to_tensor(features[infos[0].name]))[0]
-  return {"indices": tf.concat(indices, 1) if indices else tf.zeros([batch, 0], tf.int32),
+  return {"indices": tf.concat(indices, 1) if indices else tf.zeros([batch, 0], tf.int64),
           "weights": tf.concat(weights, 1) if weights else tf.zeros([batch, 0], tf.float32),
           "numeric": tf.stack(numeric, 1) if numeric else tf.zeros([batch, 0], tf.float32)}
 
@@ -135,8 +135,11 @@ class FeatureTables(layers.Layer):
           raise ValueError(f"feature {info.side}:{info.name}: table of shape "
                            f"{np.shape(tables[info.name])}, expected {shape}")
       values = {k: v.numpy() for k, v in combine(self.infos, tables).items()}
-    # Each weight is an attribute of its own: TensorFlow checkpoints track attributes.
-    self.indices = self._table("indices", (rows, sizes["width"]), "int32", values)
+    # Each weight is an attribute of its own: TensorFlow checkpoints track attributes. The
+    # index table is int64: an int32 variable has no GPU kernel (TensorFlow keeps it on the
+    # host, where an XLA-compiled step on a GPU cannot read it). Checkpoints before int64 held
+    # an int32 `indices`; `checkpointer.restore` reads them (`LEGACY_INDEX_TABLE`).
+    self.index_table = self._table("indices", (rows, sizes["width"]), "int64", values)
     self.weights_table = self._table("weights", (rows, sizes["width"]), "float32", values)
     self.numeric = self._table("numeric", (rows, sizes["numeric"]), "float32", values)
 
@@ -149,9 +152,9 @@ class FeatureTables(layers.Layer):
 
   def call(self, ids):
     """The batch's rows: {indices, weights: [b, W], numeric: [b, N]}."""
-    ids = ops.cast(ids, "int32")
+    ids = ops.cast(ids, "int64")
     return {name: tf.gather(distribute.local_variable(table.value), ids)
-            for name, table in (("indices", self.indices), ("weights", self.weights_table),
+            for name, table in (("indices", self.index_table), ("weights", self.weights_table),
                                 ("numeric", self.numeric))}
 
   def get_config(self):
@@ -226,10 +229,14 @@ class FeatureEmbedding(layers.Layer):
     sizes = _sizes(self.infos)
     init = keras.initializers.RandomNormal(stddev=0.01)
     # Built here, not lazily: the custom training loop needs every variable before step 1.
+    # Read in float32 under mixed precision too (autocast off): a value shared by thousands of
+    # rows sums their gradients, which bfloat16 would round away (256 + 1 == 256) and float16
+    # at the loss scale overflow; the sum is cast to the compute dtype once.
     self.embeddings = self.add_weight(shape=(max(sizes["vocab"], 1), dim), initializer=init,
-                                      name="embeddings")
+                                      name="embeddings", autocast=False)
     self.projection = (self.add_weight(shape=(sizes["numeric"], dim), initializer=init,
-                                       name="numeric_projection") if sizes["numeric"] else None)
+                                       name="numeric_projection", autocast=False)
+                       if sizes["numeric"] else None)
 
   def call(self, combined: Mapping[str, tf.Tensor], training: bool = False):
     table = distribute.local_variable(self.embeddings.value)

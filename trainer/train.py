@@ -28,7 +28,8 @@ from absl import logging
 
 from trainer import (distribute, export, fileio, models, objectives, optimizers,
                      parameter_server, report, strict_json)
-from trainer.checkpointer import Checkpointer, TrainingState, best_epoch, start_afresh
+from trainer.checkpointer import (Checkpointer, TrainingState, best_epoch, restore,
+                                  start_afresh)
 from trainer.config import TrainConfig
 from trainer.data import artifacts, pipeline
 from trainer.errors import ConfigError, DivergedError, LostPeerError, StorageError
@@ -206,7 +207,7 @@ def load_trained_model(model_dir: str, data: artifacts.PreparedData,
   latest = tf.train.latest_checkpoint(directory)
   if latest is None:
     raise ConfigError(f"{model_dir!r}: no checkpoint in {directory}")
-  tf.train.Checkpoint(model=model).restore(latest).expect_partial()
+  restore(tf.train.Checkpoint(model=model), latest, model, partial=True)
   return model
 
 
