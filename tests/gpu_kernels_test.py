@@ -147,6 +147,88 @@ def test_autorec_trains_with_jit_compile(tiny_data_dir, tmp_path):
   assert compiled["eval_rmse"] == pytest.approx(plain["eval_rmse"], rel=0.02)
 
 
+# ------------------------------------------------------------- device-to-host transfers
+#
+# On a GPU, a value computed on the device and read by a kernel argument kept in host memory
+# (a conditional's predicate, an int32 op's operands, a shape) is copied back, and the host
+# waits for the device: a synchronisation inside the step. So does a kernel whose output size
+# depends on its data (Unique, Where, SegmentSum). Counted here from the traced graph, before
+# TensorFlow's graph optimisations (which may pin a few small int32 ops to the host): an upper
+# bound for each branch of a conditional alike.
+
+SIZED_BY_DATA = {"Unique", "UniqueV2", "Where", "SegmentSum", "DynamicPartition"}
+
+
+def _gpu_kernel(node):
+  from tensorflow.python.framework import kernels
+  for kernel in kernels.get_registered_kernels_for_op(node.op).kernel:
+    if kernel.device_type in ("GPU", "DEFAULT") and _fits(kernel, node):
+      return kernel
+  return None
+
+
+def _arg_names(args, node):
+  """One name per tensor of an op's argument list (a list argument repeats its name)."""
+  names = []
+  for arg in args:
+    count = (node.attr[arg.number_attr].i if arg.number_attr else
+             len(node.attr[arg.type_list_attr].list.type) if arg.type_list_attr else 1)
+    names += [arg.name] * count
+  return names
+
+
+def host_transfers(function):
+  """[(op, argument, why)] of `function`'s device-to-host reads on a GPU. Its arguments are
+  in host memory when int32 or resources (TensorFlow's rule for a function's int32 tensors)."""
+  from tensorflow.python.framework import op_def_registry
+  host = {a.name: a.type in (tf.int32.as_datatype_enum, tf.resource.as_datatype_enum)
+          for a in function.signature.input_arg}
+  producers = {node.name: node.op for node in function.node_def}
+  for node in function.node_def:
+    kernel, op_def = _gpu_kernel(node), op_def_registry.get(node.op)
+    for arg in op_def.output_arg if op_def else []:
+      host[f"{node.name}:{arg.name}"] = kernel is None or arg.name in kernel.host_memory_arg
+  out = []
+  for node in function.node_def:
+    kernel, op_def = _gpu_kernel(node), op_def_registry.get(node.op)
+    if op_def is None:
+      continue
+    inputs = [i for i in node.input if not i.startswith("^")]
+    for arg, source in zip(_arg_names(op_def.input_arg, node), inputs):
+      parts = source.split(":")
+      on_device = not host.get(":".join(parts[:2]), False)
+      if (on_device and producers.get(parts[0]) != "Const"  # a constant sits where it is read
+          and (kernel is None or arg in kernel.host_memory_arg)):
+        out.append((node.op, arg, "no GPU kernel" if kernel is None else "host-memory argument"))
+    if node.op in SIZED_BY_DATA:
+      out.append((node.op, "", "output sized by its data"))
+  return out
+
+
+def _lazy_adam_sparse_update(rows=4, ids=(0, 1, 1, 2, 3, 3)):
+  table = tf.Variable(np.ones((rows, 3), np.float32))
+  optimizer = optimizers.LazyAdam(0.1)
+  optimizer.build([table])
+  gradient = tf.IndexedSlices(tf.ones([len(ids), 3]), tf.constant(ids, tf.int64),
+                              tf.constant([rows, 3], tf.int64))
+  tf.function(lambda: optimizer.apply_gradients([(gradient, table)]))()
+
+
+def lazy_adam_transfers():
+  """{function: transfers} of one lazy Adam sparse update, as built here."""
+  functions = _functions(_lazy_adam_sparse_update)
+  return {name: host_transfers(f) for name, f in functions.items()
+          if not name.startswith("__wrapped__")}  # (eager ops)
+
+
+def test_lazy_adam_built_for_gpus_reads_nothing_back_to_the_host(monkeypatch):
+  cpu = lazy_adam_transfers()
+  monkeypatch.setenv("NEUMF_GPU_CODE_PATHS", "1")
+  gpu = lazy_adam_transfers()
+  assert sum(map(len, cpu.values())) > 0  # the count sees the CPU path's conditionals
+  assert not any(gpu.values()), gpu
+
+
 # ----------------------------------------------------------------------------- the guard
 #
 # Every op traced while a configuration trains and evaluates (on two logical CPUs under
@@ -175,23 +257,22 @@ def _dtypes(node) -> str:
                   if v.WhichOneof("value") == "type")
 
 
+def _fits(kernel, node) -> bool:
+  """Whether a registered kernel takes `node`'s dtypes."""
+  for constraint in kernel.constraint:
+    allowed = set(constraint.allowed_values.list.type)
+    value = node.attr.get(constraint.name)
+    given = ([value.type] if value is not None and value.WhichOneof("value") == "type"
+             else list(value.list.type) if value is not None else [])
+    if given and not set(given) <= allowed:
+      return False
+  return True
+
+
 def _has_kernel(node, devices) -> bool:
   from tensorflow.python.framework import kernels
-  for kernel in kernels.get_registered_kernels_for_op(node.op).kernel:
-    if kernel.device_type not in devices:
-      continue
-    fits = True
-    for constraint in kernel.constraint:
-      allowed = set(constraint.allowed_values.list.type)
-      value = node.attr.get(constraint.name)
-      given = ([value.type] if value is not None and value.WhichOneof("value") == "type"
-               else list(value.list.type) if value is not None else [])
-      if given and not set(given) <= allowed:
-        fits = False
-        break
-    if fits:
-      return True
-  return False
+  return any(kernel.device_type in devices and _fits(kernel, node)
+             for kernel in kernels.get_registered_kernels_for_op(node.op).kernel)
 
 
 def _functions(run):
@@ -247,8 +328,19 @@ def step_functions(functions):
   return {n: functions[n] for n in names}
 
 
-def guard_violations(functions, deterministic=False):
-  """The rule breakers among `functions`: [(rule, op, dtypes, function)]."""
+def _serving_host_by_design(op: str, dtypes: str) -> bool:
+  """Serving takes and returns string IDs: their vocabulary lookups, and every op on strings,
+  run on the host (TensorFlow has no GPU string kernels), as do the SavedModel's own save and
+  restore functions."""
+  return (_host_by_design(op, dtypes) or "string" in dtypes
+          or op in {"HashTableV2", "LookupTableFindV2", "LookupTableImportV2", "SaveV2",
+                    "RestoreV2", "MergeV2Checkpoints", "ShardedFilename", "StringJoin",
+                    "StaticRegexFullMatch"})
+
+
+def guard_violations(functions, deterministic=False, host=_host_by_design):
+  """The rule breakers among `functions`: [(rule, op, dtypes, function)]; `host(op, dtypes)`
+  says which ops run on the host by design."""
   compiled = _compiled(functions)
   out = []
   for name, function in functions.items():
@@ -257,7 +349,7 @@ def guard_violations(functions, deterministic=False):
       if name in compiled:
         if not _has_kernel(node, ("XLA_GPU_JIT",)):
           out.append(("no XLA_GPU_JIT kernel", node.op, dtypes, name))
-      elif (not _host_by_design(node.op, dtypes) and (node.op, dtypes) not in KNOWN_HOST_OPS
+      elif (not host(node.op, dtypes) and (node.op, dtypes) not in KNOWN_HOST_OPS
             and not _has_kernel(node, ("GPU", "DEFAULT"))):
         out.append(("no GPU kernel", node.op, dtypes, name))
       if deterministic and node.op in RAISE_UNDER_DETERMINISM:
@@ -338,38 +430,45 @@ def implicit_data(tmp_path_factory):
   return out
 
 
-GRID = [  # (model, task, optimizer, precision, jit, side features): every model, task,
-    # optimizer and precision, with and without XLA, and side features with each
-    ("seed_mlp", "explicit", "adam", "float32", True, False),
-    ("neumf", "implicit", "lazy_adam", "bfloat16", False, False),
-    ("gmf", "implicit_bpr", "adagrad", "float32", True, False),
-    ("mf", "implicit_softmax", "sgd", "float16", False, False),
-    ("mlp", "implicit", "lazy_adam", "float32", False, False),
-    ("autorec", "explicit", "lazy_adam", "float16", True, False),
-    ("neumf", "explicit", "adam", "bfloat16", True, True),
-    ("mf", "explicit", "lazy_adam", "float16", False, True),
+GRID = [  # (model, task, optimizer, precision, jit, side features, --deterministic): every
+    # model, task, optimizer and precision, with and without XLA, side features with each, and
+    # --deterministic with the ops that raised under it on a GPU (autorec's product, lazy
+    # Adam's table-sized sum, the sampled protocol's rank counts)
+    ("seed_mlp", "explicit", "adam", "float32", True, False, False),
+    ("neumf", "implicit", "lazy_adam", "bfloat16", False, False, False),
+    ("gmf", "implicit_bpr", "adagrad", "float32", True, False, False),
+    ("mf", "implicit_softmax", "sgd", "float16", False, False, False),
+    ("mlp", "implicit", "lazy_adam", "float32", False, False, False),
+    ("autorec", "explicit", "lazy_adam", "float16", True, False, False),
+    ("neumf", "explicit", "adam", "bfloat16", True, True, False),
+    ("mf", "explicit", "lazy_adam", "float16", False, True, False),
+    ("autorec", "explicit", "lazy_adam", "float32", False, False, True),
+    ("gmf", "implicit", "lazy_adam", "float32", False, False, True),
 ]
 
 
+def _grid_id(row) -> str:
+  return "-".join(map(str, row[:5])) + ("-features" if row[5] else "") + (
+      "-deterministic" if row[6] else "")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("model,task,optimizer,precision,jit,features", GRID,
-                         ids=["-".join(map(str, g[:5])) + ("-features" if g[5] else "")
-                              for g in GRID])
-def test_every_op_of_training_and_evaluation_has_a_gpu_kernel(
+@pytest.mark.parametrize("model,task,optimizer,precision,jit,features,deterministic", GRID,
+                         ids=[_grid_id(g) for g in GRID])
+def test_every_op_of_training_evaluation_and_serving_has_a_gpu_kernel(
     tiny_data_dir, implicit_data, featured_data, mirrored_strategy, tmp_path, monkeypatch,
-    model, task, optimizer, precision, jit, features):
+    model, task, optimizer, precision, jit, features, deterministic):
   from trainer import export, train
   from trainer.config import TrainConfig
   tf.function(lambda x: x + 1, jit_compile=True)(tf.ones(1))  # registers the XLA kernels
   monkeypatch.setenv("NEUMF_GPU_CODE_PATHS", "1")  # build what a GPU machine builds
+  data_dir = featured_data if features else tiny_data_dir if task == "explicit" else implicit_data
   config = TrainConfig(
-      data_dir=(featured_data if features else tiny_data_dir if task == "explicit"
-                else implicit_data),
-      model_dir=str(tmp_path / "m"), model=model, task=task, optimizer=optimizer,
-      mixed_precision=precision, jit_compile=jit, epochs=1, batch_size=60 if task in (
-          "implicit", "implicit_bpr") else 64, embedding_dim=4, hidden_units=4,
-      layers=(8, 4), mlp_embedding_dim=4, num_negatives=2, num_cpu_devices=2,
-      checkpoint_every_secs=0)
+      data_dir=data_dir, model_dir=str(tmp_path / "m"), model=model, task=task,
+      optimizer=optimizer, mixed_precision=precision, jit_compile=jit, epochs=1,
+      batch_size=60 if task in ("implicit", "implicit_bpr") else 64, embedding_dim=4,
+      hidden_units=4, layers=(8, 4), mlp_embedding_dim=4, num_negatives=2, num_cpu_devices=2,
+      deterministic=deterministic, checkpoint_every_secs=0)
   exported = export.export_saved_model
   serving = {}
 
@@ -377,12 +476,18 @@ def test_every_op_of_training_and_evaluation_has_a_gpu_kernel(
     serving.update(_functions(lambda: exported(*args, **kwargs)))
 
   monkeypatch.setattr(export, "export_saved_model", recorded)
-  functions = _functions(lambda: train.train_and_evaluate(config, mirrored_strategy))
+  was = tf_config.is_op_determinism_enabled()
+  try:
+    functions = _functions(lambda: train.train_and_evaluate(config, mirrored_strategy))
+  finally:
+    if deterministic and not was:  # (a --deterministic run turns it on for the process)
+      tf_config.disable_op_determinism()
   steps = step_functions({n: f for n, f in functions.items() if n not in serving})
   assert any("train_loop" in n for n in steps) and any("sums" in n for n in steps), sorted(steps)
-  broken = guard_violations(steps)
+  broken = guard_violations(steps, deterministic)
+  broken += guard_violations(serving, deterministic, host=_serving_host_by_design)
   assert not broken, "\n".join(f"{config.model} ({task}, {optimizer}, {precision}, jit {jit}, "
-                               f"features {features}): "
+                               f"features {features}, deterministic {deterministic}): "
                                f"{rule}: {op} [{dtypes}] in {name}"
                                for rule, op, dtypes, name in broken)
 

@@ -15,6 +15,16 @@ from trainer import optimizers
 RTOL = 3e-5
 
 
+@pytest.fixture(params=["cpu", "gpu"])
+def code_paths(request, monkeypatch):
+  """The sparse update as built for CPUs, and as built for GPUs (`_sum_duplicates_sorted`)."""
+  if request.param == "gpu":
+    monkeypatch.setenv("NEUMF_GPU_CODE_PATHS", "1")
+  else:
+    monkeypatch.delenv("NEUMF_GPU_CODE_PATHS", raising=False)
+  return request.param
+
+
 def _apply(optimizer, variable, gradients):
   optimizer.build([variable])
   for g in gradients:
@@ -23,7 +33,7 @@ def _apply(optimizer, variable, gradients):
 
 
 @pytest.mark.parametrize("sparse", [True, False])
-def test_lazy_adam_equals_dense_adam_when_every_row_is_touched(sparse):
+def test_lazy_adam_equals_dense_adam_when_every_row_is_touched(sparse, code_paths):
   rng = np.random.default_rng(0)
   init = rng.normal(size=(4, 3)).astype("float32")
   grads = [rng.normal(size=(4, 3)).astype("float32") for _ in range(3)]
@@ -35,7 +45,7 @@ def test_lazy_adam_equals_dense_adam_when_every_row_is_touched(sparse):
   assert np.abs(lazy - init).min() > 0.01  # every element moved
 
 
-def test_lazy_adam_sums_a_repeated_id_before_squaring_and_leaves_other_rows():
+def test_lazy_adam_sums_a_repeated_id_before_squaring_and_leaves_other_rows(code_paths):
   init = np.ones((3, 2), "float32")
   # Row 1 appears twice: its gradient is the sum [3, 3]; row 0 and 2 are untouched.
   sparse = tf.IndexedSlices(tf.constant([[1.0, 1.0], [2.0, 2.0]]), tf.constant([1, 1]))
@@ -49,7 +59,7 @@ def test_lazy_adam_sums_a_repeated_id_before_squaring_and_leaves_other_rows():
   np.testing.assert_array_equal(lazy[[0, 2]], init[[0, 2]])
 
 
-def test_lazy_adam_does_not_touch_rows_outside_the_batch_later_either():
+def test_lazy_adam_does_not_touch_rows_outside_the_batch_later_either(code_paths):
   init = np.ones((3, 1), "float32")
   first = tf.IndexedSlices(tf.constant([[1.0], [1.0]]), tf.constant([0, 2]))
   second = tf.IndexedSlices(tf.constant([[1.0]]), tf.constant([2]))
@@ -79,7 +89,7 @@ def test_unknown_optimizer_names_the_flag():
 
 @pytest.mark.parametrize("num_rows", [40, 1000])  # batch larger / smaller than the table
 @pytest.mark.parametrize("layout", ["scattered", "runs"])
-def test_duplicate_rows_are_summed_like_a_segment_sum(layout, num_rows):
+def test_duplicate_rows_are_summed_like_a_segment_sum(layout, num_rows, code_paths):
   rng = np.random.default_rng(3)
   if layout == "runs":  # as implicit batches' users: runs of 5, and IDs repeated across runs
     indices = np.repeat(rng.integers(0, 40, 60), 5)
@@ -92,7 +102,12 @@ def test_duplicate_rows_are_summed_like_a_segment_sum(layout, num_rows):
   np.testing.assert_allclose(merged_values.numpy().sum(0), values.sum(0), rtol=1e-5, atol=1e-5)
   summed, rows = optimizers._sum_duplicates(
       tf.IndexedSlices(tf.constant(values), tf.constant(indices)), tf.TensorShape([num_rows, 5]))
+  assert rows.dtype == indices.dtype
   expected = {r: values[indices == r].sum(0) for r in np.unique(indices)}
+  if code_paths == "gpu":  # one slot per index: the distinct rows, then the last one repeated
+    distinct = len(expected)
+    assert len(rows) == len(indices) and set(rows.numpy()[distinct:]) == {rows.numpy()[-1]}
+    rows, summed = rows[:distinct], summed[:distinct]
   assert sorted(rows.numpy().tolist()) == sorted(expected)
   for row, total in zip(rows.numpy(), summed.numpy()):
     np.testing.assert_allclose(total, expected[row], rtol=1e-5, atol=1e-6)

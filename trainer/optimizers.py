@@ -81,6 +81,8 @@ def _sum_duplicates(gradient: tf.IndexedSlices, table_shape: tf.TensorShape):
   first occurrence is gathered, and only the repeated occurrences (few, in a batch of random
   IDs) are added: a segment sum over the whole batch costs several times more.
   """
+  if distribute.gpu_code_paths():
+    return _sum_duplicates_sorted(gradient)
   num_rows, width = table_shape[0], table_shape[1:].num_elements()
   values, indices = _merge_runs(gradient.values, gradient.indices)
 
@@ -117,6 +119,31 @@ def _sum_duplicates(gradient: tf.IndexedSlices, table_shape: tf.TensorShape):
     return summed, rows
 
   return tf.cond(tf.size(indices) >= num_rows, into_table, first_then_repeats)
+
+
+def _sum_duplicates_sorted(gradient: tf.IndexedSlices):
+  """`_sum_duplicates` for GPUs, as n = len(indices) rows (values [n, ...], rows [n]) with no
+  conditional, no shape that depends on the data and no int32 arithmetic: on a GPU each of
+  those reads a value back to the host and waits for the device (a conditional's predicate;
+  Unique, Where and SegmentSum sizing their output; int32 ops, whose GPU kernels keep their
+  data in host memory), several times per table per step on the CPU path.
+
+  The indices are sorted, a cumulative sum numbers the distinct rows, and a segment sum adds
+  each distinct row's values into its slot. The slots after the last distinct row repeat it
+  (same row, same sum), so an update of the rows computes and writes identical values there:
+  the result is the same as with the distinct rows alone.
+  """
+  indices = tf.cast(gradient.indices, tf.int64)
+  n = tf.size(indices, out_type=tf.int64)  # (Size's GPU kernel gives it in host memory)
+  order = tf.argsort(indices)
+  ids = tf.gather(indices, order)
+  starts = tf.cast(tf.not_equal(ids[1:], ids[:-1]), tf.int64)
+  slot = tf.cumsum(tf.concat([tf.zeros([1], tf.int64), starts], 0))  # [n]: 0, 0, 1, ...
+  summed = tf.math.unsorted_segment_sum(tf.gather(gradient.values, order), slot, n)
+  position = tf.cumsum(tf.ones_like(slot)) - 1  # [n]: 0, 1, ... (tf.range reads n on the host)
+  filled = tf.minimum(position, tf.reduce_max(slot))  # the slots past the last, onto it
+  first = tf.searchsorted(slot, filled, out_type=tf.int64)  # each slot's first sorted index
+  return tf.gather(summed, filled), tf.cast(tf.gather(ids, first), gradient.indices.dtype)
 
 
 def _resource(variable):
