@@ -88,8 +88,8 @@ def test_softmax_loss_is_each_positive_against_the_whole_catalogue():
 @pytest.mark.parametrize("model", ["seed_mlp", "mlp", "neumf"])
 def test_softmax_needs_a_factorised_model(model):
   with pytest.raises(ConfigError, match=f"--task=implicit_softmax .* not --model={model}"):
-    _objective(task="implicit_softmax", model=model).check_config()
-  _objective(task="implicit_softmax", model="gmf").check_config()  # no error
+    TrainConfig(data_dir="d", model_dir="m", task="implicit_softmax", model=model).validate()
+  TrainConfig(data_dir="d", model_dir="m", task="implicit_softmax", model="gmf").validate()
 
 
 def test_metric_directions():

@@ -7,27 +7,63 @@ a config built in code is checked the same way. Errors name the flag and the off
 
 import dataclasses
 import math
+import os
+import posixpath
 from typing import Optional, Tuple
 
 from trainer import strict_json
 from trainer.errors import ConfigError  # noqa: F401 (raised here; part of this module's API)
 
-MODELS = ("seed_mlp", "gmf", "mlp", "neumf", "mf", "autorec")
-FACTORISED_MODELS = ("gmf", "mf", "autorec")  # score = a user vector . an item vector (+ biases)
-# Each is a class of trainer.objectives.
-TASKS = ("explicit", "implicit", "implicit_bpr", "implicit_softmax")
+RATING_METRICS = ("rmse", "mae")  # explicit feedback
+RANKING_METRICS = ("hr_sampled", "ndcg_sampled", "hr_full", "ndcg_full")  # implicit feedback
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """What the configuration needs to know of a model (its class is in `trainer.models`)."""
+
+  factorised: bool = False  # score = a user vector . an item vector (+ biases): one matmul
+  history: bool = False  # --history applies (the user's recent items feed the user vector)
+
+
+MODEL_SPECS = {"seed_mlp": ModelSpec(), "gmf": ModelSpec(factorised=True), "mlp": ModelSpec(),
+               "neumf": ModelSpec(), "mf": ModelSpec(factorised=True, history=True),
+               "autorec": ModelSpec(factorised=True)}
+MODELS = tuple(MODEL_SPECS)
+FACTORISED_MODELS = tuple(name for name, spec in MODEL_SPECS.items() if spec.factorised)
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveSpec:
+  """What the configuration needs to know of a kind of feedback (`trainer.objectives`)."""
+
+  metrics: Tuple[str, ...]  # what evaluation reports; --target_metric picks one
+  lower_is_better: Tuple[str, ...] = ()
+  samples_negatives: bool = False  # batches hold each positive followed by its negatives
+  needs_factorised_model: bool = False  # scores the whole catalogue for every example
+
+
+OBJECTIVE_SPECS = {
+    "explicit": ObjectiveSpec(RATING_METRICS, lower_is_better=RATING_METRICS),
+    "implicit": ObjectiveSpec(RANKING_METRICS, samples_negatives=True),
+    "implicit_bpr": ObjectiveSpec(RANKING_METRICS, samples_negatives=True),
+    "implicit_softmax": ObjectiveSpec(RANKING_METRICS, needs_factorised_model=True)}
+TASKS = tuple(OBJECTIVE_SPECS)  # each is a class of trainer.objectives
 OPTIMIZERS = ("adam", "lazy_adam", "adagrad", "sgd")
 DECAYS = ("none", "cosine", "linear")
 AUTOREC_SIDES = ("item", "user")  # the side autorec codes from its interactions
 PRECISIONS = ("float32", "bfloat16", "float16")
-RATING_METRICS = ("rmse", "mae")  # explicit feedback
-RANKING_METRICS = ("hr_sampled", "ndcg_sampled", "hr_full", "ndcg_full")  # implicit feedback
 METRICS = RATING_METRICS + RANKING_METRICS
 SOURCES = ("synthetic", "movielens", "csv", "tfds")
 SPLITS = ("random", "leave_one_out", "temporal", "cold_items")
 DUPLICATE_POLICIES = ("error", "keep_latest", "mean")
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker_mirrored", "parameter_server")
 DEFAULT_BATCH_SIZE = 1024  # examples per global step when --batch_size is not given
+
+
+def _join(base: str, part: str) -> str:
+  """`base`/`part`, for local paths and URLs such as `gs://bucket/dir` alike."""
+  return posixpath.join(base, part) if "://" in base else os.path.join(base, part)
 
 
 def _require(condition: bool, message: str) -> None:
@@ -240,24 +276,24 @@ class TrainConfig:
 
   @property
   def resolved_export_dir(self) -> str:
-    from trainer import fileio  # local import: config stays free of TensorFlow
-    return self.export_dir or fileio.join(self.model_dir, "export")
+    return self.export_dir or _join(self.model_dir, "export")
 
   @property
   def resolved_checkpoint_dir(self) -> str:
-    from trainer import fileio
-    return self.checkpoint_dir or fileio.join(self.model_dir, "checkpoints")
+    return self.checkpoint_dir or _join(self.model_dir, "checkpoints")
 
   @property
   def resolved_log_dir(self) -> str:
-    from trainer import fileio
-    return self.log_dir or fileio.join(self.model_dir, "logs")
+    return self.log_dir or _join(self.model_dir, "logs")
+
+  @property
+  def objective_spec(self) -> ObjectiveSpec:
+    return OBJECTIVE_SPECS[self.task]
 
   @property
   def examples_per_positive(self) -> int:
-    """Examples per observed interaction in a batch: 1, or 1 + negatives (the objective's)."""
-    from trainer import objectives  # local import: importing config loads no TensorFlow
-    return objectives.for_config(self).examples_per_positive
+    """Examples a batch holds per observed interaction: 1, or 1 + --num_negatives."""
+    return 1 + self.num_negatives if self.objective_spec.samples_negatives else 1
 
   def validate(self) -> "TrainConfig":
     _require(bool(self.data_dir), "--data_dir is required")
@@ -284,7 +320,7 @@ class TrainConfig:
       _require(value >= 0, f"--{name}={value} must not be negative")
     _require(self.learning_rate > 0, f"--learning_rate={self.learning_rate} must be positive")
     _require(0.0 <= self.dropout < 1.0, f"--dropout={self.dropout} must be in [0, 1)")
-    _require(not self.history or self.model == "mf",
+    _require(not self.history or MODEL_SPECS[self.model].history,
              f"--history={self.history} is mf's (the other models have no user history): "
              f"--model={self.model}")
     _require(self.l2 >= 0.0, f"--l2={self.l2} must not be negative")
@@ -306,9 +342,25 @@ class TrainConfig:
                f"--target_metric={self.target_metric!r} is not one of {', '.join(METRICS)}")
       _require(self.target_value is not None,
                f"--target_metric={self.target_metric} needs --target_value")
-    from trainer import objectives  # the rules of the task's objective (loads TensorFlow)
-    objectives.for_config(self).check_config()
+    self._validate_task()
     return self
+
+  def _validate_task(self) -> None:
+    """The rules that depend on the kind of feedback (`OBJECTIVE_SPECS`)."""
+    spec = self.objective_spec
+    _require(self.target_metric is None or self.target_metric in spec.metrics,
+             f"--target_metric={self.target_metric} is not reported by --task={self.task} "
+             f"(it reports {', '.join(spec.metrics)})")
+    if spec.samples_negatives:
+      _require(self.num_negatives >= 1, f"--num_negatives={self.num_negatives}: "
+               f"--task={self.task} needs negatives")
+      _require(self.batch_size is None or self.batch_size % self.examples_per_positive == 0,
+               f"--batch_size={self.batch_size} is not divisible by 1 + --num_negatives = "
+               f"{self.examples_per_positive} (a batch holds positives and their negatives)")
+    _require(not spec.needs_factorised_model or MODEL_SPECS[self.model].factorised,
+             f"--task={self.task} scores every item for every example: it needs a model whose "
+             f"score is a dot product (--model={' or '.join(FACTORISED_MODELS)}), not "
+             f"--model={self.model}")
 
   def for_replicas(self, num_replicas: int) -> "TrainConfig":
     """This configuration with its batch size settled: --batch_size when given, else

@@ -61,21 +61,18 @@ class Objective:
 
   # ------------------------------------------------------------------ configuration and data
 
+  def __init_subclass__(cls, **kwargs):
+    """A subclass's static facts are its spec's (`config.OBJECTIVE_SPECS`), where the
+    configuration's rules read them without loading TensorFlow."""
+    super().__init_subclass__(**kwargs)
+    spec = config_lib.OBJECTIVE_SPECS[cls.name]
+    cls.metrics, cls.lower_is_better = spec.metrics, spec.lower_is_better
+    cls.samples_negatives = spec.samples_negatives
+
   @property
   def examples_per_positive(self) -> int:
     """Examples a batch holds per observed interaction (1, or 1 + --num_negatives)."""
-    return 1 + self.config.num_negatives if self.samples_negatives else 1
-
-  def check_config(self) -> None:
-    """The cross-field rules that depend on the kind of feedback.
-
-    Raises:
-      ConfigError: naming the flags and their values.
-    """
-    config = self.config
-    if config.target_metric is not None and config.target_metric not in self.metrics:
-      raise ConfigError(f"--target_metric={config.target_metric} is not reported by "
-                        f"--task={self.name} (it reports {', '.join(self.metrics)})")
+    return self.config.examples_per_positive
 
   def check_replicas(self, num_replicas: int) -> None:
     """The global batch must split evenly into replicas of whole positive groups."""
@@ -173,8 +170,6 @@ class Explicit(Objective):
   """Ratings: squared error; RMSE and MAE of the rating clipped to the data's range."""
 
   name = "explicit"
-  metrics = config_lib.RATING_METRICS
-  lower_is_better = config_lib.RATING_METRICS
 
   def check_data(self, data):
     if data.metadata.implicit:
@@ -213,19 +208,6 @@ class Implicit(Objective):
   """Observed interactions against sampled negatives: binary cross-entropy on the logit."""
 
   name = "implicit"
-  metrics = config_lib.RANKING_METRICS
-  samples_negatives = True
-
-  def check_config(self):
-    super().check_config()
-    config = self.config
-    if config.num_negatives < 1:
-      raise ConfigError(f"--num_negatives={config.num_negatives}: --task={self.name} needs "
-                        "negatives")
-    if config.batch_size is not None and config.batch_size % self.examples_per_positive:
-      raise ConfigError(f"--batch_size={config.batch_size} is not divisible by 1 + "
-                        f"--num_negatives = {self.examples_per_positive} (a batch holds "
-                        "positives and their negatives)")
 
   def per_example_loss(self, batch, scores):
     return tf.nn.sigmoid_cross_entropy_with_logits(batch[schema.LABEL], scores)
@@ -314,15 +296,6 @@ class ImplicitSoftmax(Implicit):
   """Each observed interaction's item against the whole catalogue: softmax cross-entropy."""
 
   name = "implicit_softmax"
-  samples_negatives = False
-
-  def check_config(self):
-    Objective.check_config(self)
-    if self.config.model not in config_lib.FACTORISED_MODELS:
-      raise ConfigError(f"--task={self.name} scores every item for every example: it needs a "
-                        f"model whose score is a dot product (--model="
-                        f"{' or '.join(config_lib.FACTORISED_MODELS)}), not "
-                        f"--model={self.config.model}")
 
   def model_loss(self, model, batch, global_batch_size):
     positive, logits, penalty = model.softmax_scores(batch, training=True)  # [b], [b, n]
