@@ -79,7 +79,7 @@ def measure_training(data_dir: str, name: str, batch: int, devices: int, flags: 
   distribute.configure_cpu_devices(devices)  # before any op runs
   from absl import logging
   logging.set_verbosity(logging.WARNING)
-  from trainer import objectives, optimizers, train
+  from trainer import models, objectives, optimizers, train
   from trainer.config import TrainConfig
   from trainer.data import artifacts, pipeline
   fields = {k: tuple(v) if k == "layers" else v for k, v in flags.items()}
@@ -93,7 +93,7 @@ def measure_training(data_dir: str, name: str, batch: int, devices: int, flags: 
   data = artifacts.PreparedData(data_dir)
   strategy = distribute.get_strategy("auto", devices)
   with strategy.scope():
-    model = train.build_model(config, data)
+    model = models.for_config(config, data)
     optimizer = optimizers.make_optimizer("lazy_adam", 1e-3)
     optimizer.build(model.trainable_variables)
   add_negatives = objective.negative_sampler(data)  # excludes positives, as the trainer does

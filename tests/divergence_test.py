@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import run_cli
-from trainer import errors, strict_json, train
+from trainer import errors, models, strict_json, train
 from trainer.config import TrainConfig
 from trainer.data import artifacts
 
@@ -54,7 +54,7 @@ def test_weights_gone_non_finite_are_refused_before_a_checkpoint(tiny_data_dir):
   # The loss of a step is computed before its update: a finite loss can leave non-finite
   # weights, which the guard checks before every checkpoint (here planted in one weight).
   config = TrainConfig(data_dir=tiny_data_dir, model_dir="m", embedding_dim=4, hidden_units=4)
-  model = train.build_model(config, artifacts.PreparedData(tiny_data_dir))
+  model = models.for_config(config, artifacts.PreparedData(tiny_data_dir))
   guard = train.DivergenceGuard(config, artifacts.load_metadata(tiny_data_dir), model)
   guard.check_weights(1, 5)  # finite: nothing happens
   variable = model.trainable_variables[-1]

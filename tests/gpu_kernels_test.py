@@ -14,7 +14,7 @@ import tensorflow as tf
 from tensorflow.python.eager import context
 from tensorflow.python.framework import config as tf_config
 
-from trainer import metrics, models, optimizers
+from trainer import metrics, models, optimizers, schema
 
 # Ops whose GPU kernel raises UnimplementedError under op determinism (the messages are in the
 # installed libtensorflow_cc: "A deterministic GPU implementation of SparseTensorDenseMatmulOp
@@ -497,8 +497,8 @@ def test_feature_gradients_sum_in_float32_under_mixed_precision(policy):
   """M1: one feature value shared by 4096 rows of a batch sums 4096 gradients into its row;
   in bfloat16 the sum stops at 256 (256 + 1 rounds to 256)."""
   import keras
-  from trainer import feature_layers as fl
-  infos = [fl.FeatureInfo("item", "genre", "categorical", 3)]
+  from trainer.models import side_features as fl
+  infos = [schema.FeatureInfo("item", "genre", "categorical", 3)]
   previous = keras.config.dtype_policy()
   keras.config.set_dtype_policy(policy)
   try:

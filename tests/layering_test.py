@@ -25,8 +25,7 @@ def import_graph() -> dict:
       elif isinstance(node, ast.ImportFrom) and node.module:
         imported.add(node.module)
         imported.update(f"{node.module}.{alias.name}" for alias in node.names)
-    graph[name] = sorted(m for m in imported if m in modules and m != name
-                         and not name.startswith(m + "."))  # (a package's own __init__)
+    graph[name] = sorted(m for m in imported if m in modules and m != name)
   return graph
 
 

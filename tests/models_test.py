@@ -203,14 +203,13 @@ def test_score_layer_matches_dense_output_and_gradients():
 
 
 def _feature_tables():
-  from trainer import feature_layers as fl
-  infos = [fl.FeatureInfo("item", "genre", "categorical", 4),
-           fl.FeatureInfo("item", "tags", "multi_hot", 5, 2),
-           fl.FeatureInfo("item", "price", "numeric")]
+  infos = [schema.FeatureInfo("item", "genre", "categorical", 4),
+           schema.FeatureInfo("item", "tags", "multi_hot", 5, 2),
+           schema.FeatureInfo("item", "price", "numeric")]
   tables = {"genre": np.array([1, 2, 3, 0, 0, 1, 0, 0, 0, 0, 0], np.int32),
             "tags": np.array([[1, 2], [3, 0], [0, 0], [4, 1]] + [[0, 0]] * 7, np.int32),
             "price": np.linspace(-1, 1, 11).astype(np.float32)}
-  return {"item": fl.SideFeatures(infos, tables)}
+  return {"item": schema.SideFeatures(infos, tables)}
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -243,7 +242,7 @@ def test_the_l2_penalty_falls_on_id_rows_only():
 def test_feature_embedding_training_path_matches_plain_gathers():
   """Training reads the features through XLA-compiled sums with a hand-written gradient; it
   must give the terms and table gradient that TensorFlow's own gathers and autodiff give."""
-  from trainer import feature_layers as fl
+  from trainer.models import side_features as fl
   side = _feature_tables()["item"]
   tables = fl.FeatureTables(side.infos, 11, side.tables)
   layer = fl.FeatureEmbedding(side.infos, 3)
@@ -291,7 +290,7 @@ def test_features_train_under_mixed_precision(name):
 def test_feature_embedding_takes_serving_inputs_of_any_width():
   """Serving hands in multi-hot values as a [n, None] matrix: the width is known only when the
   request comes, and the embedding must not need it when the graph is built."""
-  from trainer import feature_layers as fl
+  from trainer.models import side_features as fl
   side = _feature_tables()["item"]
   tables = fl.FeatureTables(side.infos, 11, side.tables)
   layer = fl.FeatureEmbedding(side.infos, 3)
@@ -535,3 +534,15 @@ def test_autorec_dropout_codes_a_fraction_of_the_examples_as_cold_items():
   assert np.all(is_warm | is_cold) and abs(warm - cold) > 1e-3
   assert 60 < is_cold.sum() < 140  # about half
   np.testing.assert_allclose(model.scores_and_penalty(batch)[0], warm, rtol=1e-5)  # no dropout
+
+
+@pytest.mark.parametrize("task,model", [("explicit", "mf"), ("implicit", "gmf")])
+def test_a_configured_model_starts_its_output_bias_where_its_task_says(tiny_data_dir, task,
+                                                                        model):
+  from trainer.config import TrainConfig
+  data = artifacts.PreparedData(tiny_data_dir)
+  built = models.for_config(TrainConfig(data_dir=tiny_data_dir, model_dir="m", task=task,
+                                        model=model, embedding_dim=4), data)
+  assert isinstance(built, {"mf": models.MF, "gmf": models.GMF}[model])
+  expected = data.metadata.train_rating_mean if task == "explicit" else 0.0
+  assert built.output_bias == pytest.approx(expected) and (task != "explicit" or expected > 1)

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import tensorflow as tf
 
-from trainer import parameter_server, train
+from trainer import models, parameter_server, train
 from trainer.data import artifacts
 
 USERS, ITEMS = [0, 5, 17, 99, 1], [3, 0, 19, 42, 7]
@@ -21,7 +21,7 @@ def main(cluster_json: str, model_dir: str, data_dir: str, shards: str) -> None:
   strategy = parameter_server.make_strategy(cluster, shards=int(shards))
   config = train.load_config(model_dir)
   with strategy.scope():
-    model = train.build_model(config, artifacts.PreparedData(data_dir))
+    model = models.for_config(config, artifacts.PreparedData(data_dir))
     model({"user": tf.constant([0]), "item": tf.constant([0])})
   best = tf.train.latest_checkpoint(f"{config.resolved_checkpoint_dir}/best")
   tf.train.Checkpoint(model=model).restore(best).assert_existing_objects_matched()

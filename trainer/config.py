@@ -41,10 +41,12 @@ class ObjectiveSpec:
   lower_is_better: Tuple[str, ...] = ()
   samples_negatives: bool = False  # batches hold each positive followed by its negatives
   needs_factorised_model: bool = False  # scores the whole catalogue for every example
+  bias_at_mean_rating: bool = False  # the model's output bias starts at the training mean
 
 
 OBJECTIVE_SPECS = {
-    "explicit": ObjectiveSpec(RATING_METRICS, lower_is_better=RATING_METRICS),
+    "explicit": ObjectiveSpec(RATING_METRICS, lower_is_better=RATING_METRICS,
+                              bias_at_mean_rating=True),
     "implicit": ObjectiveSpec(RANKING_METRICS, samples_negatives=True),
     "implicit_bpr": ObjectiveSpec(RANKING_METRICS, samples_negatives=True),
     "implicit_softmax": ObjectiveSpec(RANKING_METRICS, needs_factorised_model=True)}

@@ -28,7 +28,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import feature_layers, models, objectives, schema
+from trainer import models, objectives, schema
+from trainer.models.side_features import combine
 from trainer.data import artifacts
 
 SERVING_DEFAULT = "serving_default"
@@ -237,7 +238,7 @@ class FeatureEncoder(tf.Module):
     return {f"{i.side}_{i.name}": value for i, value in zip(self.infos, values)}
 
   def encode(self, values):
-    """The combined layout (`feature_layers.combine`) of features given in `infos` order."""
+    """The combined layout (`side_features.combine`) of features given in `infos` order."""
     per_feature = {}
     for info, value in zip(self.infos, values):
       if info.kind in ("categorical", "multi_hot"):
@@ -250,7 +251,7 @@ class FeatureEncoder(tf.Module):
                                      tf.where(tf.math.is_nan(value), 0.0, value)[None, :],
                                      side="right")[0]
         per_feature[info.name] = tf.where(tf.math.is_nan(value), 0, bucket)
-    return feature_layers.combine(self.infos, per_feature)
+    return combine(self.infos, per_feature)
 
 
 def _score_features_function(module: tf.Module, model: keras.Model, metadata: schema.Metadata,

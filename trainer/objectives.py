@@ -85,10 +85,6 @@ class Objective:
   def check_data(self, data: artifacts.PreparedData) -> None:
     """Raises ConfigError when the prepared data cannot train this objective."""
 
-  def output_bias(self, metadata: schema.Metadata) -> float:
-    """Where the model's output bias starts."""
-    return 0.0
-
   def negative_sampler(self, data: artifacts.PreparedData) -> Optional[Callable]:
     """`add(step, batch)` for the input pipeline, or None when batches hold no negatives."""
     if not self.samples_negatives:
@@ -175,9 +171,6 @@ class Explicit(Objective):
     if data.metadata.implicit:
       raise ConfigError(f"--data_dir={data.data_dir} holds implicit feedback (no ratings): "
                         "train it with --task=implicit or --task=implicit_bpr")
-
-  def output_bias(self, metadata):
-    return metadata.train_rating_mean
 
   def per_example_loss(self, batch, scores):
     return tf.square(batch[schema.RATING] - scores)

@@ -13,7 +13,7 @@ thousand examples per second needs.
 
 import dataclasses
 import json
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -174,6 +174,41 @@ def parse_blocks(serialized: tf.Tensor) -> Dict[str, tf.Tensor]:
   """
   parsed = tf.io.parse_example(serialized, _FEATURE_SPEC)
   return {name: value.flat_values for name, value in parsed.items()}
+
+
+# Kinds looked up through an embedding of indices (0: missing); numeric ones are projected.
+INDEXED_KINDS = ("categorical", "bucketized", "multi_hot")
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureInfo:
+  """What a model needs to know of one prepared feature (from the metadata)."""
+
+  side: str
+  name: str
+  kind: str
+  vocab_size: int = 0  # indexed kinds: indices 0..vocab_size - 1
+  width: int = 1  # multi_hot: values per entity at most
+
+  @classmethod
+  def from_metadata(cls, entry: Mapping) -> "FeatureInfo":
+    return cls(entry["side"], entry["name"], entry["kind"], int(entry.get("vocab_size", 0)),
+               int(entry.get("width", 1)))
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class SideFeatures:
+  """One side's features: what they are and their tables ([rows] or [rows, width])."""
+
+  infos: List[FeatureInfo]
+  tables: Dict[str, np.ndarray]
+
+  @property
+  def rows(self) -> int:
+    return len(next(iter(self.tables.values())))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -168,26 +168,6 @@ def _format_eta(seconds: float) -> str:
   return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def build_model(config: TrainConfig, data: artifacts.PreparedData) -> keras.Model:
-  """The configured model for a prepared data directory (vocabularies, side features)."""
-  metadata = data.metadata
-  bias = objectives.for_config(config).output_bias(metadata)
-  if config.history and "time_rank" not in data.train_positives:
-    raise ConfigError(f"--history={config.history} needs the training interactions' time "
-                      f"order, which --data_dir={data.data_dir!r} lacks (prepared by an older "
-                      "neumf-prepare): prepare it again")
-  return models.build_model(config.model, metadata.num_users, metadata.num_items,
-                            config.embedding_dim, config.hidden_units, bias,
-                            layers=config.layers, mlp_embedding_dim=config.mlp_embedding_dim,
-                            dropout=config.dropout, l2=config.l2,
-                            features=data.side_features(config.features),
-                            interactions=(data.train_interactions(config.autorec_side)
-                                          if config.model == "autorec" else None),
-                            ratings=not metadata.implicit, side=config.autorec_side,
-                            history=config.history,
-                            positives=data.train_positives if config.history else None)
-
-
 def load_config(model_dir: str) -> TrainConfig:
   """The TrainConfig of a run, from its `<model_dir>/config.json`."""
   path = fileio.join(model_dir, CONFIG_FILE)
@@ -202,7 +182,7 @@ def load_trained_model(model_dir: str, data: artifacts.PreparedData,
                        checkpoint_dir: Optional[str] = None) -> keras.Model:
   """Rebuilds the model of a finished run from its config.json and latest checkpoint."""
   config = load_config(model_dir)
-  model = build_model(config, data)
+  model = models.for_config(config, data)
   directory = checkpoint_dir or config.resolved_checkpoint_dir
   latest = tf.train.latest_checkpoint(directory)
   if latest is None:
@@ -335,7 +315,7 @@ def train_and_evaluate(config: TrainConfig,
   _prepare_model_dir(config, strategy)
   with _failures_classified(config, strategy), _precision(config.mixed_precision):
     with strategy.scope():
-      model = build_model(config, data)
+      model = models.for_config(config, data)
       optimizer = optimizers.make_optimizer(
           config.optimizer, config.learning_rate, config.warmup_steps,
           _steps_per_epoch(config, data) * config.epochs, config.decay,

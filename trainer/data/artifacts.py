@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
-from trainer import feature_layers, fileio, schema
+from trainer import fileio, schema
 from trainer.config import ConfigError
 from trainer.data import pipeline
 
@@ -135,11 +135,11 @@ class PreparedData:
                        f"and {self.metadata.num_items}")
     return users, items
 
-  def feature_infos(self) -> List[feature_layers.FeatureInfo]:
+  def feature_infos(self) -> List[schema.FeatureInfo]:
     """Every prepared side feature, as the metadata lists them."""
-    return [feature_layers.FeatureInfo.from_metadata(e) for e in self.metadata.features]
+    return [schema.FeatureInfo.from_metadata(e) for e in self.metadata.features]
 
-  def side_features(self, selection: str = "all") -> Dict[str, feature_layers.SideFeatures]:
+  def side_features(self, selection: str = "all") -> Dict[str, schema.SideFeatures]:
     """{side: its selected features and their tables}, for the model.
 
     Args:
@@ -154,7 +154,7 @@ class PreparedData:
     for side in sorted({i.side for i in infos}):
       tables = load_npz(self.path(schema.feature_table_file(side)))
       chosen = [i for i in infos if i.side == side]
-      out[side] = feature_layers.SideFeatures(chosen, {i.name: tables[i.name] for i in chosen})
+      out[side] = schema.SideFeatures(chosen, {i.name: tables[i.name] for i in chosen})
     return out
 
   def feature_vocabulary(self, side: str, name: str) -> List[str]:
@@ -162,8 +162,8 @@ class PreparedData:
     return fileio.read_lines(self.path(schema.feature_vocab_file(side, name)))
 
 
-def select_features(infos: List[feature_layers.FeatureInfo], selection: str,
-                    data_dir: str) -> List[feature_layers.FeatureInfo]:
+def select_features(infos: List[schema.FeatureInfo], selection: str,
+                    data_dir: str) -> List[schema.FeatureInfo]:
   """The features `--features` selects among those prepared (see `side_features`)."""
   if selection == "none":
     return []

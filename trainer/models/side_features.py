@@ -1,4 +1,4 @@
-"""Keras layers that bring side features into every model.
+"""The layers that bring side features into every model.
 
 Preparation writes each side's features as tables indexed by dense ID (`trainer.data.features`).
 A model holds them as fixed, non-trainable weights (`FeatureTables`), so checkpoints and the
@@ -15,7 +15,6 @@ so an entity without features gets no feature term, and an ID the model never tr
 item, or the out-of-vocabulary row) is scored from its features alone.
 """
 
-import dataclasses
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import keras
@@ -24,41 +23,7 @@ import tensorflow as tf
 from keras import layers, ops
 
 from trainer import distribute
-
-# Kinds looked up through an embedding of indices (0: missing); numeric ones are projected.
-INDEXED_KINDS = ("categorical", "bucketized", "multi_hot")
-
-
-@dataclasses.dataclass(frozen=True)
-class FeatureInfo:
-  """What a model needs to know of one prepared feature (from the metadata)."""
-
-  side: str
-  name: str
-  kind: str
-  vocab_size: int = 0  # indexed kinds: indices 0..vocab_size - 1
-  width: int = 1  # multi_hot: values per entity at most
-
-  @classmethod
-  def from_metadata(cls, entry: Mapping) -> "FeatureInfo":
-    return cls(entry["side"], entry["name"], entry["kind"], int(entry.get("vocab_size", 0)),
-               int(entry.get("width", 1)))
-
-  def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
-
-
-@dataclasses.dataclass
-class SideFeatures:
-  """One side's features: what they are and their tables ([rows] or [rows, width])."""
-
-  infos: List[FeatureInfo]
-  tables: Dict[str, np.ndarray]
-
-  @property
-  def rows(self) -> int:
-    return len(next(iter(self.tables.values())))
-
+from trainer.schema import INDEXED_KINDS, FeatureInfo
 
 def combine(infos: Sequence[FeatureInfo],
             features: Mapping[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
