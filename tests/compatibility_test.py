@@ -7,7 +7,6 @@ that run's SavedModel served (`serving_default` for 97 pairs, `recommend` for 3 
 """
 
 import json
-import pathlib
 import shutil
 
 import numpy as np

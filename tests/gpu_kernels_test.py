@@ -14,7 +14,7 @@ import tensorflow as tf
 from tensorflow.python.eager import context
 from tensorflow.python.framework import config as tf_config
 
-from trainer import metrics, models, optimizers, schema
+from trainer import evaluation, metrics, models, optimizers, schema
 
 # Ops whose GPU kernel raises UnimplementedError under op determinism (the messages are in the
 # installed libtensorflow_cc: "A deterministic GPU implementation of SparseTensorDenseMatmulOp
@@ -64,11 +64,11 @@ def _sampled_evaluation():
                         for i in items])
   corrections = {"hr": metrics.sampled_metric_correction(num_items, m, "hr", k),
                  "ndcg": metrics.sampled_metric_correction(num_items, m, "ndcg", k)}
-  evaluate = metrics.make_ranking_evaluation(
+  evaluate = evaluation.make_ranking_evaluation(
       model, strategy, k, num_items, np.zeros(num_users + 1, np.int64), np.zeros(0, np.int32),
       corrections=corrections)[metrics.SAMPLED]
   return evaluate(strategy.distribute_datasets_from_function(
-      lambda ctx: metrics.sampled_dataset(np.arange(num_users), items, negatives, 4, ctx)))
+      lambda ctx: evaluation.sampled_dataset(np.arange(num_users), items, negatives, 4, ctx)))
 
 
 def _autorec_coding_on_a_gpu():

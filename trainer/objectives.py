@@ -36,16 +36,14 @@ import math
 from typing import Callable, Dict, Optional, Tuple
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from trainer import config as config_lib
-from trainer import metrics, schema
+from trainer import evaluation, metrics, schema
 from trainer.config import ConfigError, TrainConfig
 from trainer.data import artifacts, pipeline
 
-# An evaluator: runs over the eval data and returns flat metrics ({"rmse": ..., "count": ...}).
-Evaluator = Callable[[], Dict[str, float]]
+Evaluator = evaluation.Evaluator
 
 
 class Objective:
@@ -176,14 +174,7 @@ class Explicit(Objective):
     return tf.square(batch[schema.RATING] - scores)
 
   def evaluators(self, model, strategy, data):
-    metadata, replicas = data.metadata, strategy.num_replicas_in_sync
-    evaluate = metrics.make_rating_evaluation(model, strategy, metadata.rating_min,
-                                              metadata.rating_max, metadata.train_rating_mean,
-                                              _user_means(data))
-    eval_data = strategy.distribute_datasets_from_function(
-        lambda ctx: pipeline.make_dataset(data.eval_pattern,
-                                          self.config.eval_batch_for(replicas), False, ctx))
-    return {"explicit": lambda: evaluate(eval_data)}
+    return evaluation.rating_evaluators(self.config, model, strategy, data)
 
   def result_fields(self, eval_metrics):
     out = {"eval_rmse": eval_metrics["rmse"], "eval_mae": eval_metrics["mae"],
@@ -206,47 +197,10 @@ class Implicit(Objective):
     return tf.nn.sigmoid_cross_entropy_with_logits(batch[schema.LABEL], scores)
 
   def evaluators(self, model, strategy, data):
-    return self._ranking_evaluators(strategy, data, lambda batch: model(batch, training=False),
-                                    _sampled_corrections(data, self.config.top_k),
-                                    lambda users: model.score_all(users, training=False))
+    return evaluation.model_ranking_evaluators(self.config, model, strategy, data)
 
   def baselines(self, strategy, data):
-    """Popularity: every user gets the items with the most training interactions, each
-    protocol's metrics as `<metric>_popularity_baseline`. On a cold_items split it ranks the
-    held-out items last (none has an interaction), the bar the IDs alone cannot clear."""
-    counts = np.bincount(data.train_positives["indices"],
-                         minlength=data.metadata.num_items + 1).astype(np.float32)
-    popularity = tf.constant(counts)  # [items + 1]
-    evaluators = self._ranking_evaluators(
-        strategy, data, lambda batch: tf.gather(popularity, batch[schema.ITEM]))
-    return {f"{name}_popularity_baseline": value for run in evaluators.values()
-            for name, value in run().items() if not name.startswith("count")}
-
-  def _ranking_evaluators(self, strategy, data, score: Callable,
-                          corrections: Optional[Dict[str, np.ndarray]] = None,
-                          score_all: Optional[Callable] = None) -> Dict[str, Evaluator]:
-    """{protocol: evaluator} of the ranking scores `score(batch)` (ties count against them);
-    `score_all(users)`, when given, scores the full protocol's whole catalogue at once."""
-    config, metadata = self.config, data.metadata
-    replicas = strategy.num_replicas_in_sync
-    positives = data.train_positives
-    protocols = metrics.make_ranking_evaluation(None, strategy, config.top_k,
-                                                metadata.num_items, positives["indptr"],
-                                                positives["indices"], score, corrections,
-                                                score_all)
-    out = {}
-    sampled = data.eval_negatives
-    if sampled is not None:
-      sampled_data = strategy.distribute_datasets_from_function(
-          lambda ctx: metrics.sampled_dataset(sampled["users"], sampled["positives"],
-                                              sampled["negatives"],
-                                              config.eval_batch_for(replicas), ctx))
-      out[metrics.SAMPLED] = _named(protocols[metrics.SAMPLED], sampled_data, metrics.SAMPLED)
-    full_batch = metrics.full_batch_size(metadata.num_items, replicas)
-    full_data = strategy.distribute_datasets_from_function(
-        lambda ctx: pipeline.make_dataset(data.eval_pattern, full_batch, False, ctx))
-    out[metrics.FULL] = _named(protocols[metrics.FULL], full_data, metrics.FULL)
-    return out
+    return evaluation.popularity_baselines(self.config, strategy, data)
 
   def primary_metric(self, evaluators):
     if self.config.target_metric:
@@ -304,43 +258,6 @@ class ImplicitSoftmax(Implicit):
 
   def serve(self, scores, metadata):
     return {"score": scores}
-
-
-def _user_means(data: artifacts.PreparedData):
-  """Each user's mean training rating (the global mean for users without any), or None for
-  data prepared before the per-user sums were written."""
-  positives = data.train_positives
-  if "rating_sum" not in positives:
-    return None
-  counts = np.diff(positives["indptr"])
-  return np.where(counts > 0, positives["rating_sum"] / np.maximum(counts, 1),
-                  data.metadata.train_rating_mean)
-
-
-def _sampled_corrections(data: artifacts.PreparedData,
-                         k: int) -> Optional[Dict[str, np.ndarray]]:
-  """Krichene and Rendle's corrections of the sampled protocol's HR@k and NDCG@k, for the
-  data's catalogue: the candidates of a held-out item are the items the user has not trained
-  on (their mean count), its competitors the prepared eval negatives. None without them."""
-  sampled = data.eval_negatives
-  if sampled is None:
-    return None
-  counts = np.diff(data.train_positives["indptr"])
-  candidates = int(round(data.metadata.num_items - counts[sampled["users"]].mean()))
-  negatives = sampled["negatives"].shape[1]
-  if negatives >= candidates:
-    return None
-  return {name: metrics.sampled_metric_correction(candidates, negatives, name, k)
-          for name in ("hr", "ndcg")}
-
-
-def _named(evaluate: Callable, dataset, protocol: str) -> Evaluator:
-  """A ranking protocol's evaluator with its metrics named by protocol (hr_full, ...)."""
-
-  def run() -> Dict[str, float]:
-    return {f"{name}_{protocol}": value for name, value in evaluate(dataset).items()}
-
-  return run
 
 
 _OBJECTIVES = {cls.name: cls for cls in (Explicit, Implicit, ImplicitBPR, ImplicitSoftmax)}

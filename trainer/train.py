@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import (distribute, export, fileio, models, objectives, optimizers,
+from trainer import (distribute, evaluation, export, fileio, models, objectives, optimizers,
                      parameter_server, report, strict_json)
 from trainer.checkpointer import (Checkpointer, TrainingState, best_epoch, restore,
                                   start_afresh)
@@ -370,7 +370,7 @@ def _run(config: TrainConfig, strategy: tf.distribute.Strategy,
   # Under a parameter server the chief evaluates by itself, reading rows from the ps tasks.
   eval_strategy = tf.distribute.get_strategy() if coordinated else strategy
   evaluators = objective.evaluators(model, eval_strategy, data)
-  evaluate = functools.partial(_evaluate_all, evaluators)
+  evaluate = functools.partial(evaluation.evaluate_all, evaluators)
   tracker = BestTracker(config, objective, objective.primary_metric(evaluators), state,
                         checkpointer)
   chief = distribute.is_chief(strategy)
@@ -422,11 +422,6 @@ def _time_to_target(config: TrainConfig, objective: objectives.Objective, metric
 def _report_title(config: TrainConfig, result: Dict[str, object]) -> str:
   return (f"{config.model} ({config.task}), batch {config.batch_size}, "
           f"{result['replicas']} replica(s): best epoch {result['best_epoch']}")
-
-
-def _evaluate_all(evaluators: Dict[str, objectives.Evaluator]) -> Dict[str, float]:
-  """Every protocol's metrics, in one flat dict."""
-  return {name: value for run in evaluators.values() for name, value in run().items()}
 
 
 def _restore_or_initialise(config: TrainConfig, checkpointer: Checkpointer, model: keras.Model,
