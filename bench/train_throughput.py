@@ -79,7 +79,7 @@ def measure_training(data_dir: str, name: str, batch: int, devices: int, flags: 
   distribute.configure_cpu_devices(devices)  # before any op runs
   from absl import logging
   logging.set_verbosity(logging.WARNING)
-  from trainer import models, objectives, optimizers, train
+  from trainer import loop, models, objectives, optimizers
   from trainer.config import TrainConfig
   from trainer.data import artifacts, pipeline
   fields = {k: tuple(v) if k == "layers" else v for k, v in flags.items()}
@@ -102,7 +102,7 @@ def measure_training(data_dir: str, name: str, batch: int, devices: int, flags: 
       lambda ctx: pipeline.make_dataset(data.train_pattern, positives, True, ctx, 0, 256,
                                         add_negatives))
   iterator = iter(dataset)
-  loop = train.make_train_loop(model, optimizer, strategy, batch, objective)
+  loop = loop.make_train_loop(model, optimizer, strategy, batch, objective)
   loop(iterator, tf.constant(20), tf.constant(0))  # trace and warm up
   steps = max(10, int(1e6 // batch))  # per window: ~1M examples
   rates = []

@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO_ROOT, run_cli
-from trainer import export, objectives, train
+from trainer import export, objectives, run_dir
 from trainer.data import artifacts
 
 FIXTURE = REPO_ROOT / "tests" / "fixtures" / "before_redesign"
@@ -56,9 +56,9 @@ def test_a_prepared_directory_of_before_reads_the_same():
 
 def test_a_checkpoint_of_before_restores_and_serves_the_same_scores(tmp_path):
   data = artifacts.PreparedData(str(FIXTURE / "data"))
-  model = train.load_trained_model(str(FIXTURE / "model"), data,
+  model = run_dir.load_trained_model(str(FIXTURE / "model"), data,
                                    checkpoint_dir=str(FIXTURE / "model" / "checkpoints"))
-  config = train.load_config(str(FIXTURE / "model"))
+  config = run_dir.load_config(str(FIXTURE / "model"))
   exported = export.export_saved_model(model, str(tmp_path / "export"), data,
                                        objectives.for_config(config))
   _assert_served_as_before(_served(exported))

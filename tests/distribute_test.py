@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import TaskStrategy
-from trainer import distribute, models, objectives, optimizers, schema, train
+from trainer import distribute, loop, models, objectives, optimizers, schema
 from trainer.config import ConfigError, TrainConfig
 from trainer.data import artifacts
 
@@ -81,7 +81,7 @@ def _train(strategy, name="seed_mlp", task="explicit", optimizer="adam"):
       lambda ctx: tf.data.Dataset.from_tensor_slices(data).batch(
           ctx.get_per_replica_batch_size(GLOBAL_BATCH), drop_remainder=True))
   iterator = iter(dataset)
-  train_loop = train.make_train_loop(model, opt, strategy, GLOBAL_BATCH, _objective(task))
+  train_loop = loop.make_train_loop(model, opt, strategy, GLOBAL_BATCH, _objective(task))
   losses = [float(train_loop(iterator, tf.constant(1), tf.constant(0))[0]) for _ in range(STEPS)]
   return losses, model
 
@@ -151,7 +151,7 @@ def test_replicas_gather_rows_not_whole_tables(mirrored_strategy, name):
   dataset = strategy.distribute_datasets_from_function(
       lambda ctx: tf.data.Dataset.from_tensor_slices(data).batch(
           ctx.get_per_replica_batch_size(GLOBAL_BATCH), drop_remainder=True).repeat())
-  train_loop = train.make_train_loop(model, opt, strategy, GLOBAL_BATCH,
+  train_loop = loop.make_train_loop(model, opt, strategy, GLOBAL_BATCH,
                                      _objective("implicit"))
   iterator = iter(dataset)
   train_loop(iterator, tf.constant(1), tf.constant(0))

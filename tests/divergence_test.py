@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import run_cli
-from trainer import errors, models, strict_json, train
+from trainer import errors, loop, models, run_dir, strict_json, train
 from trainer.config import TrainConfig
 from trainer.data import artifacts
 
@@ -22,15 +22,15 @@ DIVERGING = dict(optimizer="sgd", learning_rate=1e30, epochs=2, batch_size=128,
 
 
 def _assert_nothing_shipped(model_dir):
-  assert not os.path.exists(os.path.join(model_dir, train.METRICS_FILE))
+  assert not os.path.exists(os.path.join(model_dir, run_dir.METRICS_FILE))
   assert not os.path.exists(os.path.join(model_dir, "export"))
 
 
 def _latest_checkpoint_is_finite(model_dir, data_dir):
   latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
   assert latest is not None
-  model = train.load_trained_model(model_dir, artifacts.PreparedData(data_dir))
-  assert train.weights_finite(model)
+  model = run_dir.load_trained_model(model_dir, artifacts.PreparedData(data_dir))
+  assert loop.weights_finite(model)
   return latest
 
 
@@ -55,18 +55,18 @@ def test_weights_gone_non_finite_are_refused_before_a_checkpoint(tiny_data_dir):
   # weights, which the guard checks before every checkpoint (here planted in one weight).
   config = TrainConfig(data_dir=tiny_data_dir, model_dir="m", embedding_dim=4, hidden_units=4)
   model = models.for_config(config, artifacts.PreparedData(tiny_data_dir))
-  guard = train.DivergenceGuard(config, artifacts.load_metadata(tiny_data_dir), model)
+  guard = loop.DivergenceGuard(config, artifacts.load_metadata(tiny_data_dir), model)
   guard.check_weights(1, 5)  # finite: nothing happens
   variable = model.trainable_variables[-1]
   variable.assign(tf.fill(variable.shape, math.inf))
-  assert not train.weights_finite(model)
+  assert not loop.weights_finite(model)
   with pytest.raises(errors.DivergedError, match=r"the weights after global step 7 \(epoch 2\) "
                      "hold NaN or infinite values; that checkpoint was not written"):
     guard.check_weights(2, 7)
 
 
 def test_a_non_finite_eval_metric_stops_the_run(tiny_data_dir):
-  guard = train.DivergenceGuard(TrainConfig(data_dir="d", model_dir="m"),
+  guard = loop.DivergenceGuard(TrainConfig(data_dir="d", model_dir="m"),
                                 artifacts.load_metadata(tiny_data_dir), model=None)
   guard.check_loss(0.5, 1, 1, 10, 10)
   guard.check_metrics(1, {"rmse": 1.0, "count": 3.0})

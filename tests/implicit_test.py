@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import run_cli
-from trainer import schema, train
+from trainer import run_dir, schema, train
 from trainer.config import ConfigError, PrepareConfig, TrainConfig
 from trainer.data import artifacts, preparation
 
@@ -207,7 +207,7 @@ def test_the_export_recommends_from_the_whole_user_history_in_a_fresh_process(im
   items = open(os.path.join(implicit_data, schema.ITEM_VOCAB_FILE)).read().split()
   asked = [0, 7, 150]
   data = artifacts.PreparedData(implicit_data)
-  model = train.load_trained_model(config.model_dir, data,
+  model = run_dir.load_trained_model(config.model_dir, data,
                                    os.path.join(config.resolved_checkpoint_dir, "best"))
   assert model.history == 5 and model.history_table.count == data.metadata.num_train
   own = model.history_table(tf.constant([0])).numpy()[0]  # user 0's latest, latest first

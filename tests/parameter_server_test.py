@@ -158,12 +158,12 @@ def test_tables_are_sharded_and_restore_into_other_shard_counts_and_one_device(c
       [rows // 3 + (i < rows % 3), 8] for i in range(3)]
   assert sorted(device for _, device in three["shards"]) == [
       f"/job:ps/replica:0/task:{i}/device:CPU:0" for i in range(3)]
-  from trainer import train
-  config = train.load_config(model_dir)
-  model = train.load_trained_model(model_dir, artifacts.PreparedData(ps_data),
+  from trainer import loop, run_dir
+  config = run_dir.load_config(model_dir)
+  model = run_dir.load_trained_model(model_dir, artifacts.PreparedData(ps_data),
                                    f"{config.resolved_checkpoint_dir}/best")
   local = model({"user": tf.constant(USERS), "item": tf.constant(ITEMS)}).numpy()
-  assert train.weights_checksum(model) == metrics["weights_sha256"] == three["sha256"]
+  assert loop.weights_checksum(model) == metrics["weights_sha256"] == three["sha256"]
   np.testing.assert_allclose(three["scores"], local, rtol=1e-6)
 
 

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import tensorflow as tf
 
-from trainer import models, parameter_server, train
+from trainer import loop, models, parameter_server, run_dir
 from trainer.data import artifacts
 
 USERS, ITEMS = [0, 5, 17, 99, 1], [3, 0, 19, 42, 7]
@@ -19,7 +19,7 @@ USERS, ITEMS = [0, 5, 17, 99, 1], [3, 0, 19, 42, 7]
 def main(cluster_json: str, model_dir: str, data_dir: str, shards: str) -> None:
   cluster = {"cluster": json.loads(cluster_json), "task": {"type": "chief", "index": 0}}
   strategy = parameter_server.make_strategy(cluster, shards=int(shards))
-  config = train.load_config(model_dir)
+  config = run_dir.load_config(model_dir)
   with strategy.scope():
     model = models.for_config(config, artifacts.PreparedData(data_dir))
     model({"user": tf.constant([0]), "item": tf.constant([0])})
@@ -30,7 +30,7 @@ def main(cluster_json: str, model_dir: str, data_dir: str, shards: str) -> None:
   print(json.dumps({
       "shards": [[list(s.shape), s.device] for s in table.variables],
       "scores": np.asarray(scores, np.float64).tolist(),
-      "sha256": train.weights_checksum(model)}))
+      "sha256": loop.weights_checksum(model)}))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import TaskStrategy
-from trainer import schema, train
+from trainer import run_dir, schema, train
 from trainer.config import ConfigError, TrainConfig
 from trainer.errors import LostPeerError
 from trainer.data import artifacts, pipeline
@@ -37,7 +37,7 @@ def trained(tiny_data_dir, tmp_path_factory, mirrored_strategy):
 
 def _restore(config, metadata):
   """The model that was exported and reported: the best epoch's."""
-  return train.load_trained_model(config.model_dir, artifacts.PreparedData(config.data_dir),
+  return run_dir.load_trained_model(config.model_dir, artifacts.PreparedData(config.data_dir),
                                   os.path.join(config.resolved_checkpoint_dir, "best"))
 
 
@@ -52,7 +52,7 @@ def test_learns_more_than_the_global_mean(trained, tiny_data_dir):
   assert metrics["eval_examples"] == metadata.num_eval
   assert (metrics["epochs"], metrics["replicas"]) == (6, 2)
   assert metrics["train_examples_per_sec"] > 0
-  with open(os.path.join(config.model_dir, train.METRICS_FILE)) as f:
+  with open(os.path.join(config.model_dir, run_dir.METRICS_FILE)) as f:
     assert json.load(f) == metrics
 
 

@@ -13,13 +13,13 @@ removed by `clean_up`. Every write is retried on transient storage errors (`file
 import dataclasses
 import re
 import time
-from typing import Optional
+from typing import Dict, Optional
 
 import keras
 import tensorflow as tf
 from absl import logging
 
-from trainer import distribute, fileio
+from trainer import distribute, fileio, objectives
 from trainer.config import TrainConfig
 from trainer.errors import ConfigError
 
@@ -197,3 +197,35 @@ def start_afresh(config: TrainConfig) -> None:
   if tf.io.gfile.exists(config.resolved_checkpoint_dir):
     tf.io.gfile.rmtree(config.resolved_checkpoint_dir)
   logging.info("--overwrite: removed the checkpoints in %s", config.resolved_checkpoint_dir)
+
+
+class BestTracker:
+  """Tracks the primary metric: keeps the best epoch's checkpoint, decides early stopping."""
+
+  def __init__(self, config: TrainConfig, objective: objectives.Objective, metric: str,
+               state: TrainingState, checkpointer: Checkpointer):
+    self.config, self.objective, self.metric = config, objective, metric
+    self.state, self.checkpointer = state, checkpointer
+
+  def update(self, epoch: int, eval_metrics: Dict[str, float]) -> bool:
+    """Records epoch `epoch` (1-based); returns whether it is the best so far."""
+    value = eval_metrics[self.metric]
+    improved = self.objective.better(self.metric, value, float(self.state.best.numpy()))
+    if improved:
+      self.state.best.assign(value)
+      self.state.since_best.assign(0)
+      self.checkpointer.save_best(epoch)
+    else:
+      self.state.since_best.assign_add(1)
+    return improved
+
+  def stop_reason(self, eval_metrics: Dict[str, float]) -> Optional[str]:
+    """Why to stop now (--target_value reached, or patience run out), or None."""
+    config, value = self.config, eval_metrics[self.metric]
+    if config.target_value is not None and self.objective.reached(self.metric, value,
+                                                                   config.target_value):
+      return f"{self.metric} {value:.4f} reached --target_value={config.target_value}"
+    patience = config.early_stopping_patience
+    if patience and int(self.state.since_best.numpy()) >= patience:
+      return f"no improvement of {self.metric} for {patience} epoch(s)"
+    return None

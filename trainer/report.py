@@ -14,9 +14,13 @@ import io
 import json
 from typing import Dict, List, Optional, Sequence
 
+import keras
 import tensorflow as tf
+from absl import logging
 
 from trainer import fileio, strict_json
+from trainer.config import TrainConfig
+from trainer.loop import EpochStats
 
 HISTORY_FILE = "history.json"
 REPORT_FILE = "report.png"
@@ -111,3 +115,37 @@ def write_report(history: History, model_dir: str, title: str, primary: str,
     f.write(png)
   tf.io.gfile.rename(tmp, path, overwrite=True)
   return path
+
+
+def shown(eval_metrics: Dict[str, float]) -> str:
+  return " ".join(f"{k} {v:.4f}" for k, v in sorted(eval_metrics.items())
+                  if not k.startswith("count"))
+
+
+class EpochBoard:
+  """The end-of-epoch log line and TensorBoard scalars (written by the chief only)."""
+
+  def __init__(self, config: TrainConfig, optimizer: keras.optimizers.Optimizer, chief: bool):
+    self.config, self.optimizer = config, optimizer
+    self.writer = (tf.summary.create_file_writer(config.resolved_log_dir) if chief
+                   else tf.summary.create_noop_writer())
+
+  def write(self, epoch: int, stats: EpochStats, eval_metrics: Dict[str, float],
+            improved: bool) -> None:
+    logging.info("epoch %d/%d train loss %.4f eval %s%s; %.0f train examples/s", epoch,
+                 self.config.epochs, stats.loss, shown(eval_metrics),
+                 " (best)" if improved else "", stats.examples_per_sec)
+    rate = self.optimizer.learning_rate
+    with self.writer.as_default(step=epoch):
+      tf.summary.scalar("train/loss", stats.loss)
+      tf.summary.scalar("train/examples_per_sec", stats.examples_per_sec)
+      tf.summary.scalar("train/learning_rate", float(rate.numpy() if hasattr(rate, "numpy")
+                                                     else rate))
+      for name, v in eval_metrics.items():
+        if not name.startswith("count"):
+          tf.summary.scalar(f"eval/{name}", v)
+    try:
+      self.writer.flush()
+    except tf.errors.OpError as err:  # TensorBoard is not worth failing a run for
+      logging.warning("Could not write TensorBoard summaries to %s: %s",
+                      self.config.resolved_log_dir, fileio.first_line(err))
