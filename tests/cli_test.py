@@ -152,9 +152,9 @@ def test_prepare_cli_reads_csv_with_leave_one_out_and_negatives(tmp_path):
 
 _PARSE_FLAGFILE = """
 import json, sys
-from trainer import task
-task.FLAGS([sys.argv[0], "--flagfile=" + sys.argv[1], "--data_dir=d", "--model_dir=m"])
-config = task.config_from_flags()
+from trainer import cli, config
+config = cli.parse_config(config.TrainConfig, [sys.argv[0], "--flagfile=" + sys.argv[1],
+                                               "--data_dir=d", "--model_dir=m"])
 print(json.dumps({"model": config.model, "task": config.task, "features": config.features}))
 """
 

@@ -1,8 +1,10 @@
 """Typed, frozen configurations of preparation and training.
 
-The command-line modules build these from flags; library code and tests take them as values.
-Single-field limits are also enforced by the flags' validators; `validate()` holds every rule, so
-a config built in code is checked the same way. Errors name the flag and the offending value.
+Each field is a command-line flag of the same name, its help text and bounds beside its value
+(`_flag`): `trainer.cli` defines the flags from the fields, so a field and its flag cannot drift
+apart. Library code and tests take configs as values. Single-field bounds are also enforced by
+the flags' validators; `validate()` holds every rule, so a config built in code is checked the
+same way. Errors name the flag and the offending value.
 """
 
 import dataclasses
@@ -63,6 +65,36 @@ STRATEGIES = ("auto", "default", "mirrored", "multi_worker_mirrored", "parameter
 DEFAULT_BATCH_SIZE = 1024  # examples per global step when --batch_size is not given
 
 
+def _flag(default, help: str, *, choices: Optional[Tuple[str, ...]] = None,  # noqa: A002
+          lower_bound=None, flag: Optional[str] = None, env: Optional[str] = None,
+          parse=None):
+  """A field that is also a command-line flag (`trainer.cli` defines the flags from these).
+
+  Args:
+    default: the field's default, and the flag's.
+    help: the flag's help text.
+    choices: the values an enumeration flag takes.
+    lower_bound: the least value the flag accepts.
+    flag: the flag's name, when it is not the field's.
+    env: an environment variable whose value, when set, is the flag's default (the
+      AIP_* variables of Vertex AI custom jobs).
+    parse: turns the flag's value into the field's.
+  """
+  return dataclasses.field(default=default, metadata=dict(
+      help=help, choices=choices, lower_bound=lower_bound, flag=flag, env=env, parse=parse))
+
+
+def _tab(value: str) -> str:
+  """A delimiter flag's value: "tab" (or a backslash-t) is a tab."""
+  return "\t" if value in ("tab", "\\t") else value
+
+
+def _required(help: str, *, env: Optional[str] = None):  # noqa: A002
+  """A field without default whose flag is required (`_flag`)."""
+  return dataclasses.field(metadata=dict(help=help, choices=None, lower_bound=None, flag=None,
+                                         env=env, required=True))
+
+
 def _join(base: str, part: str) -> str:
   """`base`/`part`, for local paths and URLs such as `gs://bucket/dir` alike."""
   return posixpath.join(base, part) if "://" in base else os.path.join(base, part)
@@ -86,53 +118,107 @@ def _require_finite(config) -> None:
 class PrepareConfig:
   """How to turn an interaction log into a prepared data directory."""
 
-  output_dir: str
-  source: str = "synthetic"
-  input: Tuple[str, ...] = ()  # files or globs (movielens: one file; csv: any)
+  output_dir: str = _required("Where the prepared data goes (local or gs://).")
+  source: str = _flag("synthetic", choices=SOURCES, help=(
+      "synthetic: generated ratings with a planted low-rank structure; movielens: a raw "
+      "MovieLens ratings file (--input); csv: any delimited file(s) (--input, --user_column, "
+      "...); tfds: a TensorFlow Datasets MovieLens config (--tfds_name)."))
+  # files or globs (movielens: one file; csv: any)
+  input: Tuple[str, ...] = _flag((), help=(
+      "Input files or globs, local or gs:// (comma-separated). movielens: one u.data, "
+      "ratings.dat or ratings.csv, told apart by content."))
   # csv: which columns hold what (names with a header, else 0-based indices).
-  user_column: Optional[str] = None
-  item_column: Optional[str] = None
-  rating_column: Optional[str] = None  # None: implicit feedback (every row counts as 1.0)
-  timestamp_column: Optional[str] = None
-  delimiter: str = ","
-  header: bool = True
-  rating_min: Optional[float] = None  # declared rating range (csv); MovieLens: 0.5..5
-  rating_max: Optional[float] = None
+  user_column: Optional[str] = _flag(None, help=(
+      "csv: the user ID column (name, or 0-based index with --noheader)."))
+  item_column: Optional[str] = _flag(None, "csv: the item ID column.")
+  # None: implicit feedback (every row counts as 1.0)
+  rating_column: Optional[str] = _flag(None, help=(
+      "csv: the rating column; without it the log is implicit feedback and every row counts "
+      "as 1.0."))
+  timestamp_column: Optional[str] = _flag(None, help=(
+      "csv: the timestamp column (integer); needed by --split=leave_one_out and temporal."))
+  delimiter: str = _flag(",", parse=_tab, help=(
+      "csv: the field delimiter (one character, or '::'); 'tab' for a tab."))
+  header: bool = _flag(True, "csv: the first line of each file names the columns.")
+  # declared rating range (csv); MovieLens: 0.5..5
+  rating_min: Optional[float] = _flag(None, "csv: the lowest valid rating (with --rating_max).")
+  rating_max: Optional[float] = _flag(None, "csv: the highest valid rating (with --rating_min).")
   # tfds
-  tfds_name: Optional[str] = None
-  tfds_data_dir: Optional[str] = None
-  tfds_manual_dir: Optional[str] = None
-  tfds_features: bool = True  # the builder's own side features, for sides without a file
+  tfds_name: Optional[str] = _flag(None, help=(
+      "tfds: e.g. movielens/100k-ratings, movielens/1m-ratings, movielens/20m-ratings, "
+      "movielens/25m-ratings, movielens/latest-small-ratings."))
+  tfds_data_dir: Optional[str] = _flag(None, "tfds: TensorFlow Datasets' data directory.")
+  tfds_manual_dir: Optional[str] = _flag(None, help=(
+      "tfds: a folder holding the archive under its registered name (e.g. "
+      "ml-latest-small.zip), used instead of downloading; TFDS checks its size and sha256."))
+  # the builder's own side features, for sides without a file
+  tfds_features: bool = _flag(True, help=(
+      "tfds: use the builder's own side features (items: genres, year from the title; 100K/1M"
+      " users: age group, gender, occupation, zip prefix) for each side without a "
+      "--user_features/--item_features file."))
   # split and filters
-  split: str = "random"
-  eval_fraction: float = 0.1
-  temporal_cutoff: Optional[int] = None  # temporal: eval = timestamp >= cutoff
-  min_user_interactions: int = 1
-  eval_negatives: int = 0  # leave_one_out: sampled non-interacted items per eval user
-  duplicates: str = "error"
-  skip_bad_rows: bool = False
+  split: str = _flag("random", choices=SPLITS, help=(
+      "random: a hash-random --eval_fraction of the interactions; leave_one_out: each user's "
+      "latest interaction (ties: the later row of the input), the NCF protocol; temporal: "
+      "interactions at or after a time cut; cold_items: a hash-random --eval_fraction of the "
+      "items with all their interactions (cold start: scored from side features)."))
+  eval_fraction: float = _flag(0.1, help=(
+      "random: fraction held out; temporal: fraction of the latest interactions held out when"
+      " --temporal_cutoff is not given; cold_items: fraction of the items held out."))
+  # temporal: eval = timestamp >= cutoff
+  temporal_cutoff: Optional[int] = _flag(None, "temporal: hold out timestamps >= this.")
+  min_user_interactions: int = _flag(1, lower_bound=1, help=(
+      "Drop users with fewer interactions (the NCF papers use 20)."))
+  # leave_one_out: sampled non-interacted items per eval user
+  eval_negatives: int = _flag(0, lower_bound=0, help=(
+      "leave_one_out: sample this many items each eval user never interacted with (e.g. 99 or"
+      " 999), for reproducible sampled HR/NDCG."))
+  duplicates: str = _flag("error", choices=DUPLICATE_POLICIES, help=(
+      "Repeated (user, item) pairs: error, keep_latest (by timestamp, then input order) or "
+      "mean (of the ratings)."))
+  skip_bad_rows: bool = _flag(False, help=(
+      "Count, report and skip malformed rows instead of failing on the first."))
   # side features (trainer.data.features): a file per side, read by its MovieLens layout or,
   # with --*_feature_columns, as a delimited file with an ID column and typed columns
-  user_features: Optional[str] = None
-  item_features: Optional[str] = None
-  user_id_column: Optional[str] = None
-  item_id_column: Optional[str] = None
-  user_feature_columns: Optional[str] = None  # name:kind[:argument],...
-  item_feature_columns: Optional[str] = None
-  features_delimiter: str = ","
-  features_header: bool = True
-  min_feature_count: int = 1  # rarer categorical values map to the out-of-vocabulary index
+  user_features: Optional[str] = _flag(None, help=(
+      "A users' feature file (local or gs://): a MovieLens u.user or users.dat, or with "
+      "--user_feature_columns any delimited file."))
+  item_features: Optional[str] = _flag(None, help=(
+      "An items' feature file: a MovieLens u.item, movies.dat or movies.csv, or with "
+      "--item_feature_columns any delimited file."))
+  user_id_column: Optional[str] = _flag(None, help=(
+      "The user ID column of --user_features (name, or 0-based index with "
+      "--nofeatures_header)."))
+  item_id_column: Optional[str] = _flag(None, "The item ID column of --item_features.")
+  # name:kind[:argument],...
+  user_feature_columns: Optional[str] = _flag(None, help=(
+      "Typed columns of --user_features: name:kind[:argument],... with kind categorical, "
+      "multi_hot:SEPARATOR, numeric or bucketized:BUCKETS, e.g. "
+      "country:categorical,age:bucketized:8."))
+  item_feature_columns: Optional[str] = _flag(None, help=(
+      "Typed columns of --item_features, e.g. "
+      "category:categorical,tags:multi_hot:|,price:numeric."))
+  features_delimiter: str = _flag(",", parse=_tab, help=(
+      "Field delimiter of the feature files (one character, or '::'); 'tab' for a tab."))
+  features_header: bool = _flag(True, "The feature files' first line names the columns.")
+  # rarer categorical values map to the out-of-vocabulary index
+  min_feature_count: int = _flag(1, lower_bound=1, help=(
+      "Categorical and multi-hot values on fewer entities map to the out-of-vocabulary index."))
   # output
-  num_shards: int = 4
-  target_shard_mb: Optional[float] = None  # overrides num_shards when set
-  seed: int = 0
+  num_shards: int = _flag(4, "TFRecord files per split.", lower_bound=1)
+  # overrides num_shards when set
+  target_shard_mb: Optional[float] = _flag(None, help=(
+      "Size shards to about this many MB (overrides --num_shards)."))
+  seed: int = _flag(0, help=(
+      "Seeds the split, the shuffles, the negatives and the synthetic data; same input and "
+      "seed give identical bytes."))
   # synthetic only
-  num_users: int = 1000
-  num_items: int = 500
-  num_ratings: int = 50_000
-  rank: int = 4
-  noise: float = 0.35
-  implicit: bool = False
+  num_users: int = _flag(1000, "synthetic: number of users.", lower_bound=1)
+  num_items: int = _flag(500, "synthetic: number of items.", lower_bound=1)
+  num_ratings: int = _flag(50_000, "synthetic: number of ratings.", lower_bound=1)
+  rank: int = _flag(4, "synthetic: rank of the planted structure.", lower_bound=1)
+  noise: float = _flag(0.35, "synthetic: rating noise standard deviation.", lower_bound=0.0)
+  implicit: bool = _flag(False, "synthetic: implicit feedback (every rating 1.0).")
 
   def validate(self) -> "PrepareConfig":
     _require(bool(self.output_dir), "--output_dir is required")
@@ -220,61 +306,134 @@ class PrepareConfig:
 class TrainConfig:
   """How to train, evaluate and export one model."""
 
-  data_dir: str
-  model_dir: str
-  export_dir: Optional[str] = None  # None: <model_dir>/export
-  checkpoint_dir: Optional[str] = None  # None: <model_dir>/checkpoints
-  log_dir: Optional[str] = None  # None: <model_dir>/logs
-  model: str = "seed_mlp"
-  task: str = "explicit"
-  epochs: int = 3
+  data_dir: str = _required(help=(
+      "Prepared data directory (local or gs://), the output of neumf-prepare."))
+  model_dir: str = _required(env="AIP_MODEL_DIR", help=(
+      "Where checkpoints, TensorBoard logs and metrics.json go (local or gs://). Re-running "
+      "with the same model_dir resumes. Default: $AIP_MODEL_DIR."))
+  # None: <model_dir>/export
+  export_dir: Optional[str] = _flag(None, help=(
+      "Where the SavedModel goes. Default: <model_dir>/export."))
+  # None: <model_dir>/checkpoints
+  checkpoint_dir: Optional[str] = _flag(None, env="AIP_CHECKPOINT_DIR", help=(
+      "Where checkpoints go. Default: $AIP_CHECKPOINT_DIR, else <model_dir>/checkpoints."))
+  # None: <model_dir>/logs
+  log_dir: Optional[str] = _flag(
+      None, flag="tensorboard_dir", env="AIP_TENSORBOARD_LOG_DIR", help=(
+      "Where TensorBoard summaries go. Default: $AIP_TENSORBOARD_LOG_DIR, else "
+      "<model_dir>/logs."))
+  model: str = _flag("seed_mlp", choices=MODELS, help=(
+      "seed_mlp: embeddings -> concat -> Dense(hidden_units) -> rating; gmf, mlp, neumf: He "
+      "et al. 2017; mf: dot product with biases (Rendle et al. 2020); autorec: items (or "
+      "users, --autorec_side) coded from their training interactions (Sedhain et al. 2015)."))
+  task: str = _flag("explicit", choices=TASKS, help=(
+      "explicit: regress ratings (MSE; RMSE/MAE); implicit: classify observed pairs against "
+      "sampled negatives (cross-entropy; HR@K/NDCG@K); implicit_bpr: rank each observed pair "
+      "above its sampled negatives (BPR's pairwise logistic loss; HR@K/NDCG@K); "
+      "implicit_softmax: each observed pair's item against the whole catalogue (softmax "
+      "cross-entropy; mf, gmf; HR@K/NDCG@K)."))
+  epochs: int = _flag(3, "Passes over the training data.", lower_bound=1)
   # Global, across all replicas (implicit: positives + negatives); None: DEFAULT_BATCH_SIZE
   # rounded down to whole groups of a positive and its negatives per replica (`for_replicas`).
-  batch_size: Optional[int] = None
-  eval_batch_size: int = 8192
-  learning_rate: float = 1e-3
-  optimizer: str = "adam"
-  warmup_steps: int = 0
-  decay: str = "none"
-  embedding_dim: int = 64
-  hidden_units: int = 256
-  layers: Tuple[int, ...] = (64, 32, 16, 8)
-  mlp_embedding_dim: int = 32
-  dropout: float = 0.0
-  autorec_side: str = "item"
-  history: int = 0
-  l2: float = 0.0
-  num_negatives: int = 4
-  exclude_positives: bool = True
-  features: str = "all"  # side features: all prepared ones, none, or name / side:name,...
-  top_k: int = 10
-  pretrained_gmf_dir: Optional[str] = None
-  pretrained_mlp_dir: Optional[str] = None
-  alpha: float = 0.5
-  mixed_precision: str = "float32"
-  jit_compile: bool = False
-  deterministic: bool = False
-  target_metric: Optional[str] = None
-  target_value: Optional[float] = None
-  early_stopping_patience: int = 0  # 0: off
+  batch_size: Optional[int] = _flag(None, lower_bound=1, help=(
+      "Global batch size, across all replicas; implicit: positives plus their negatives. "
+      "Default: 1024, rounded down to a multiple of the replicas x (1 + --num_negatives) for "
+      "tasks that sample negatives."))
+  eval_batch_size: int = _flag(8192, "Global evaluation batch size.", lower_bound=1)
+  learning_rate: float = _flag(1e-3, "Peak learning rate.", lower_bound=0.0)
+  optimizer: str = _flag("adam", choices=OPTIMIZERS, help=(
+      "adam; lazy_adam (updates only the embedding rows of the batch: much faster on large "
+      "tables); adagrad; sgd."))
+  warmup_steps: int = _flag(0, "Linear learning-rate warm-up steps.", lower_bound=0)
+  decay: str = _flag("none", choices=DECAYS, help=(
+      "Learning-rate decay to zero at the last step after warm-up."))
+  embedding_dim: int = _flag(64, lower_bound=1, help=(
+      "Embedding size (neumf: of the GMF path; mlp: of the MLP)."))
+  hidden_units: int = _flag(256, "Width of seed_mlp's hidden layer.", lower_bound=1)
+  layers: Tuple[int, ...] = _flag((64, 32, 16, 8), "MLP tower sizes (mlp, neumf).")
+  mlp_embedding_dim: int = _flag(32, "neumf: embedding size of the MLP path.", lower_bound=1)
+  dropout: float = _flag(0.0, help=(
+      "Dropout after each MLP layer; autorec: the fraction of training examples coded from "
+      "their features alone."))
+  autorec_side: str = _flag("item", choices=AUTOREC_SIDES, help=(
+      "autorec: code items from their users' interactions (I-AutoRec) or users from their "
+      "items' (U-AutoRec)."))
+  history: int = _flag(0, lower_bound=0, help=(
+      "mf: the user vector also sums this many of the user's latest training items before the"
+      " example (0: none); needs data prepared with their time order."))
+  l2: float = _flag(0.0, "L2 weight on the embedding rows of each batch.")
+  num_negatives: int = _flag(4, lower_bound=0, help=(
+      "implicit: sampled negatives per positive, redrawn every epoch."))
+  exclude_positives: bool = _flag(True, help=(
+      "implicit: never sample a user's training positive as a negative."))
+  # side features: all prepared ones, none, or name / side:name,...
+  features: str = _flag("all", help=(
+      "Side features the model adds to its ID embeddings: all (every feature the data "
+      "directory holds), none (IDs only), or a comma-separated list of names or side:name "
+      "(e.g. item:genres,age)."))
+  top_k: int = _flag(10, "K of HR@K and NDCG@K.", lower_bound=1)
+  pretrained_gmf_dir: Optional[str] = _flag(None, "neumf: model_dir of a trained gmf run.")
+  pretrained_mlp_dir: Optional[str] = _flag(None, "neumf: model_dir of a trained mlp run.")
+  alpha: float = _flag(0.5, "neumf with pretraining: weight of the GMF output.")
+  mixed_precision: str = _flag("float32", choices=PRECISIONS, help=(
+      "Compute dtype: float32, or bfloat16/float16 with float32 variables (float16 with loss "
+      "scaling)."))
+  jit_compile: bool = _flag(False, "Compile the training step with XLA.")
+  deterministic: bool = _flag(False, "TensorFlow op determinism: identical results run to run.")
+  target_metric: Optional[str] = _flag(None, choices=METRICS, help=(
+      "Stop once this eval metric reaches --target_value; also the metric that picks the best"
+      " checkpoint (default rmse, or hr_sampled / hr_full)."))
+  target_value: Optional[float] = _flag(None, "See --target_metric.")
+  # 0: off
+  early_stopping_patience: int = _flag(0, lower_bound=0, help=(
+      "Stop after this many epochs without improvement (0: never)."))
   # Export and report the best epoch by the eval metric (True), or the last epoch (False: what
   # an honest figure needs when the epoch count was tuned on a validation split).
-  keep_best: bool = True
-  overwrite: bool = False  # discard checkpoints of an earlier run in model_dir
-  seed: int = 0
-  shuffle_buffer_blocks: int = 256  # records of BLOCK_SIZE examples each
-  log_every_steps: int = 100
-  max_checkpoints: int = 3  # the latest ones; the best by the eval metric is kept apart
+  keep_best: bool = _flag(True, help=(
+      "Export and report the epoch with the best eval metric; --nokeep_best: the last epoch "
+      "(for figures whose epoch count was tuned on a validation split, so that the eval split"
+      " picks nothing)."))
+  # discard checkpoints of an earlier run in model_dir
+  overwrite: bool = _flag(False, help=(
+      "Discard the checkpoints of an earlier run in --model_dir and start afresh (without it,"
+      " a model_dir of another configuration is refused)."))
+  seed: int = _flag(0, "Seeds initialisation and data order.")
+  # records of BLOCK_SIZE examples each
+  shuffle_buffer_blocks: int = _flag(256, lower_bound=1, help=(
+      "Shuffle buffer in blocks of 1024 examples."))
+  log_every_steps: int = _flag(100, lower_bound=1, help=(
+      "Steps between progress lines (and per tf.function call)."))
+  # the latest ones; the best by the eval metric is kept apart
+  max_checkpoints: int = _flag(3, lower_bound=1, help=(
+      "Latest checkpoints kept (the best one is kept apart, in checkpoints/best)."))
   # Mid-epoch checkpoints (epoch ends always save): every N steps and/or every N seconds; 0: off.
-  checkpoint_every_steps: int = 0
-  checkpoint_every_secs: float = 600.0
-  storage_retries: int = 3  # further attempts of a failed checkpoint/export/metrics write
-  strategy: str = "auto"
-  num_cpu_devices: int = 1
+  checkpoint_every_steps: int = _flag(0, lower_bound=0, help=(
+      "Also checkpoint every N training steps (0: off). Epoch ends always checkpoint; a "
+      "killed run restarted with the same command resumes from the latest checkpoint, "
+      "mid-epoch included, exactly."))
+  checkpoint_every_secs: float = _flag(600.0, lower_bound=0.0, help=(
+      "Also checkpoint when this many seconds passed since the last one (0: off): bounds the "
+      "work a preemption loses."))
+  # further attempts of a failed checkpoint/export/metrics write
+  storage_retries: int = _flag(3, lower_bound=0, help=(
+      "Retries, with exponential backoff from 2 s, of a failed checkpoint, export or metrics "
+      "write (beyond TensorFlow's own per-request retries)."))
+  strategy: str = _flag("auto", choices=STRATEGIES, help=(
+      "auto: ParameterServerStrategy when TF_CONFIG or CLUSTER_SPEC lists ps tasks, "
+      "MultiWorkerMirroredStrategy when it lists several tasks, MirroredStrategy over several"
+      " GPUs or logical CPUs, else one device."))
+  num_cpu_devices: int = _flag(1, lower_bound=1, help=(
+      "Split the CPU into this many logical devices (multi-replica runs without GPUs: tests "
+      "and debugging)."))
   # Parameter-server training: ID tables in this many shards (0: by --ps_shard_min_mb, at most
   # one per ps task), shards of at least this many MiB.
-  ps_shards: int = 0
-  ps_shard_min_mb: float = 16.0
+  ps_shards: int = _flag(0, lower_bound=0, help=(
+      "parameter_server: split each ID embedding table (and its optimizer slots) into this "
+      "many shards over the ps tasks; 0: shards of at least --ps_shard_min_mb, at most one "
+      "per ps task."))
+  ps_shard_min_mb: float = _flag(16.0, help=(
+      "parameter_server with --ps_shards=0: the smallest shard, in MiB (a smaller table stays"
+      " whole on one ps task)."))
 
   @property
   def resolved_export_dir(self) -> str:

@@ -17,13 +17,18 @@ from absl import app, flags  # noqa: E402
 from trainer import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("export_dir", None, "The SavedModel written by neumf-train (local or gs://).")
-flags.DEFINE_multi_string("user", None, "Raw user ID; repeat the flag for several users.")
-flags.DEFINE_integer("k", 10, "How many items to recommend.", lower_bound=1)
-flags.DEFINE_list("recent", None, "Models trained with --history: the items the users "
-                  "interacted with since training, latest first, in place of their training "
-                  "history (the `recommend_recent` signature).")
-flags.mark_flags_as_required(["export_dir", "user"])
+
+
+def _define_flags() -> None:
+  """The flags, defined when the command line starts (importing this module defines none)."""
+  flags.DEFINE_string("export_dir", None,
+                      "The SavedModel written by neumf-train (local or gs://).")
+  flags.DEFINE_multi_string("user", None, "Raw user ID; repeat the flag for several users.")
+  flags.DEFINE_integer("k", 10, "How many items to recommend.", lower_bound=1)
+  flags.DEFINE_list("recent", None, "Models trained with --history: the items the users "
+                    "interacted with since training, latest first, in place of their training "
+                    "history (the `recommend_recent` signature).")
+  flags.mark_flags_as_required(["export_dir", "user"])
 
 
 def recommend(export_dir: str, users, k: int, recent=None):
@@ -61,6 +66,7 @@ def main(argv):
 
 def run():
   """Console-script entry point."""
+  _define_flags()
   cli.run(main, "neumf-recommend")
 
 
