@@ -60,7 +60,7 @@ def define_flags(config_class: type, flag_values: flags.FlagValues,
       flags.DEFINE_list(name, [str(v) for v in default], meta["help"], **common)
     else:
       flags.DEFINE_string(name, default, meta["help"], **common)
-    if meta.get("required"):
+    if meta.get("required") and default is None:  # (an environment default satisfies it)
       flags.mark_flag_as_required(name, flag_values)
 
 
