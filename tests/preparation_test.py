@@ -14,14 +14,15 @@ import tensorflow as tf
 from conftest import REPO_ROOT, run_cli
 from trainer import schema
 from trainer.config import ConfigError, PrepareConfig
-from trainer.data import artifacts, preparation
+from trainer.data import artifacts, preparation, scratch
+from trainer.data.records import parse_blocks
 
 
 def test_vocab_is_frequency_ordered_with_ties_by_id():
   raw = np.array(["b", "a", "c", "d", "e"])
   counts = np.array([2, 1, 3, 1, 0])  # e never occurs
   # c 3, b 2, then a before d (ties by ID); e is left out.
-  assert raw[preparation._frequency_order(counts, raw)].tolist() == ["c", "b", "a", "d"]
+  assert raw[scratch.frequency_order(counts, raw)].tolist() == ["c", "b", "a", "d"]
 
 
 def _read_split(data_dir, split):
@@ -29,7 +30,7 @@ def _read_split(data_dir, split):
   records = [r for f in files for r in tf.data.TFRecordDataset(f).as_numpy_iterator()]
   if not records:
     return {k: np.zeros(0) for k in (schema.USER, schema.ITEM, schema.RATING)}, files
-  parsed = schema.parse_blocks(tf.constant(records))
+  parsed = parse_blocks(tf.constant(records))
   return {k: v.numpy() for k, v in parsed.items()}, files
 
 

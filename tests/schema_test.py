@@ -7,12 +7,13 @@ import pytest
 import tensorflow as tf
 
 from trainer import schema
+from trainer.data import records
 
 
 def test_blocks_round_trip_in_order():
-  first = schema.encode_block(np.array([3, 1]), np.array([0, 2]), np.array([4.5, 1.0]))
-  second = schema.encode_block(np.array([7]), np.array([5]), np.array([2.5]))
-  parsed = schema.parse_blocks(tf.constant([first, second]))
+  first = records.encode_block(np.array([3, 1]), np.array([0, 2]), np.array([4.5, 1.0]))
+  second = records.encode_block(np.array([7]), np.array([5]), np.array([2.5]))
+  parsed = records.parse_blocks(tf.constant([first, second]))
   assert parsed[schema.USER].numpy().tolist() == [3, 1, 7]
   assert parsed[schema.ITEM].numpy().tolist() == [0, 2, 5]
   assert parsed[schema.RATING].numpy().tolist() == [4.5, 1.0, 2.5]
@@ -26,7 +27,7 @@ def test_blocks_round_trip_in_order():
 ])
 def test_bad_blocks_are_refused(users, items, ratings):
   with pytest.raises(ValueError, match="block"):
-    schema.encode_block(np.array(users), np.array(items), np.array(ratings))
+    records.encode_block(np.array(users), np.array(items), np.array(ratings))
 
 
 def test_shard_names_match_their_pattern():
@@ -81,9 +82,9 @@ def test_hand_built_records_equal_the_protobuf_message(users, items, ratings):
       schema.ITEM: tf.train.Feature(int64_list=tf.train.Int64List(value=items.tolist())),
       schema.RATING: tf.train.Feature(float_list=tf.train.FloatList(value=ratings.tolist())),
   }))
-  encoded = schema.encode_block(users, items, ratings)
+  encoded = records.encode_block(users, items, ratings)
   assert tf.train.Example.FromString(encoded) == expected
-  parsed = schema.parse_blocks(tf.constant([encoded]))
+  parsed = records.parse_blocks(tf.constant([encoded]))
   assert parsed[schema.USER].numpy().tolist() == users.tolist()
   assert parsed[schema.ITEM].numpy().tolist() == items.tolist()
   assert parsed[schema.RATING].numpy().tolist() == ratings.tolist()

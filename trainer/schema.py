@@ -1,8 +1,28 @@
 """The data contract between preparation, the input pipeline, the models and the export.
 
 Everything that names a feature, a dtype, a file of a prepared data directory or a field of its
-metadata lives here, so that the writer, the reader, the model inputs and the serving signature
-cannot drift apart.
+metadata lives here, so that the writer (`trainer.data.writer`), the reader
+(`trainer.data.artifacts`), the model inputs and the serving signature cannot drift apart.
+
+Layout of a prepared directory (the one description of it):
+
+  users.vocab, items.vocab       raw IDs, one per line; line n is dense index n (most frequent
+                                 first, ties by ID)
+  train-SSSSS-of-NNNNN.tfrecord  training examples in blocks (the record layout below;
+                                 `trainer.data.records` encodes and parses them)
+  eval-SSSSS-of-NNNNN.tfrecord   held-out examples
+  train_positives.npz            each user's training items, compressed sparse rows: `indptr`
+                                 [users + 1], `indices` [train rows] (what full-ranking
+                                 evaluation and serving exclude), `time_rank` (each one's rank
+                                 in its user's time order), `rating_sum` [users]
+  eval_negatives.npz             leave-one-out with --eval_negatives: `users`, `positives`,
+                                 `negatives` [eval users, N], sampled from items the user never
+                                 interacted with, fixed by the seed
+  <side>_features.npz            side features: one array per feature, indexed by dense ID
+  <side>_<feature>.vocab         a categorical or multi-hot feature's values, one per line
+  metadata.json                  counts, density, rating histogram, split protocol, inputs'
+                                 fingerprints, where every row read went (`Metadata`); written
+                                 last: a directory without it is incomplete
 
 Record layout. One TFRecord record holds a *block* of up to `BLOCK_SIZE` examples as packed
 lists (`user`, `item`: int64 dense indices; `rating`: float). Parsing one record per example
@@ -13,10 +33,9 @@ thousand examples per second needs.
 
 import dataclasses
 import json
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
-import tensorflow as tf
 
 from trainer import strict_json
 
@@ -58,12 +77,6 @@ TRAIN = "train"
 EVAL = "eval"
 SPLITS = (TRAIN, EVAL)
 
-_FEATURE_SPEC = {
-    USER: tf.io.RaggedFeature(tf.int64),
-    ITEM: tf.io.RaggedFeature(tf.int64),
-    RATING: tf.io.RaggedFeature(tf.float32),
-}
-
 
 def shard_file_name(split: str, index: int, num_shards: int) -> str:
   """Returns the file name of one shard, e.g. `train-00003-of-00008.tfrecord`."""
@@ -73,107 +86,6 @@ def shard_file_name(split: str, index: int, num_shards: int) -> str:
 def shard_pattern(split: str) -> str:
   """Returns the glob that matches every shard of `split`."""
   return f"{split}-*-of-*.tfrecord"
-
-
-def _varints(values: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-  """Protobuf varints of non-negative integers, vectorised over a whole array.
-
-  Returns:
-    (data, offsets): the concatenated encodings (uint8) and offsets [n + 1], so value k is
-    data[offsets[k]:offsets[k + 1]].
-  """
-  values = np.asarray(values)
-  if len(values) and values.min() < 0:
-    raise ValueError("indices must not be negative")
-  top = int(values.max()) if len(values) else 0
-  v = values.astype(np.uint32 if top < 2**32 else np.uint64)  # narrow: less memory to touch
-  groups = max(1, (top.bit_length() + 6) // 7)
-  width = np.ones(len(v), np.uint8)  # bytes per value
-  for k in range(1, groups):
-    width += v >= (1 << (7 * k))
-  data = np.empty((len(v), groups), np.uint8)
-  for k in range(groups):  # byte k: 7 bits, with the continuation bit when more follow
-    data[:, k] = ((v >> (7 * k)) & 0x7F).astype(np.uint8) | ((width > k + 1).view(np.uint8)
-                                                            << 7)
-  offsets = np.zeros(len(v) + 1, np.int64)
-  np.cumsum(width, out=offsets[1:])
-  return data[np.arange(groups, dtype=np.uint8)[None, :] < width[:, None]], offsets
-
-
-def _varint(n: int) -> bytes:
-  out = bytearray()
-  while True:
-    byte, n = n & 0x7F, n >> 7
-    out.append(byte | (0x80 if n else 0))
-    if not n:
-      return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-  """A length-delimited protobuf field."""
-  return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def encode_blocks(users: np.ndarray, items: np.ndarray, ratings: np.ndarray,
-                  block_size: int = BLOCK_SIZE) -> List[bytes]:
-  """Serializes examples as `tf.train.Example` records of up to `block_size` packed examples.
-
-  The bytes are built directly, vectorised over all blocks (what the protobuf library would
-  lay out, field by field): building protos from Python lists costs more than everything else
-  of preparation.
-
-  Args:
-    users: int dense user indices, shape [n].
-    items: int dense item indices, shape [n].
-    ratings: float ratings, shape [n].
-    block_size: examples per record, 1..BLOCK_SIZE.
-
-  Returns:
-    ceil(n / block_size) serialized records, in order.
-  """
-  n = len(users)
-  if not 0 < block_size <= BLOCK_SIZE or len(items) != n or len(ratings) != n:
-    raise ValueError(f"blocks need 1..{BLOCK_SIZE} aligned examples each, got block_size "
-                     f"{block_size} and {len(users)} users, {len(items)} items, "
-                     f"{len(ratings)} ratings")
-  user_data, user_offsets = _varints(users)
-  item_data, item_offsets = _varints(items)
-  float_data = np.asarray(ratings, "<f4").tobytes()
-  user_key, item_key, rating_key = (_field(1, name.encode()) for name in (USER, ITEM, RATING))
-  records = []
-  for start in range(0, n, block_size):
-    end = min(start + block_size, n)
-    user_list = user_data[user_offsets[start]:user_offsets[end]].tobytes()
-    item_list = item_data[item_offsets[start]:item_offsets[end]].tobytes()
-    features = (_field(1, user_key + _field(2, _field(3, _field(1, user_list))))
-                + _field(1, item_key + _field(2, _field(3, _field(1, item_list))))
-                + _field(1, rating_key + _field(2, _field(2, _field(
-                    1, float_data[4 * start:4 * end])))))
-    records.append(_field(1, features))
-  return records
-
-
-def encode_block(users: np.ndarray, items: np.ndarray, ratings: np.ndarray) -> bytes:
-  """Serializes one block of 1..BLOCK_SIZE examples (see `encode_blocks`)."""
-  n = len(users)
-  if not 0 < n <= BLOCK_SIZE or len(items) != n or len(ratings) != n:
-    raise ValueError(f"a block needs 1..{BLOCK_SIZE} aligned examples, got "
-                     f"{len(users)} users, {len(items)} items, {len(ratings)} ratings")
-  return encode_blocks(users, items, ratings)[0]
-
-
-def parse_blocks(serialized: tf.Tensor) -> Dict[str, tf.Tensor]:
-  """Parses a batch of block records into flat example tensors.
-
-  Args:
-    serialized: string tensor of shape [num_records].
-
-  Returns:
-    A dict with `user`, `item` (int64) and `rating` (float32), each of shape [num_examples]:
-    the blocks' examples concatenated in order.
-  """
-  parsed = tf.io.parse_example(serialized, _FEATURE_SPEC)
-  return {name: value.flat_values for name, value in parsed.items()}
 
 
 # Kinds looked up through an embedding of indices (0: missing); numeric ones are projected.

@@ -1,8 +1,8 @@
 """Command line of training: `python -m trainer.task` (installed as `neumf-train`).
 
-Parses flags (`TrainConfig`'s fields, `trainer.cli`), builds a frozen `TrainConfig`, sets the process's malloc for training,
-configures devices, picks a strategy and calls `trainer.train.train_and_evaluate`. The only
-module that reads these flags. Exit codes come from the error's type (`trainer.errors`): 2 for
+Parses flags (`TrainConfig`'s fields, `trainer.cli`), builds a frozen `TrainConfig`, sets
+the process's malloc for training, configures devices, picks a strategy and calls
+`trainer.train.train_and_evaluate`. The only module that reads these flags. Exit codes come from the error's type (`trainer.errors`): 2 for
 a bad flag or input, 131 when another task of the cluster was lost, 132 when storage stayed
 unreachable.
 """

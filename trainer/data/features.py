@@ -37,6 +37,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer import schema
+from trainer.config import PrepareConfig
 from trainer.data import values
 
 KINDS = ("categorical", "multi_hot", "numeric", "bucketized")
@@ -472,3 +473,24 @@ def _encode_bucketized(spec, numbers, min_count):
 
 _ENCODERS = {"categorical": _encode_categorical, "multi_hot": _encode_multi_hot,
              "numeric": _encode_numeric, "bucketized": _encode_bucketized}
+
+
+def read_features(config: PrepareConfig,
+                  source=None) -> List[RawFeatures]:
+  """The side feature files of the configuration, read (entity-sized) and checked; for a side
+  without one, the features `source` (a `sources.Source`) carries (--tfds_features)."""
+  out = []
+  given = {side for side, _ in config.feature_files()}
+  if source is not None and config.source == "tfds" and config.tfds_features:
+    out += [raw for raw in source.side_features() if raw.side not in given]
+  for side, path in config.feature_files():
+    columns = getattr(config, f"{side}_feature_columns")
+    if columns is None:
+      out.append(read_movielens_features(side, path))
+      continue
+    specs = parse_specs(columns, f"{side}_feature_columns")
+    out.append(read_feature_file(side, path, getattr(config, f"{side}_id_column"),
+                                          specs, config.features_delimiter,
+                                          config.features_header,
+                                          values.Rejections() if config.skip_bad_rows else None))
+  return out

@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer import schema
+from trainer.data import records
 
 # Records parsed per call: enough examples to amortise the op overhead and to mix examples of
 # different blocks within a batch.
@@ -241,7 +242,7 @@ def _records(file_names: tf.data.Dataset, num_files: int) -> tf.data.Dataset:
 
 def _parse(blocks: tf.data.Dataset) -> tf.data.Dataset:
   return blocks.batch(_RECORDS_PER_PARSE).map(
-      schema.parse_blocks, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+      records.parse_blocks, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def _epochs(files: List[str], file_examples: Optional[Sequence[int]], seed: int,

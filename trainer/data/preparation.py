@@ -1,19 +1,7 @@
 """Turns an interaction log into a prepared data directory, streaming, in bounded memory.
 
-Layout of a prepared directory:
-
-  users.vocab, items.vocab       raw IDs, one per line; line n is dense index n (most frequent
-                                 first, ties by ID)
-  train-SSSSS-of-NNNNN.tfrecord  training examples in blocks (see `trainer.schema`)
-  eval-SSSSS-of-NNNNN.tfrecord   held-out examples
-  train_positives.npz            each user's training items, compressed sparse rows
-                                 (`indptr` [users + 1], `indices` [train rows]): what full-ranking
-                                 evaluation and serving exclude
-  eval_negatives.npz             leave-one-out with --eval_negatives: `users`, `positives`,
-                                 `negatives` [eval users, N], sampled from items the user never
-                                 interacted with, fixed by the seed
-  metadata.json                  counts, density, rating histogram, split protocol, inputs'
-                                 fingerprints; written last
+The layout of a prepared directory is `trainer.schema`'s; the files are written by
+`trainer.data.writer`, on scratch storage of `trainer.data.scratch`.
 
 How. Rows stream from the source in chunks; raw IDs get provisional integer codes (memory: the
 vocabulary); rows are hash-partitioned by (user, item) into local scratch buckets, so that every
@@ -27,7 +15,6 @@ Everything is written to a temporary folder first and published at the end, so a
 or failed run never leaves a directory that looks complete, nor damages an earlier one.
 """
 
-import concurrent.futures
 import dataclasses
 import math
 import os
@@ -35,249 +22,22 @@ import shutil
 import tempfile
 import time
 import uuid
-import zipfile
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import tensorflow as tf
 from absl import logging
 
 from trainer import fileio, schema
 from trainer.config import ConfigError, PrepareConfig
-from trainer.data import features, sources, splits, values
-
-T = TypeVar("T")
-
-_BUCKET_ROWS = 1_000_000  # target rows per scratch bucket: bounds peak memory
-_HISTOGRAM_MAX_VALUES = 64
+from trainer.data import features, sources, splits, writer
+from trainer.data.scratch import (BUCKET_ROWS, IdEncoder, Progress, Scratch, frequency_order,
+                                  prefetched)
 
 
 # ----------------------------------------------------------------------------- small parts
 
 
-class IdEncoder:
-  """Raw ID -> provisional code, in order of first appearance; memory: the vocabulary."""
-
-  def __init__(self, fmt: Optional[str] = None):
-    self.fmt = fmt  # set when the source already gives integer codes (synthetic)
-    self._index: Dict[str, int] = {}
-    self._size = 0
-
-  def encode(self, values: np.ndarray) -> np.ndarray:
-    if self.fmt is not None:
-      self._size = max(self._size, int(values.max()) + 1)
-      return values.astype(np.int64)
-    uniq, inverse = np.unique(values, return_inverse=True)
-    index = self._index
-    codes = np.fromiter((index.setdefault(u, len(index)) for u in uniq.tolist()), np.int64,
-                        len(uniq))
-    return codes[inverse.reshape(-1)]
-
-  @property
-  def size(self) -> int:
-    return self._size if self.fmt is not None else len(self._index)
-
-  def raw_ids(self) -> np.ndarray:
-    """Raw ID of every code, as strings."""
-    if self.fmt is not None:
-      return np.array([self.fmt.format(c) for c in range(self._size)])
-    return np.array(list(self._index), dtype=str) if self._index else np.array([], str)
-
-
-def _frequency_order(counts: np.ndarray, raw: np.ndarray) -> np.ndarray:
-  """Codes with a positive count, most frequent first, ties by raw ID string."""
-  present = np.flatnonzero(counts > 0)
-  order = np.lexsort((raw[present], -counts[present]))
-  return present[order]
-
-
-class _Scratch:
-  """Hash-partitioned row storage on local disk (output may be remote; scratch never is).
-
-  One raw `.npy` file per column and part: no zip and no CRC, which cost as much as the rest
-  of a pass.
-  """
-
-  def __init__(self, directory: str, num_buckets: int):
-    self.directory = directory
-    self.num_buckets = num_buckets
-    self._parts = [0] * num_buckets
-    self._columns: List[str] = []
-
-  def _path(self, bucket: int, part: int, column: str) -> str:
-    return os.path.join(self.directory, f"b{bucket}-p{part}-{column}.npy")
-
-  def _write(self, bucket: int, columns: Dict[str, np.ndarray]) -> None:
-    self._columns = list(columns)
-    for name, column in columns.items():
-      np.save(self._path(bucket, self._parts[bucket], name), column)
-    self._parts[bucket] += 1
-
-  def append(self, bucket_of_rows: np.ndarray, columns: Dict[str, np.ndarray]) -> None:
-    order = np.argsort(bucket_of_rows.astype(np.uint16), kind="stable")  # a radix sort
-    bounds = np.searchsorted(bucket_of_rows[order], np.arange(self.num_buckets + 1))
-    for b in range(self.num_buckets):
-      rows = order[bounds[b]:bounds[b + 1]]
-      if len(rows):
-        self._write(b, {k: v[rows] for k, v in columns.items()})
-
-  def read(self, bucket: int) -> Optional[Dict[str, np.ndarray]]:
-    parts = self._parts[bucket]
-    if not parts:
-      return None
-    out = {}
-    for name in self._columns:
-      if parts == 1:
-        out[name] = np.load(self._path(bucket, 0, name))
-        continue
-      # Concatenated from memory-mapped parts: never the parts and the whole in memory at once.
-      pieces = [np.load(self._path(bucket, p, name), mmap_mode="r") for p in range(parts)]
-      out[name] = np.concatenate(pieces, out=np.empty(sum(map(len, pieces)), pieces[0].dtype))
-    return out
-
-  def replace(self, bucket: int, columns: Dict[str, np.ndarray]) -> None:
-    for p in range(self._parts[bucket]):
-      for name in self._columns:
-        os.remove(self._path(bucket, p, name))
-    self._parts[bucket] = 0
-    if len(next(iter(columns.values()))):
-      self._write(bucket, columns)
-
-
-class _Progress:
-  """A progress line with rows/s at most every few seconds."""
-
-  def __init__(self, what: str, total: Optional[int] = None):
-    self.what, self.total, self.done = what, total, 0
-    self.start = self.last = time.time()
-
-  def add(self, n: int) -> None:
-    self.done += n
-    now = time.time()
-    if now - self.last >= 5:
-      self.last = now
-      rate = self.done / max(now - self.start, 1e-9)
-      eta = (f", ETA {((self.total - self.done) / max(rate, 1e-9)):.0f}s"
-             if self.total else "")
-      logging.info("%s: %d rows, %.0f rows/s%s", self.what, self.done, rate, eta)
-
-
-def _prefetched(iterable: Iterable[T]) -> Iterator[T]:
-  """Yields the items of `iterable`, producing the next one in a background thread meanwhile.
-
-  NumPy releases the GIL in its heavy loops, so producing (parsing, generating) overlaps with
-  consuming on a second core. One item in flight: memory grows by one item, not with the data.
-  The producer's errors are raised here, in order.
-  """
-  items, done = iter(iterable), object()
-  with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prepare-read") as executor:
-    pending = executor.submit(next, items, done)
-    while True:
-      item = pending.result()
-      if item is done:
-        return
-      pending = executor.submit(next, items, done)
-      yield item
-
-
-class _BlockWriter:
-  """Deals full blocks of examples round-robin to a split's shards.
-
-  Encoding and writing run in a background thread (one batch of blocks in flight, in order),
-  overlapping the caller's next bucket; `close` waits for them.
-  """
-
-  def __init__(self, directory: str, split: str, num_shards: int, expected_rows: float):
-    self.paths = [fileio.join(directory, schema.shard_file_name(split, s, num_shards))
-                  for s in range(num_shards)]
-    # Smaller blocks for a small split, so that every shard gets examples (a worker reading
-    # an empty training shard would wait forever).
-    self.block_size = max(1, min(schema.BLOCK_SIZE, int(expected_rows * 0.9 / num_shards)))
-    self._writers = [tf.io.TFRecordWriter(p) for p in self.paths]
-    self._pending: List[Tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    self._pending_rows = 0
-    self._next = 0
-    self.rows = 0
-    self.shard_rows = [0] * num_shards
-    self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prepare-write")
-    self._in_flight: Optional[concurrent.futures.Future] = None
-
-  def add(self, users: np.ndarray, items: np.ndarray, ratings: np.ndarray) -> None:
-    self._pending.append((users, items, ratings))
-    self._pending_rows += len(users)
-    self.rows += len(users)
-    if self._pending_rows >= self.block_size:
-      self._flush(final=False)
-
-  def _flush(self, final: bool) -> None:
-    if not self._pending:
-      return
-    u, i, r = (np.concatenate(c) for c in zip(*self._pending))
-    full = len(u) if final else len(u) - len(u) % self.block_size
-    if full:
-      self._wait()
-      self._in_flight = self._executor.submit(self._write, u[:full], i[:full], r[:full])
-    self._pending = [(u[full:], i[full:], r[full:])] if full < len(u) else []
-    self._pending_rows = len(u) - full
-
-  def _write(self, users: np.ndarray, items: np.ndarray, ratings: np.ndarray) -> None:
-    records = schema.encode_blocks(users, items, ratings, self.block_size)
-    for b, record in enumerate(records):
-      self._writers[self._next].write(record)
-      self.shard_rows[self._next] += min(self.block_size, len(users) - b * self.block_size)
-      self._next = (self._next + 1) % len(self._writers)
-
-  def _wait(self) -> None:
-    if self._in_flight is not None:
-      self._in_flight.result()  # raises the writer thread's error here
-      self._in_flight = None
-
-  def close(self) -> None:
-    try:
-      self._flush(final=True)
-      self._wait()
-    finally:
-      self._executor.shutdown(wait=True)
-    for w in self._writers:
-      w.close()
-
-
-def _write_npz(path: str, scratch_dir: str, **arrays) -> None:
-  """Writes an `.npz` whose bytes depend only on the arrays (np.savez stamps the current time).
-
-  Streamed to a local scratch file, then copied to `path` (local or gs://): no in-memory copy
-  of the arrays, which for the training positives is 4 bytes per training row.
-  """
-  local = os.path.join(scratch_dir, f"npz-{uuid.uuid4().hex}.npz")
-  try:
-    with zipfile.ZipFile(local, "w", zipfile.ZIP_STORED) as z:
-      for name, value in arrays.items():
-        info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
-        with z.open(info, "w", force_zip64=True) as f:
-          np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
-    tf.io.gfile.copy(local, path, overwrite=True)
-  finally:
-    os.remove(local)
-
-
 # ----------------------------------------------------------------------------- the source
-
-
-def make_source(config: PrepareConfig) -> sources.Source:
-  """The configured source; errors name the flag and the value."""
-  if config.source == "synthetic":
-    return sources.SyntheticSource(config.num_users, config.num_items, config.num_ratings,
-                                   config.rank, config.noise, config.seed, config.implicit)
-  if config.source == "movielens":
-    return sources.movielens_source(config.input[0], config.skip_bad_rows)
-  if config.source == "tfds":
-    return sources.TfdsSource(config.tfds_name, config.tfds_data_dir, config.tfds_manual_dir)
-  columns = sources.Columns(config.user_column, config.item_column, config.rating_column,
-                            config.timestamp_column)
-  rating_range = (None if config.rating_min is None
-                  else (config.rating_min, config.rating_max))
-  return sources.DelimitedSource(config.input, columns, config.delimiter, config.header,
-                                 rating_range, config.skip_bad_rows)
 
 
 # ----------------------------------------------------------------------------- the passes
@@ -322,44 +82,6 @@ def _shards_for(config: PrepareConfig, rows: int) -> int:
   return max(1, math.ceil(approx_bytes / (config.target_shard_mb * 2**20)))
 
 
-def _histogram(counter: Dict[float, int]) -> Dict[str, int]:
-  if len(counter) > _HISTOGRAM_MAX_VALUES:
-    values = np.array(sorted(counter))
-    edges = np.linspace(values[0], values[-1], 21)
-    counts = np.zeros(20, np.int64)
-    for v, c in counter.items():
-      counts[min(int(np.searchsorted(edges, v, side="right")) - 1, 19)] += c
-    return {f"[{edges[k]:g}, {edges[k + 1]:g}{']' if k == 19 else ')'}": int(counts[k])
-            for k in range(20)}
-  return {f"{v:g}": int(c) for v, c in sorted(counter.items())}
-
-
-def _sample_negatives(indptr: np.ndarray, indices: np.ndarray, users: np.ndarray,
-                      positives: np.ndarray, num_items: int, n: int, seed: int,
-                      raw_users: np.ndarray) -> np.ndarray:
-  """For each eval user, n distinct items it never interacted with (train or eval)."""
-  rng = np.random.default_rng([seed, 5])
-  out = np.empty((len(users), n), np.int32)
-  for k, (u, p) in enumerate(zip(users.tolist(), positives.tolist())):
-    seen = np.append(indices[indptr[u]:indptr[u + 1]], p)
-    free = num_items - len(np.unique(seen))
-    if free < n:
-      raise ValueError(f"--eval_negatives={n}: user {str(raw_users[u])!r} has interacted with "
-                       f"all but {free} of the {num_items} items")
-    if free < 4 * n:  # dense user: pick from the explicit complement
-      complement = np.setdiff1d(np.arange(num_items), seen)
-      out[k] = rng.choice(complement, n, replace=False)
-      continue
-    chosen = np.empty(0, np.int64)
-    while len(chosen) < n:
-      draw = rng.integers(0, num_items, 2 * n)
-      draw = draw[~np.isin(draw, seen)]
-      _, first = np.unique(np.concatenate([chosen, draw]), return_index=True)
-      chosen = np.concatenate([chosen, draw])[np.sort(first)]
-    out[k] = chosen[:n]
-  return out
-
-
 def prepare(config: PrepareConfig) -> schema.Metadata:
   """Reads or generates the interactions, splits them and writes a prepared data directory.
 
@@ -377,8 +99,8 @@ def prepare(config: PrepareConfig) -> schema.Metadata:
   fileio.check_gcs_access(config.output_dir, "output_dir", write=True)
   for pattern in config.input:
     fileio.check_gcs_access(pattern, "input", write=False)
-  source = make_source(config)
-  raw_features = read_features(config, source)  # before the log: a bad file fails at once
+  source = sources.make_source(config)
+  raw_features = features.read_features(config, source)  # before the log: a bad file fails at once
   splitter = splits.make_splitter(config)
   if splitter.needs_timestamps and not source.has_timestamps:
     raise ConfigError(f"--split={config.split} needs timestamps, and the input has none "
@@ -397,7 +119,7 @@ def _prepare(config: PrepareConfig, source: sources.Source, splitter: splits.Spl
   """The passes, in order; everything lands in a temporary folder, published at the end."""
   formats = source.id_format or (None, None)
   ids = _Ids(IdEncoder(formats[0]), IdEncoder(formats[1]))
-  scratch = _Scratch(scratch_dir, _num_buckets(config, source))
+  scratch = Scratch(scratch_dir, _num_buckets(config, source))
   total = _pass_read(source, ids, scratch, started)
   splitter.begin(ids.users.size, total)
   stats = _pass_dedupe(scratch, config, source, ids, splitter, total)
@@ -416,11 +138,11 @@ def _prepare(config: PrepareConfig, source: sources.Source, splitter: splits.Spl
   tables = [features.encode(raw, vocab.raw_users if raw.side == schema.USER
                             else vocab.raw_items, config.min_feature_count)
             for raw in raw_features]
-  names += [_write_feature_table(table, tmp_dir, scratch.directory) for table in tables]
+  names += [writer.write_feature_table(table, tmp_dir, scratch.directory) for table in tables]
   names += [schema.feature_vocab_file(t.side, name) for t in tables for name in t.vocabularies]
   metadata = _metadata(config, source, splitter, vocab, stats, written, tables)
   fileio.write_text_atomic(fileio.join(tmp_dir, schema.METADATA_FILE), metadata.to_json())
-  _publish(tmp_dir, config.output_dir, names)
+  writer.publish(tmp_dir, config.output_dir, names)
   elapsed = time.time() - started
   logging.info("Prepared %d train and %d eval rows (%d users, %d items, split %s) in %s in "
                "%.1fs (%.0f rows/s)", written.num_train, written.num_eval, vocab.num_users,
@@ -441,9 +163,9 @@ def accounts_line(metadata: schema.Metadata) -> str:
 
 
 def _num_buckets(config: PrepareConfig, source: sources.Source) -> int:
-  """Scratch buckets: enough that one holds about _BUCKET_ROWS rows (unknown size: 16)."""
+  """Scratch buckets: enough that one holds about BUCKET_ROWS rows (unknown size: 16)."""
   if isinstance(source, sources.SyntheticSource):
-    return max(1, math.ceil(config.num_ratings / _BUCKET_ROWS))
+    return max(1, math.ceil(config.num_ratings / BUCKET_ROWS))
   return 16
 
 
@@ -455,15 +177,15 @@ class _Ids:
   items: IdEncoder
 
 
-def _pass_read(source: sources.Source, ids: _Ids, scratch: _Scratch, started: float) -> int:
+def _pass_read(source: sources.Source, ids: _Ids, scratch: Scratch, started: float) -> int:
   """Pass 1: stream the source, encode IDs, partition rows by (user, item) hash onto scratch.
 
   Returns:
     The rows read.
   """
-  progress = _Progress("read")
+  progress = Progress("read")
   total = 0
-  for chunk in _prefetched(source.chunks()):
+  for chunk in prefetched(source.chunks()):
     users, items = ids.users.encode(chunk.users), ids.items.encode(chunk.items)
     n = len(users)
     columns = {"user": users, "item": items, "rating": chunk.ratings,
@@ -498,12 +220,12 @@ class _Stats:
   rows_filtered: int = 0  # rows of users under --min_user_interactions
 
 
-def _pass_dedupe(scratch: _Scratch, config: PrepareConfig, source: sources.Source, ids: _Ids,
+def _pass_dedupe(scratch: Scratch, config: PrepareConfig, source: sources.Source, ids: _Ids,
                  splitter: splits.Splitter, total_rows: int) -> _Stats:
   """Pass 2: dedupe each bucket by --duplicates, count users and items, feed the splitter."""
   num_users, num_items = ids.users.size, ids.items.size
   stats = _Stats(np.zeros(num_users, np.int64), np.zeros(num_items, np.int64))
-  progress = _Progress("dedupe", total_rows)
+  progress = Progress("dedupe", total_rows)
   for b in range(scratch.num_buckets):
     rows = scratch.read(b)
     if rows is None:
@@ -539,7 +261,7 @@ class _Vocabulary:
     return len(self.raw_items)
 
 
-def _dense_vocabulary(scratch: _Scratch, config: PrepareConfig, stats: _Stats,
+def _dense_vocabulary(scratch: Scratch, config: PrepareConfig, stats: _Stats,
                       ids: _Ids) -> _Vocabulary:
   """Pass 3 (only with --min_user_interactions: recount items over the users kept), then the
   dense indices: most frequent first, ties by raw ID."""
@@ -556,8 +278,8 @@ def _dense_vocabulary(scratch: _Scratch, config: PrepareConfig, stats: _Stats,
         item_count += np.bincount(rows["item"][kept_user[rows["user"]]],
                                   minlength=len(item_count))
   raw_users, raw_items = ids.users.raw_ids(), ids.items.raw_ids()
-  user_order = _frequency_order(np.where(kept_user, stats.user_count, 0), raw_users)
-  item_order = _frequency_order(item_count, raw_items)
+  user_order = frequency_order(np.where(kept_user, stats.user_count, 0), raw_users)
+  item_order = frequency_order(item_count, raw_items)
   user_index = np.full(len(raw_users), -1, np.int64)
   user_index[user_order] = np.arange(len(user_order))
   item_index = np.full(len(raw_items), -1, np.int64)
@@ -588,21 +310,21 @@ class _Written:
   eval_pairs: Optional[List[np.ndarray]]
 
 
-def _pass_write(scratch: _Scratch, config: PrepareConfig, splitter: splits.Splitter,
+def _pass_write(scratch: Scratch, config: PrepareConfig, splitter: splits.Splitter,
                 vocab: _Vocabulary, kept_rows: int, tmp_dir: str) -> _Written:
   """Pass 4: map codes to dense indices, split, shuffle each bucket, deal blocks to shards;
   leave each bucket's training pairs on scratch for the positives file."""
   num_shards = _shards_for(config, kept_rows)
   expected_eval = splitter.expected_eval(vocab.kept_user, kept_rows)
-  writers = {schema.TRAIN: _BlockWriter(tmp_dir, schema.TRAIN, num_shards,
+  writers = {schema.TRAIN: writer.BlockWriter(tmp_dir, schema.TRAIN, num_shards,
                                         kept_rows - expected_eval),
-             schema.EVAL: _BlockWriter(tmp_dir, schema.EVAL, num_shards, expected_eval)}
+             schema.EVAL: writer.BlockWriter(tmp_dir, schema.EVAL, num_shards, expected_eval)}
   out = _Written(0, 0, [], [], {}, np.zeros(vocab.num_users, np.int64),
                  np.zeros(vocab.num_users, np.float64), np.zeros(vocab.num_items, np.int64),
                  np.zeros(vocab.num_users, bool),
                  np.zeros(vocab.num_items, bool), 0.0, np.inf, -np.inf,
                  [] if config.eval_negatives else None)
-  progress = _Progress("write", kept_rows)
+  progress = Progress("write", kept_rows)
   for b in range(scratch.num_buckets):
     rows = scratch.read(b)
     if rows is None:
@@ -654,13 +376,13 @@ def _tally(out: _Written, users: np.ndarray, items: np.ndarray, ratings: np.ndar
     out.rating_max = max(out.rating_max, float(ratings.max()))
 
 
-def _write_side_files(scratch: _Scratch, config: PrepareConfig, vocab: _Vocabulary,
+def _write_side_files(scratch: Scratch, config: PrepareConfig, vocab: _Vocabulary,
                       written: _Written, tmp_dir: str) -> List[str]:
   """The vocabularies, the training positives and (with --eval_negatives) the sampled eval
   negatives; returns their file names."""
-  indptr, indices, ranks = _train_positives(scratch, scratch.num_buckets,
+  indptr, indices, ranks = writer.train_positives(scratch, scratch.num_buckets,
                                             written.train_user_count, vocab.num_items)
-  _write_npz(fileio.join(tmp_dir, schema.TRAIN_POSITIVES_FILE), scratch.directory,
+  writer.write_npz(fileio.join(tmp_dir, schema.TRAIN_POSITIVES_FILE), scratch.directory,
              indptr=indptr, indices=indices, time_rank=ranks,
              rating_sum=written.train_user_rating_sum)
   fileio.write_lines(fileio.join(tmp_dir, schema.USER_VOCAB_FILE), vocab.raw_users.tolist())
@@ -669,47 +391,12 @@ def _write_side_files(scratch: _Scratch, config: PrepareConfig, vocab: _Vocabula
   if config.eval_negatives:
     pairs = np.concatenate(written.eval_pairs)
     pairs = pairs[np.argsort(pairs[:, 0], kind="stable")]
-    negatives = _sample_negatives(indptr, indices, pairs[:, 0], pairs[:, 1], vocab.num_items,
+    negatives = writer.sample_negatives(indptr, indices, pairs[:, 0], pairs[:, 1], vocab.num_items,
                                   config.eval_negatives, config.seed, vocab.raw_users)
-    _write_npz(fileio.join(tmp_dir, schema.EVAL_NEGATIVES_FILE), scratch.directory,
+    writer.write_npz(fileio.join(tmp_dir, schema.EVAL_NEGATIVES_FILE), scratch.directory,
                users=pairs[:, 0], positives=pairs[:, 1], negatives=negatives)
     names.append(schema.EVAL_NEGATIVES_FILE)
   return names
-
-
-def read_features(config: PrepareConfig,
-                  source: Optional[sources.Source] = None) -> List[features.RawFeatures]:
-  """The side feature files of the configuration, read (entity-sized) and checked; for a side
-  without one, the features the source carries (--tfds_features)."""
-  out = []
-  given = {side for side, _ in config.feature_files()}
-  if source is not None and config.source == "tfds" and config.tfds_features:
-    out += [raw for raw in source.side_features() if raw.side not in given]
-  for side, path in config.feature_files():
-    columns = getattr(config, f"{side}_feature_columns")
-    if columns is None:
-      out.append(features.read_movielens_features(side, path))
-      continue
-    specs = features.parse_specs(columns, f"{side}_feature_columns")
-    out.append(features.read_feature_file(side, path, getattr(config, f"{side}_id_column"),
-                                          specs, config.features_delimiter,
-                                          config.features_header,
-                                          values.Rejections() if config.skip_bad_rows else None))
-  return out
-
-
-def _write_feature_table(table: features.FeatureTable, tmp_dir: str, scratch_dir: str) -> str:
-  """Writes a side's feature arrays and vocabularies; returns the table's file name."""
-  name = schema.feature_table_file(table.side)
-  _write_npz(fileio.join(tmp_dir, name), scratch_dir, **table.arrays)
-  for feature, vocabulary in table.vocabularies.items():
-    fileio.write_lines(fileio.join(tmp_dir, schema.feature_vocab_file(table.side, feature)),
-                       vocabulary)
-  if table.rows_without_entity or table.entities_without_row:
-    logging.warning("%s features: %d rows of IDs not in the log (ignored); %d %ss of the log "
-                    "have no row (every feature missing)", table.side,
-                    table.rows_without_entity, table.entities_without_row, table.side)
-  return name
 
 
 def _metadata(config: PrepareConfig, source: sources.Source, splitter: splits.Splitter,
@@ -743,7 +430,7 @@ def _metadata(config: PrepareConfig, source: sources.Source, splitter: splits.Sp
       blank_lines=source.blank_lines, rows_filtered=accounts["rows_filtered"],
       users_filtered=int((~vocab.kept_user & (stats.user_count > 0)).sum()),
       density=(written.num_train + written.num_eval) / float(vocab.num_users * vocab.num_items),
-      rating_histogram=_histogram(written.histogram), input_fingerprint=source.fingerprint(),
+      rating_histogram=writer.histogram(written.histogram), input_fingerprint=source.fingerprint(),
       train_shard_examples=written.train_shard_rows,
       features=[info for t in tables for info in t.info], feature_files=feature_files,
       **splitter.metadata_fields())
@@ -765,65 +452,3 @@ def _accounts(source: sources.Source, stats: "_Stats", written: "_Written") -> D
   return out
 
 
-def _train_positives(scratch: _Scratch, num_buckets: int, user_count: np.ndarray,
-                     num_items: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Each user's training items as compressed sparse rows, items sorted within a user, and
-  each one's rank in its user's time order (0: the earliest; by timestamp, then input row).
-
-  Filled bucket by bucket from the pairs pass 4 left on scratch: memory is the result (8 bytes
-  per training row) plus one bucket, and 16 bytes per row of times while ranking.
-  """
-  indptr = np.zeros(len(user_count) + 1, np.int64)
-  np.cumsum(user_count, out=indptr[1:])
-  indices = np.empty(indptr[-1], np.int32)
-  times, input_rows = np.empty(indptr[-1], np.int64), np.empty(indptr[-1], np.int64)
-  cursor = indptr[:-1].copy()
-  for b in range(num_buckets):
-    path = os.path.join(scratch.directory, f"train-pairs-{b}.npy")
-    if not os.path.exists(path):
-      continue
-    users, items, ts, row = np.load(path)
-    os.remove(path)
-    order = np.argsort(users, kind="stable")
-    users, items, ts, row = users[order], items[order], ts[order], row[order]
-    starts = np.flatnonzero(np.append(True, users[1:] != users[:-1]))
-    rank = np.arange(len(users)) - np.repeat(starts, np.diff(np.append(starts, len(users))))
-    at = cursor[users] + rank
-    indices[at], times[at], input_rows[at] = items, ts, row
-    cursor += np.bincount(users, minlength=len(user_count))
-  ranks = np.empty(indptr[-1], np.int32)
-  first = 0
-  while first < len(user_count):  # sort within each user, a bounded range of users at a time
-    last = max(first + 1, int(np.searchsorted(indptr, indptr[first] + _BUCKET_ROWS,
-                                              side="right")) - 1)
-    last = min(last, len(user_count))
-    span = slice(indptr[first], indptr[last])
-    owner = np.repeat(np.arange(first, last, dtype=np.int64), user_count[first:last])
-    by_item = np.argsort(owner * num_items + indices[span])
-    indices[span], times[span], input_rows[span] = (
-        indices[span][by_item], times[span][by_item], input_rows[span][by_item])
-    by_time = np.lexsort((input_rows[span], times[span], owner))
-    ranks[span][by_time] = np.arange(len(by_time)) - (indptr[first:last] - indptr[first])[
-        owner[by_time] - first]
-    first = last
-  return indptr, indices, ranks
-
-
-_OUTPUT_PATTERNS = [schema.shard_pattern(s) for s in schema.SPLITS] + [
-    schema.TRAIN_POSITIVES_FILE, schema.EVAL_NEGATIVES_FILE, schema.USER_VOCAB_FILE,
-    schema.ITEM_VOCAB_FILE] + [schema.feature_table_file(side) for side in features.SIDES] + [
-        schema.feature_vocab_file(side, "*") for side in features.SIDES]
-
-
-def _publish(tmp_dir: str, output_dir: str, names: Sequence[str]) -> None:
-  """Moves the files of a finished preparation into place, metadata last."""
-  metadata_path = fileio.join(output_dir, schema.METADATA_FILE)
-  if tf.io.gfile.exists(metadata_path):
-    tf.io.gfile.remove(metadata_path)  # the old output stops looking complete first
-  for pattern in _OUTPUT_PATTERNS:  # files of an earlier run that this one does not replace
-    for stale in tf.io.gfile.glob(fileio.join(output_dir, pattern)):
-      tf.io.gfile.remove(stale)
-  for name in names:
-    tf.io.gfile.rename(fileio.join(tmp_dir, name), fileio.join(output_dir, name), overwrite=True)
-  tf.io.gfile.rename(fileio.join(tmp_dir, schema.METADATA_FILE), metadata_path, overwrite=True)
-  tf.io.gfile.rmtree(tmp_dir)

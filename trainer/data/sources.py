@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from trainer.config import PrepareConfig
 from trainer.data import features, values
 
 CHUNK_ROWS = 1 << 20
@@ -584,3 +585,20 @@ class SyntheticSource(Source):
       ratings = np.clip(np.round(raw * 2.0) / 2.0, *SYNTHETIC_RATING_RANGE).astype(np.float32)
     timestamps = 1_500_000_000 + rng.integers(0, 10**8, len(users))
     return Chunk(users, items, ratings, timestamps.astype(np.int64), 0, np.zeros(0, np.int64))
+
+
+def make_source(config: PrepareConfig) -> Source:
+  """The configured source; errors name the flag and the value."""
+  if config.source == "synthetic":
+    return SyntheticSource(config.num_users, config.num_items, config.num_ratings,
+                                   config.rank, config.noise, config.seed, config.implicit)
+  if config.source == "movielens":
+    return movielens_source(config.input[0], config.skip_bad_rows)
+  if config.source == "tfds":
+    return TfdsSource(config.tfds_name, config.tfds_data_dir, config.tfds_manual_dir)
+  columns = Columns(config.user_column, config.item_column, config.rating_column,
+                            config.timestamp_column)
+  rating_range = (None if config.rating_min is None
+                  else (config.rating_min, config.rating_max))
+  return DelimitedSource(config.input, columns, config.delimiter, config.header,
+                                 rating_range, config.skip_bad_rows)
