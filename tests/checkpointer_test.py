@@ -177,13 +177,13 @@ def _legacy_copy(path: str, out: str, change=None) -> str:
 def test_a_checkpoint_with_int32_feature_index_tables_restores(tmp_path):
   """Checkpoints of older versions hold the feature index tables as int32 (no GPU kernel,
   now int64): a resume and an export still read them, and refuse other data's tables."""
-  from models_test import _feature_tables
+  from model_helpers import feature_tables
   from trainer.checkpointer import restore
   from trainer.errors import ConfigError
 
   def parts():
     keras.utils.set_random_seed(0)
-    model = models.build_model("gmf", 10, 11, 4, features=_feature_tables())
+    model = models.build_model("gmf", 10, 11, 4, features=feature_tables())
     optimizer = optimizers.make_optimizer("lazy_adam", 0.1)
     optimizer.build(model.trainable_variables)
     return model, optimizer, TrainingState.create()

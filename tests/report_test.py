@@ -10,7 +10,7 @@ from trainer import report
 
 
 def _history(path, epochs=3, write=True):
-  history = report.History(str(path / "history.json"), write)
+  history = report.EpochLog(str(path / "history.json"), write)
   for e in range(1, epochs + 1):
     history.add(e, 1.0 / e, 1000.0 * e, 2.0, {"rmse": 1.2 - 0.1 * e, "count": 10})
   history.save()
@@ -21,11 +21,11 @@ def test_history_accumulates_time_and_drops_epochs_past_the_checkpoint(tmp_path)
   history = _history(tmp_path)
   assert [e["elapsed_seconds"] for e in history.epochs] == [2.0, 4.0, 6.0]
   assert history.epochs[0]["eval"] == {"rmse": pytest.approx(1.1)}  # counts left out
-  resumed = report.History.resume(str(tmp_path), True, done_epochs=2)  # epoch 3 was lost
+  resumed = report.EpochLog.resume(str(tmp_path), True, done_epochs=2)  # epoch 3 was lost
   assert [e["epoch"] for e in resumed.epochs] == [1, 2]
   resumed.add(3, 0.3, 3000.0, 5.0, {"rmse": 0.95})
   assert resumed.elapsed_seconds == 9.0
-  assert report.History.resume(str(tmp_path), True, done_epochs=0).epochs == []  # afresh
+  assert report.EpochLog.resume(str(tmp_path), True, done_epochs=0).epochs == []  # afresh
 
 
 def test_first_epoch_reaching_a_target(tmp_path):

@@ -59,7 +59,7 @@ AUTOREC_SIDES = ("item", "user")  # the side autorec codes from its interactions
 PRECISIONS = ("float32", "bfloat16", "float16")
 METRICS = RATING_METRICS + RANKING_METRICS
 SOURCES = ("synthetic", "movielens", "csv", "tfds")
-SPLITS = ("random", "leave_one_out", "temporal", "cold_items")
+SPLIT_PROTOCOLS = ("random", "leave_one_out", "temporal", "cold_items")
 DUPLICATE_POLICIES = ("error", "keep_latest", "mean")
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker_mirrored", "parameter_server")
 DEFAULT_BATCH_SIZE = 1024  # examples per global step when --batch_size is not given
@@ -157,7 +157,7 @@ class PrepareConfig:
       " users: age group, gender, occupation, zip prefix) for each side without a "
       "--user_features/--item_features file."))
   # split and filters
-  split: str = _flag("random", choices=SPLITS, help=(
+  split: str = _flag("random", choices=SPLIT_PROTOCOLS, help=(
       "random: a hash-random --eval_fraction of the interactions; leave_one_out: each user's "
       "latest interaction (ties: the later row of the input), the NCF protocol; temporal: "
       "interactions at or after a time cut; cold_items: a hash-random --eval_fraction of the "
@@ -225,7 +225,7 @@ class PrepareConfig:
     _require_finite(self)
     _require(self.source in SOURCES,
              f"--source={self.source!r} is not one of {', '.join(SOURCES)}")
-    _require(self.split in SPLITS, f"--split={self.split!r} is not one of {', '.join(SPLITS)}")
+    _require(self.split in SPLIT_PROTOCOLS, f"--split={self.split!r} is not one of {', '.join(SPLIT_PROTOCOLS)}")
     _require(self.duplicates in DUPLICATE_POLICIES,
              f"--duplicates={self.duplicates!r} is not one of {', '.join(DUPLICATE_POLICIES)}")
     if self.source in ("synthetic", "tfds"):

@@ -28,7 +28,7 @@ PANELS = ("train loss", "eval metrics", "primary metric against elapsed time",
           "train examples/s")
 
 
-class History:
+class EpochLog:
   """The epochs so far: [{epoch, loss, examples_per_sec, elapsed_seconds, eval: {...}}]."""
 
   def __init__(self, path: str, write: bool, epochs: Optional[List[Dict]] = None):
@@ -36,7 +36,7 @@ class History:
     self.epochs: List[Dict] = list(epochs or [])
 
   @classmethod
-  def resume(cls, model_dir: str, write: bool, done_epochs: int) -> "History":
+  def resume(cls, model_dir: str, write: bool, done_epochs: int) -> "EpochLog":
     """The history of `model_dir` up to epoch `done_epochs` (what the checkpoint holds)."""
     path = fileio.join(model_dir, HISTORY_FILE)
     epochs = []
@@ -105,7 +105,7 @@ def render(epochs: Sequence[Dict], title: str, primary: str,
   return buffer.getvalue()
 
 
-def write_report(history: History, model_dir: str, title: str, primary: str,
+def write_report(history: EpochLog, model_dir: str, title: str, primary: str,
                  target: Optional[float] = None) -> str:
   """Draws `history` to `<model_dir>/report.png` (local or gs://); returns its path."""
   path = fileio.join(model_dir, REPORT_FILE)

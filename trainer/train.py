@@ -143,7 +143,7 @@ def _run(config: TrainConfig, strategy: tf.distribute.Strategy,
                         checkpointer)
   chief = distribute.is_chief(strategy)
   board = report.EpochBoard(config, optimizer, chief)
-  history = report.History.resume(config.model_dir, chief, int(state.epoch.numpy()))
+  history = report.EpochLog.resume(config.model_dir, chief, int(state.epoch.numpy()))
   logging.info("Training %s (%s): %d epochs x %d steps of %d examples on %d replica(s), "
                "task %s", config.model, config.task, config.epochs, runner.steps_per_epoch,
                config.batch_size, strategy.num_replicas_in_sync, distribute.task_role(strategy))
@@ -175,7 +175,7 @@ def _run(config: TrainConfig, strategy: tf.distribute.Strategy,
 
 
 def _time_to_target(config: TrainConfig, objective: objectives.Objective, metric: str,
-                    history: report.History) -> Dict[str, object]:
+                    history: report.EpochLog) -> Dict[str, object]:
   """With --target_value: the first epoch that reached it and the training and evaluation
   time it took (summed over every process that trained those epochs), or None for both."""
   if config.target_value is None:
@@ -218,7 +218,7 @@ class Progress:
 
 def _train_epochs(config: TrainConfig, state: TrainingState, runner: loop.EpochRunner,
                   evaluate: Callable[[], Dict[str, float]], tracker: BestTracker,
-                  board: report.EpochBoard, history: report.History) -> Progress:
+                  board: report.EpochBoard, history: report.EpochLog) -> Progress:
   """Trains the remaining epochs: each is trained, evaluated, checkpointed and logged."""
   progress = Progress()
   for e in range(int(state.epoch.numpy()), config.epochs):

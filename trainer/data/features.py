@@ -371,7 +371,7 @@ def _ml_user(fields: List[str], order: Tuple[int, int, int, int]) -> List[str]:
 
 
 @dataclasses.dataclass
-class FeatureTable:
+class EncodedFeatures:
   """One side's encoded features, indexed by dense ID (last row: the out-of-vocabulary ID)."""
 
   side: str
@@ -385,7 +385,7 @@ class FeatureTable:
   bad_rows_by_reason: Dict[str, int] = dataclasses.field(default_factory=dict)
 
 
-def encode(raw: RawFeatures, dense_ids: Sequence[str], min_count: int) -> FeatureTable:
+def encode(raw: RawFeatures, dense_ids: Sequence[str], min_count: int) -> EncodedFeatures:
   """Encodes raw features into tables over the log's dense IDs.
 
   Args:
@@ -418,7 +418,7 @@ def encode(raw: RawFeatures, dense_ids: Sequence[str], min_count: int) -> Featur
       vocabularies[spec.name] = vocabulary
     info.append({"side": raw.side, "name": spec.name, "kind": spec.kind, "missing": missing,
                  **extra})
-  return FeatureTable(raw.side, raw.specs, arrays, vocabularies, info, unmatched,
+  return EncodedFeatures(raw.side, raw.specs, arrays, vocabularies, info, unmatched,
                       int(np.sum(row_of[:-1] < 0)), raw.path,
                       dict(raw.bad.by_reason) if raw.bad is not None else {})
 

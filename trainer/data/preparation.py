@@ -401,7 +401,7 @@ def _write_side_files(scratch: Scratch, config: PrepareConfig, vocab: _Vocabular
 
 def _metadata(config: PrepareConfig, source: sources.Source, splitter: splits.Splitter,
               vocab: _Vocabulary, stats: _Stats, written: _Written,
-              tables: Sequence[features.FeatureTable] = ()) -> schema.Metadata:
+              tables: Sequence[features.EncodedFeatures] = ()) -> schema.Metadata:
   """The metadata of the prepared directory (written last, marking it complete)."""
   bad = source.bad
   feature_files = {t.side: {"path": t.path,

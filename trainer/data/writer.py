@@ -139,7 +139,7 @@ def sample_negatives(indptr: np.ndarray, indices: np.ndarray, users: np.ndarray,
   return out
 
 
-def write_feature_table(table: features.FeatureTable, tmp_dir: str, scratch_dir: str) -> str:
+def write_feature_table(table: features.EncodedFeatures, tmp_dir: str, scratch_dir: str) -> str:
   """Writes a side's feature arrays and vocabularies; returns the table's file name."""
   name = schema.feature_table_file(table.side)
   write_npz(fileio.join(tmp_dir, name), scratch_dir, **table.arrays)

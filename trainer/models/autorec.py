@@ -61,6 +61,8 @@ class AutoRec(Recommender):
     self.encoder_rows = sizes[self.other] + 1
     # Drops whole interaction vectors (a [b, 1] mask): 1 / (1 - rate) is undone in `_encode`.
     self.code_dropout = layers.Dropout(dropout, name="interaction_dropout") if dropout else None
+    # Tracked as `history`, the attribute path that keys it in checkpoints (renaming it would
+    # stop existing autorec checkpoints from restoring); read it as `interactions`.
     self.history = InteractionTable(sizes[side] + 1, self.encoder_rows, interactions,
                                     name=f"{side}_interactions")
     self.encoder = Embedding(self.encoder_rows, embedding_dim, name="encoder",
@@ -71,6 +73,11 @@ class AutoRec(Recommender):
     self.decoder = self._embedding(sizes[self.other], embedding_dim, f"{self.other}_embedding")
     self._add_biases()
     self._side_features([embedding_dim, 1])  # [encoding or decoder row ; bias] per side
+
+  @property
+  def interactions(self) -> InteractionTable:
+    """The training interactions the model codes from (tracked as `history`)."""
+    return self.history
 
   def _encode(self, ids, term, others=None, own=None, training=False):
     """(h [b, d] of `ids` of the coded side, the encoder V [other side + 1, d]); with `others`
@@ -83,7 +90,7 @@ class AutoRec(Recommender):
     encoder = ops.cast(self.encoder(tf.range(self.encoder_rows))
                        if parameter_server.is_sharded(table) else tf.convert_to_tensor(table),
                        "float32")
-    encoded = self.history(unique, encoder)  # [unique ids, d]
+    encoded = self.interactions(unique, encoder)  # [unique ids, d]
     pre = tf.gather(encoded, position)
     if own is not None:
       pre -= ops.cast(own, "float32")[:, None] * tf.gather(encoder, ops.cast(others, "int64"))
@@ -149,5 +156,5 @@ class AutoRec(Recommender):
   def get_config(self):
     config = super().get_config()
     config.update(embedding_dim=self.embedding_dim, ratings=self.ratings, dropout=self.dropout,
-                  side=self.side, interactions={"count": self.history.count})
+                  side=self.side, interactions={"count": self.interactions.count})
     return config
