@@ -132,8 +132,15 @@ def make_ranking_evaluation(model: keras.Model, strategy: tf.distribute.Strategy
                     else lambda users: model.score_all(users, training=False))
   positives = tf.RaggedTensor.from_row_splits(tf.constant(indices, tf.int64),
                                               tf.constant(indptr, tf.int64))
+  sampled = _ranking_reducer(strategy, _sampled_step(score, k, corrections), corrections)
+  full = _ranking_reducer(strategy, _full_step(score_all_fn, positives, k, num_items))
+  return {SAMPLED: sampled, FULL: full}
 
-  def sampled_step(batch):
+
+def _sampled_step(score: Callable, k: int, corrections: Optional[Dict[str, np.ndarray]]):
+  """A replica's sums of the sampled protocol: [hits, ndcg, count] (+ a count per rank)."""
+
+  def step(batch):
     users, items, negatives = batch[schema.USER], batch[schema.ITEM], batch["negatives"]
     n = tf.shape(negatives)[1]
     positive = score({schema.USER: users, schema.ITEM: items})  # [b]
@@ -150,10 +157,17 @@ def make_ranking_evaluation(model: keras.Model, strategy: tf.distribute.Strategy
                                           tf.where(rank < ranks, rank, -1), ranks)
     return tf.concat([sums, counts], 0)
 
-  def full_step(batch):
+  return step
+
+
+def _full_step(score_all: Callable, positives: tf.RaggedTensor, k: int, num_items: int):
+  """A replica's sums of the full protocol: [hits, ndcg, count], the user's training positives
+  and the held-out item itself excluded from the competitors."""
+
+  def step(batch):
     users, items = batch[schema.USER], batch[schema.ITEM]
     b = tf.shape(users)[0]
-    scores = tf.cast(score_all_fn(users), tf.float32)  # [b, num_items]
+    scores = tf.cast(score_all(users), tf.float32)  # [b, num_items]
     seen = tf.gather(positives, users)  # ragged [b, None]
     coordinates = tf.stack([seen.value_rowids(), seen.flat_values], axis=1)
     excluded = tf.scatter_nd(coordinates, tf.ones_like(seen.flat_values, tf.bool),
@@ -165,24 +179,28 @@ def make_ranking_evaluation(model: keras.Model, strategy: tf.distribute.Strategy
     return tf.stack([tf.reduce_sum(hit), tf.reduce_sum(ndcg),
                      tf.cast(tf.size(hit), tf.float32)])
 
-  def reducer(step_fn, corrected: bool = False):
-    sums = _summed(strategy, step_fn, 3 + (len(corrections["hr"]) if corrected else 0),
-                   tf.float32)
+  return step
 
-    def evaluate(dataset) -> Dict[str, float]:
-      totals = sums(dataset).numpy().astype(np.float64)
-      hits, ndcg, count = totals[:3]
-      if count == 0:
-        raise ValueError("the evaluation data is empty")
-      out = {"hr": hits / count, "ndcg": ndcg / count, "count": int(count)}
-      if corrected:  # the mean of x[r] over the held-out items' sampled ranks
-        out.update({f"{name}_corrected": float(totals[3:] @ x / count)
-                    for name, x in corrections.items()})
-      return out
 
-    return evaluate
+def _ranking_reducer(strategy: tf.distribute.Strategy, step_fn: Callable,
+                     corrections: Optional[Dict[str, np.ndarray]] = None) -> Callable:
+  """`evaluate(dataset) -> {hr, ndcg, count}` (+ the corrected metrics) from `step_fn`'s sums
+  over every batch and replica."""
+  sums = _summed(strategy, step_fn, 3 + (len(corrections["hr"]) if corrections else 0),
+                 tf.float32)
 
-  return {SAMPLED: reducer(sampled_step, bool(corrections)), FULL: reducer(full_step)}
+  def evaluate(dataset) -> Dict[str, float]:
+    totals = sums(dataset).numpy().astype(np.float64)
+    hits, ndcg, count = totals[:3]
+    if count == 0:
+      raise ValueError("the evaluation data is empty")
+    out = {"hr": hits / count, "ndcg": ndcg / count, "count": int(count)}
+    if corrections:  # the mean of x[r] over the held-out items' sampled ranks
+      out.update({f"{name}_corrected": float(totals[3:] @ x / count)
+                  for name, x in corrections.items()})
+    return out
+
+  return evaluate
 
 
 def full_batch_size(num_items: int, replicas: int, budget: int = 1 << 22) -> int:
