@@ -225,7 +225,8 @@ class PrepareConfig:
     _require_finite(self)
     _require(self.source in SOURCES,
              f"--source={self.source!r} is not one of {', '.join(SOURCES)}")
-    _require(self.split in SPLIT_PROTOCOLS, f"--split={self.split!r} is not one of {', '.join(SPLIT_PROTOCOLS)}")
+    _require(self.split in SPLIT_PROTOCOLS,
+             f"--split={self.split!r} is not one of {', '.join(SPLIT_PROTOCOLS)}")
     _require(self.duplicates in DUPLICATE_POLICIES,
              f"--duplicates={self.duplicates!r} is not one of {', '.join(DUPLICATE_POLICIES)}")
     if self.source in ("synthetic", "tfds"):

@@ -158,9 +158,8 @@ def local_variable(variable: tf.Variable) -> tf.Variable:
 
   `tf.gather` reads rows of a plain variable (ResourceGather) but has no such path for a
   distributed one: it reads the whole table into a tensor first, a copy of every table each
-  step. Measured here (seed_mlp, batch 8192, MirroredStrategy over 2 logical CPUs, in memory):
-  45K examples/s with those copies, 98K without. tf.distribute has no public accessor for the
-  local copy.
+  step (twice as slow: README, "Design choices, measured"). tf.distribute has no public
+  accessor for the local copy.
   """
   local = getattr(variable, "_get_on_device_or_primary", None)
   return local() if local is not None else variable

@@ -31,9 +31,6 @@ def return_freed_memory() -> bool:
 def keep_freed_memory() -> bool:
   """Tensors up to 32 MiB come from the heap and freed memory stays there (glibc otherwise
   trims freed heap tops and serves large blocks by mmap, so a step's tensors are page-faulted
-  in again every step). Measured here (2 cores; the same settings as environment variables;
-  `python bench/train_throughput.py --models seed_mlp neumf --devices 1 --windows 3`, twice
-  each): neumf batch 65535 882K/909K -> 1,033K/963K examples/s, seed_mlp 65536 242K/227K ->
-  278K/256K, no change at batch 8192."""
+  in again every step). Faster at large batches: README, "Design choices, measured"."""
   return _mallopt((_M_MMAP_THRESHOLD, _MAX_MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, 1 << 30),
                   (_M_TOP_PAD, 64 << 20))

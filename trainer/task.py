@@ -2,9 +2,9 @@
 
 Parses flags (`TrainConfig`'s fields, `trainer.cli`), builds a frozen `TrainConfig`, sets
 the process's malloc for training, configures devices, picks a strategy and calls
-`trainer.train.train_and_evaluate`. The only module that reads these flags. Exit codes come from the error's type (`trainer.errors`): 2 for
-a bad flag or input, 131 when another task of the cluster was lost, 132 when storage stayed
-unreachable.
+`trainer.train.train_and_evaluate`. The only module that reads these flags. Exit codes come
+from the error's type (`trainer.errors`): 2 for a bad flag or input, 3 for a run that
+diverged, 131 when another task of the cluster was lost, 132 when storage stayed unreachable.
 """
 
 import os

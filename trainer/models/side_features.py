@@ -163,11 +163,9 @@ def _compiled_scatter(upstream, indices, weights, vocabulary: int):
 def _weighted_rows(table, indices, weights):
   """`_gathered_sum` for training, forward and backward compiled by XLA, whose CPU gathers and
   scatter-adds are plain loops: TensorFlow's own kernels for the same sums (a SparseTensor
-  product, a dense weight matrix, unsorted_segment_sum) cost several times more. Measured here
-  (2 cores; a vocabulary of 260, 4 values per row, width 40, forward and backward): batch
-  8192 1.3 ms compiled, 2.3 ms as a dense weight-matrix product, 3.6 ms as a sparse one;
-  batch 65536 8.2 ms, 63 ms, 17.6 ms. Training batches have one static shape, so XLA compiles
-  once; serving does not come here (`FeatureEmbedding.call`)."""
+  product, a dense weight matrix, unsorted_segment_sum) cost several times more (README,
+  "Design choices, measured"). Training batches have one static shape, so XLA compiles once;
+  serving does not come here (`FeatureEmbedding.call`)."""
 
   @tf.custom_gradient
   def rows(table):
