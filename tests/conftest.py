@@ -62,6 +62,13 @@ def run_cli(module: str, *args: str, check: bool = True, timeout: float = 600,
   return result
 
 
+def run_python(code: str) -> None:
+  """Runs `code` in a fresh Python process from the repository root; fails with its stderr."""
+  result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 0, result.stderr
+
+
 def last_json_line(text: str):
   """Parses the last line of a CLI's stdout, its JSON result."""
   return json.loads(text.strip().splitlines()[-1])

@@ -9,7 +9,7 @@ import sys
 import pytest
 from absl import flags
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, run_python
 from trainer import cli, config
 
 FIXTURES = REPO_ROOT / "tests" / "fixtures" / "before_redesign"
@@ -76,9 +76,7 @@ def test_every_command_line_imports_into_one_process():
           "cli.parse_config(config.TrainConfig, ['t', '--data_dir=d', '--model_dir=m', "
           "'--seed=3'])\n"
           "cli.parse_config(config.PrepareConfig, ['p', '--output_dir=o', '--seed=4'])\n")
-  result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=120)
-  assert result.returncode == 0, result.stderr
+  run_python(code)
 
 
 def test_help_shows_the_flags_of_the_command_line():

@@ -438,12 +438,11 @@ GRID = [  # (model, task, optimizer, precision, jit, side features, --determinis
     ("neumf", "implicit", "lazy_adam", "bfloat16", False, False, False),
     ("gmf", "implicit_bpr", "adagrad", "float32", True, False, False),
     ("mf", "implicit_softmax", "sgd", "float16", False, False, False),
-    ("mlp", "implicit", "lazy_adam", "float32", False, False, False),
+    ("mlp", "implicit", "lazy_adam", "float32", False, False, True),
     ("autorec", "explicit", "lazy_adam", "float16", True, False, False),
     ("neumf", "explicit", "adam", "bfloat16", True, True, False),
     ("mf", "explicit", "lazy_adam", "float16", False, True, False),
     ("autorec", "explicit", "lazy_adam", "float32", False, False, True),
-    ("gmf", "implicit", "lazy_adam", "float32", False, False, True),
 ]
 
 

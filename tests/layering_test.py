@@ -2,10 +2,8 @@
 loads no TensorFlow."""
 
 import ast
-import subprocess
-import sys
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, run_python
 
 PACKAGE = REPO_ROOT / "trainer"
 
@@ -76,6 +74,4 @@ def test_validating_a_config_loads_no_tensorflow():
           "loaded = sorted(m for m in sys.modules if m.split('.')[0] in "
           "('tensorflow', 'keras', 'numpy'))\n"
           "assert not loaded, loaded\n")
-  result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=120)
-  assert result.returncode == 0, result.stderr
+  run_python(code)

@@ -67,6 +67,16 @@ class Recommender(keras.Model):
     return (ops.split(total, list(_cumulative(self.feature_parts[:-1])), axis=-1)
             if len(self.feature_parts) > 1 else [total])
 
+  def _id_rows(self, inputs, training: bool = False):
+    """(users [b, d], items [b, d], penalized): each side's ID row plus its side features, for
+    a model with one representation per side (`user_embedding`, `item_embedding`)."""
+    terms, penalized = self._feature_parts(inputs, training), []
+    users = self._represent(self.user_embedding, terms[schema.USER][0], inputs[schema.USER],
+                            penalized)
+    items = self._represent(self.item_embedding, terms[schema.ITEM][0], inputs[schema.ITEM],
+                            penalized)
+    return users, items, penalized
+
   @staticmethod
   def _represent(embedding: "Embedding", term: Optional[tf.Tensor], ids,
                  penalized: List[tf.Tensor]) -> tf.Tensor:

@@ -30,11 +30,7 @@ class GMF(Recommender):
     self.score = self._output()
 
   def forward(self, inputs, training=False):
-    terms, penalized = self._feature_parts(inputs, training), []
-    users = self._represent(self.user_embedding, terms[schema.USER][0], inputs[schema.USER],
-                            penalized)
-    items = self._represent(self.item_embedding, terms[schema.ITEM][0], inputs[schema.ITEM],
-                            penalized)
+    users, items, penalized = self._id_rows(inputs, training)
     return ops.squeeze(self.score(users * items), axis=-1), penalized  # [b]
 
   def score_all(self, users, training=False, items=None):
@@ -71,11 +67,7 @@ class MLP(Recommender):
     self.score = self._output()
 
   def forward(self, inputs, training=False):
-    terms, penalized = self._feature_parts(inputs, training), []
-    users = self._represent(self.user_embedding, terms[schema.USER][0], inputs[schema.USER],
-                            penalized)
-    items = self._represent(self.item_embedding, terms[schema.ITEM][0], inputs[schema.ITEM],
-                            penalized)
+    users, items, penalized = self._id_rows(inputs, training)
     x = _run(self.tower, ops.concatenate([users, items], axis=-1), training)  # [b, layers[-1]]
     return ops.squeeze(self.score(x), axis=-1), penalized
 

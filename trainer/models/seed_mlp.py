@@ -7,7 +7,6 @@
 import keras
 from keras import layers, ops
 
-from trainer import schema
 from trainer.models.base import Recommender
 from trainer.models.layers import Embedding
 
@@ -29,11 +28,7 @@ class SeedMLP(Recommender):
     self.rating = self._output("rating")
 
   def forward(self, inputs, training=False):
-    terms, penalized = self._feature_parts(inputs, training), []
-    users = self._represent(self.user_embedding, terms[schema.USER][0], inputs[schema.USER],
-                            penalized)  # [b, d]
-    items = self._represent(self.item_embedding, terms[schema.ITEM][0], inputs[schema.ITEM],
-                            penalized)  # [b, d]
+    users, items, penalized = self._id_rows(inputs, training)  # [b, d] each
     x = ops.concatenate([users, items], axis=-1)  # [b, 2d]
     return ops.squeeze(self.rating(self.hidden(x)), axis=-1), penalized  # [b]
 
