@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from trainer.data import sources, values
+from trainer.data import sources, synthetic, values
 
 
 def _write(tmp_path, name, text):
@@ -109,7 +109,7 @@ def test_declared_rating_range_is_enforced(tmp_path):
 def _synthetic(**kw):
   args = dict(num_users=60, num_items=50, num_ratings=800, seed=3)
   args.update(kw)
-  return sources.SyntheticSource(**args)
+  return synthetic.SyntheticSource(**args)
 
 
 def test_synthetic_is_deterministic_distinct_and_in_range():
@@ -124,7 +124,7 @@ def test_synthetic_is_deterministic_distinct_and_in_range():
 
 
 def test_synthetic_is_generated_in_seeded_blocks(monkeypatch):
-  monkeypatch.setattr(sources, "_GENERATION_BLOCK", 64)
+  monkeypatch.setattr(synthetic, "_GENERATION_BLOCK", 64)
   a, b = _read(_synthetic(num_ratings=1000)), _read(_synthetic(num_ratings=1000))
   assert a["chunks"] > 5 and a == b
   assert a["lines"] == list(range(1, 1001))
@@ -149,7 +149,7 @@ def test_synthetic_popularity_is_skewed():
 
 def test_synthetic_refuses_too_dense_requests():
   with pytest.raises(ValueError, match="--num_ratings=60 is more than half"):
-    sources.SyntheticSource(10, 10, 60)
+    synthetic.SyntheticSource(10, 10, 60)
 
 
 def test_a_bad_row_raises_or_is_counted_under_skip_bad_rows(tmp_path):
@@ -161,7 +161,7 @@ def test_a_bad_row_raises_or_is_counted_under_skip_bad_rows(tmp_path):
   assert bad.count == 12 and len(bad.examples) == 10  # every row counted, ten shown
   assert bad.by_reason == {"fields": 8, "encoding": 4}
   # Every source says what it skipped through the same attribute.
-  assert sources.SyntheticSource(10, 10, 20).bad is None
+  assert synthetic.SyntheticSource(10, 10, 20).bad is None
   path = tmp_path / "r.csv"
   path.write_text("u,i\na,1\nb\nc,3\n")
   strict = sources.DelimitedSource([str(path)], sources.Columns("u", "i"))

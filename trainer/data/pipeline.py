@@ -200,18 +200,25 @@ def make_dataset(file_pattern: str, global_batch_size: int, training: bool,
     ds = _epochs(files, file_examples, seed, shuffle_buffer_blocks, start_batch * batch_size)
   else:
     ds = _parse(_records(tf.data.Dataset.from_tensor_slices(files), len(files)))
-  ds = ds.rebatch(batch_size, drop_remainder=training)
-  if add_negatives is not None or worker is not None:
-    ds = ds.enumerate(start=start_batch)
-    with_negatives = add_negatives or (lambda _, batch: batch)
-    if worker is None:
-      ds = ds.map(with_negatives, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    else:  # (batch, its global index)
-      count, index, skip = worker
-      ds = ds.shard(count, index).skip(skip).map(
-          lambda i, batch: (with_negatives(i, batch), i), num_parallel_calls=tf.data.AUTOTUNE,
-          deterministic=True)
+  ds = _with_negatives(ds.rebatch(batch_size, drop_remainder=training), start_batch,
+                       add_negatives, worker)
   return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _with_negatives(ds: tf.data.Dataset, start_batch: int, add_negatives: Optional[Callable],
+                    worker: Optional[Tuple[int, tf.Tensor, tf.Tensor]]) -> tf.data.Dataset:
+  """The batches with their negatives (`add_negatives(global index, batch)`) and, under a
+  parameter server, only this worker's, each with its global index (`make_dataset`'s args)."""
+  if add_negatives is None and worker is None:
+    return ds
+  ds = ds.enumerate(start=start_batch)
+  with_negatives = add_negatives or (lambda _, batch: batch)
+  if worker is None:
+    return ds.map(with_negatives, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  count, index, skip = worker  # (batch, its global index)
+  return ds.shard(count, index).skip(skip).map(
+      lambda i, batch: (with_negatives(i, batch), i), num_parallel_calls=tf.data.AUTOTUNE,
+      deterministic=True)
 
 
 def _this_pipeline(file_pattern: str, files: List[str], file_examples: Optional[Sequence[int]],

@@ -29,7 +29,7 @@ from absl import logging
 
 from trainer import fileio, schema
 from trainer.config import ConfigError, PrepareConfig
-from trainer.data import features, sources, splits, writer
+from trainer.data import features, sources, splits, synthetic, writer
 from trainer.data.scratch import (BUCKET_ROWS, IdEncoder, Progress, Scratch, frequency_order,
                                   prefetched)
 
@@ -82,6 +82,23 @@ def _shards_for(config: PrepareConfig, rows: int) -> int:
   return max(1, math.ceil(approx_bytes / (config.target_shard_mb * 2**20)))
 
 
+def make_source(config: PrepareConfig) -> sources.Source:
+  """The configured source; errors name the flag and the value."""
+  if config.source == "synthetic":
+    return synthetic.SyntheticSource(config.num_users, config.num_items, config.num_ratings,
+                                     config.rank, config.noise, config.seed, config.implicit)
+  if config.source == "movielens":
+    return sources.movielens_source(config.input[0], config.skip_bad_rows)
+  if config.source == "tfds":
+    return sources.TfdsSource(config.tfds_name, config.tfds_data_dir, config.tfds_manual_dir)
+  columns = sources.Columns(config.user_column, config.item_column, config.rating_column,
+                            config.timestamp_column)
+  rating_range = (None if config.rating_min is None
+                  else (config.rating_min, config.rating_max))
+  return sources.DelimitedSource(config.input, columns, config.delimiter, config.header,
+                                 rating_range, config.skip_bad_rows)
+
+
 def prepare(config: PrepareConfig) -> schema.Metadata:
   """Reads or generates the interactions, splits them and writes a prepared data directory.
 
@@ -99,7 +116,7 @@ def prepare(config: PrepareConfig) -> schema.Metadata:
   fileio.check_gcs_access(config.output_dir, "output_dir", write=True)
   for pattern in config.input:
     fileio.check_gcs_access(pattern, "input", write=False)
-  source = sources.make_source(config)
+  source = make_source(config)
   raw_features = features.read_features(config, source)  # before the log: a bad file fails at once
   splitter = splits.make_splitter(config)
   if splitter.needs_timestamps and not source.has_timestamps:
@@ -164,7 +181,7 @@ def accounts_line(metadata: schema.Metadata) -> str:
 
 def _num_buckets(config: PrepareConfig, source: sources.Source) -> int:
   """Scratch buckets: enough that one holds about BUCKET_ROWS rows (unknown size: 16)."""
-  if isinstance(source, sources.SyntheticSource):
+  if isinstance(source, synthetic.SyntheticSource):
     return max(1, math.ceil(config.num_ratings / BUCKET_ROWS))
   return 16
 
