@@ -27,7 +27,8 @@ BEST_SUBDIR = "best"
 
 # Checkpoints written before the side-feature index tables became int64 hold them as int32
 # under this key (a dtype change no restore converts).
-LEGACY_INDEX_TABLE = re.compile(r"^model/(\w+_feature_tables)/indices/\.ATTRIBUTES/VARIABLE_VALUE$")
+LEGACY_INDEX_TABLE = re.compile(
+    r"^model/(\w+_feature_tables)/indices/\.ATTRIBUTES/VARIABLE_VALUE$")
 
 
 def restore(checkpoint: tf.train.Checkpoint, path: str, model: keras.Model,
@@ -40,8 +41,8 @@ def restore(checkpoint: tf.train.Checkpoint, path: str, model: keras.Model,
   trained), and then the rest is restored around them.
   """
   reader = tf.train.load_checkpoint(path)
-  legacy = {key: LEGACY_INDEX_TABLE.match(key).group(1)
-            for key in reader.get_variable_to_dtype_map() if LEGACY_INDEX_TABLE.match(key)}
+  matches = (LEGACY_INDEX_TABLE.match(key) for key in reader.get_variable_to_dtype_map())
+  legacy = {match.group(0): match.group(1) for match in matches if match}
   for key, layer in legacy.items():
     saved, built = reader.get_tensor(key), getattr(model, layer).index_table.numpy()
     if saved.shape != built.shape or (saved != built).any():
