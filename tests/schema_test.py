@@ -52,9 +52,15 @@ def test_metadata_round_trips():
 
 
 def test_metadata_of_another_schema_version_is_refused():
-  text = _metadata(schema_version=schema.SCHEMA_VERSION + 1).to_json()
-  with pytest.raises(ValueError, match=r"m\.json: schema_version 3 is not supported"):
-    schema.Metadata.from_json(text, where="m.json")
+  for version in (1, schema.SCHEMA_VERSION + 1):
+    text = _metadata(schema_version=version).to_json()
+    with pytest.raises(ValueError, match=rf"m\.json: schema_version {version} is not supported"):
+      schema.Metadata.from_json(text, where="m.json")
+
+
+def test_metadata_of_version_2_reads_as_data_without_context():
+  metadata = schema.Metadata.from_json(_metadata(schema_version=2).to_json())
+  assert metadata.schema_version == 2 and not metadata.features
 
 
 def test_metadata_with_unknown_field_is_refused():

@@ -59,8 +59,12 @@ AUTOREC_SIDES = ("item", "user")  # the side autorec codes from its interactions
 PRECISIONS = ("float32", "bfloat16", "float16")
 METRICS = RATING_METRICS + RANKING_METRICS
 SOURCES = ("synthetic", "movielens", "csv", "tfds")
-SPLIT_PROTOCOLS = ("random", "leave_one_out", "temporal", "cold_items")
+SPLIT_PROTOCOLS = ("random", "leave_one_out", "temporal", "cold_items", "given")
 DUPLICATE_POLICIES = ("error", "keep_latest", "mean")
+# Context derived from each row's timestamp (trainer.data.context): hour of day and day of week
+# (UTC), the user's tenure and the item's age at the interaction (days since their first
+# training interaction, bucketised).
+DERIVED_CONTEXT = ("hour", "weekday", "tenure", "item_age")
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker_mirrored", "parameter_server")
 DEFAULT_BATCH_SIZE = 1024  # examples per global step when --batch_size is not given
 
@@ -161,7 +165,13 @@ class PrepareConfig:
       "random: a hash-random --eval_fraction of the interactions; leave_one_out: each user's "
       "latest interaction (ties: the later row of the input), the NCF protocol; temporal: "
       "interactions at or after a time cut; cold_items: a hash-random --eval_fraction of the "
-      "items with all their interactions (cold start: scored from side features)."))
+      "items with all their interactions (cold start: scored from side features); given: "
+      "--input trains, --eval_input evaluates (e.g. MovieLens' u1.base and u1.test)."))
+  # given: the evaluation rows' files (same source kind and columns as --input)
+  eval_input: Tuple[str, ...] = _flag((), help=(
+      "--split=given: the evaluation rows' files or globs (comma-separated), of the same kind "
+      "and columns as --input; their IDs never seen in --input go to the out-of-vocabulary "
+      "rows and are counted in metadata.json."))
   eval_fraction: float = _flag(0.1, help=(
       "random: fraction held out; temporal: fraction of the latest interactions held out when"
       " --temporal_cutoff is not given; cold_items: fraction of the items held out."))
@@ -201,6 +211,16 @@ class PrepareConfig:
   features_delimiter: str = _flag(",", parse=_tab, help=(
       "Field delimiter of the feature files (one character, or '::'); 'tab' for a tab."))
   features_header: bool = _flag(True, "The feature files' first line names the columns.")
+  # context: per-interaction features (trainer.data.context)
+  context: Tuple[str, ...] = _flag((), help=(
+      "Context derived from each row's timestamp (comma-separated): "
+      + ", ".join(DERIVED_CONTEXT) + ". hour and weekday in UTC; tenure and item_age: days "
+      "since the user's (item's) first training interaction, bucketised; from the row itself "
+      "and the training rows only."))
+  context_columns: Optional[str] = _flag(None, help=(
+      "csv: per-interaction columns of the log, name:kind[:argument],... with kind "
+      "categorical, numeric or bucketized:BUCKETS, e.g. device:categorical,price:numeric; "
+      "an empty field is a missing value."))
   # rarer categorical values map to the out-of-vocabulary index
   min_feature_count: int = _flag(1, lower_bound=1, help=(
       "Categorical and multi-hot values on fewer entities map to the out-of-vocabulary index."))
@@ -219,6 +239,9 @@ class PrepareConfig:
   rank: int = _flag(4, "synthetic: rank of the planted structure.", lower_bound=1)
   noise: float = _flag(0.35, "synthetic: rating noise standard deviation.", lower_bound=0.0)
   implicit: bool = _flag(False, "synthetic: implicit feedback (every rating 1.0).")
+  context_effect: float = _flag(0.0, help=(
+      "synthetic: plant a context effect, this many rating points times cos(2 pi hour / 24) "
+      "of each rating's hour of day (learnt with --context=hour)."))
 
   def validate(self) -> "PrepareConfig":
     _require(bool(self.output_dir), "--output_dir is required")
@@ -243,6 +266,9 @@ class PrepareConfig:
         value = getattr(self, name)
         _require(value >= 1, f"--{name}={value} must be at least 1")
       _require(self.noise >= 0, f"--noise={self.noise} must not be negative")
+    else:
+      _require(self.context_effect == 0.0, f"--context_effect={self.context_effect} applies "
+               "to --source=synthetic only")
     if self.source == "csv":
       _require(bool(self.user_column) and bool(self.item_column),
                "--source=csv needs --user_column and --item_column")
@@ -272,6 +298,24 @@ class PrepareConfig:
     _require(self.eval_negatives == 0 or self.split == "leave_one_out",
              f"--eval_negatives={self.eval_negatives} needs --split=leave_one_out")
     self._validate_features()
+    unknown = [c for c in self.context if c not in DERIVED_CONTEXT]
+    _require(not unknown, f"--context={','.join(self.context)}: {unknown[0] if unknown else ''!r}"
+             f" is not one of {', '.join(DERIVED_CONTEXT)}")
+    _require(len(set(self.context)) == len(self.context),
+             f"--context={','.join(self.context)} names a feature twice")
+    _require(self.context_columns is None or self.source == "csv",
+             f"--context_columns applies to --source=csv only, not --source={self.source}")
+    if self.split == "given":
+      _require(bool(self.eval_input), "--split=given needs --eval_input (the evaluation rows' "
+               "files)")
+      _require(self.source in ("movielens", "csv"),
+               f"--split=given reads files: --source={self.source} has none (use movielens or "
+               "csv)")
+      overlap = sorted(set(self.input) & set(self.eval_input))
+      _require(not overlap, f"--eval_input={','.join(overlap)!r} is also in --input")
+    else:
+      _require(not self.eval_input, f"--eval_input={','.join(self.eval_input)!r} needs "
+               "--split=given")
     _require(self.temporal_cutoff is None or self.split == "temporal",
              f"--temporal_cutoff={self.temporal_cutoff} needs --split=temporal")
     if self.split in ("random", "temporal", "cold_items") and self.temporal_cutoff is None:

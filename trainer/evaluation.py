@@ -120,18 +120,22 @@ def make_ranking_evaluation(model: keras.Model, strategy: tf.distribute.Strategy
     indptr, indices: each user's training positives (compressed sparse rows), excluded from
       the full protocol's competitors.
     score_fn: scores a batch instead of the model.
-    score_all_fn: `users [b] -> scores [b, num_items]` for the full protocol; default: the
-      model's `score_all` (one matmul for factorised models), or `score_fn` on every pair.
+    score_all_fn: `(users [b], batch) -> scores [b, num_items]` for the full protocol (the
+      batch: the eval rows, with their context); default: the model's `score_all` (one
+      matmul for factorised models), or `score_fn` on every pair.
     corrections: {"hr": x, "ndcg": x} (`sampled_metric_correction`, x [negatives + 1]): the
       sampled protocol then also reports hr_corrected and ndcg_corrected.
   """
   score = score_fn or (lambda batch: model(batch, training=False))
   if score_all_fn is None:
-    score_all_fn = ((lambda users: models.score_every_pair(score, users, num_items))
+    score_all_fn = ((lambda users, _: models.score_every_pair(score, users, num_items))
                     if score_fn is not None
-                    else lambda users: model.score_all(users, training=False))
+                    else lambda users, batch: model.score_all(users, training=False,
+                                                              context=batch))
+  # + an empty row: the out-of-vocabulary user's (eval rows of --split=given).
   positives = tf.RaggedTensor.from_row_splits(tf.constant(indices, tf.int64),
-                                              tf.constant(indptr, tf.int64))
+                                              tf.constant(np.append(indptr, indptr[-1]),
+                                                          tf.int64))
   sampled = _ranking_reducer(strategy, _sampled_step(score, k, corrections), corrections)
   full = _ranking_reducer(strategy, _full_step(score_all_fn, positives, k, num_items))
   return {SAMPLED: sampled, FULL: full}
@@ -162,12 +166,15 @@ def _sampled_step(score: Callable, k: int, corrections: Optional[Dict[str, np.nd
 
 def _full_step(score_all: Callable, positives: tf.RaggedTensor, k: int, num_items: int):
   """A replica's sums of the full protocol: [hits, ndcg, count], the user's training positives
-  and the held-out item itself excluded from the competitors."""
+  and the held-out item itself excluded from the competitors. An eval item outside the
+  vocabulary (--split=given) is a miss: the model cannot recommend an item it does not know."""
 
   def step(batch):
     users, items = batch[schema.USER], batch[schema.ITEM]
     b = tf.shape(users)[0]
-    scores = tf.cast(score_all(users), tf.float32)  # [b, num_items]
+    known = tf.cast(items < num_items, tf.float32)
+    items = tf.minimum(items, num_items - 1)
+    scores = tf.cast(score_all(users, batch), tf.float32)  # [b, num_items]
     seen = tf.gather(positives, users)  # ragged [b, None]
     coordinates = tf.stack([seen.value_rowids(), seen.flat_values], axis=1)
     excluded = tf.scatter_nd(coordinates, tf.ones_like(seen.flat_values, tf.bool),
@@ -176,7 +183,7 @@ def _full_step(score_all: Callable, positives: tf.RaggedTensor, k: int, num_item
     mask = tf.logical_not(tf.logical_or(excluded, itself))
     positive = tf.gather(scores, items, batch_dims=1)
     _, hit, ndcg = rank_hit_ndcg(positive, scores, mask, k)
-    return tf.stack([tf.reduce_sum(hit), tf.reduce_sum(ndcg),
+    return tf.stack([tf.reduce_sum(hit * known), tf.reduce_sum(ndcg * known),
                      tf.cast(tf.size(hit), tf.float32)])
 
   return step
@@ -251,9 +258,10 @@ def rating_evaluators(config: TrainConfig, model: keras.Model, strategy: tf.dist
   metadata, replicas = data.metadata, strategy.num_replicas_in_sync
   evaluate = make_rating_evaluation(model, strategy, metadata.rating_min, metadata.rating_max,
                                     metadata.train_rating_mean, user_means(data))
+  context = data.context_keys(config.features)
   eval_data = strategy.distribute_datasets_from_function(
       lambda ctx: pipeline.make_dataset(data.eval_pattern, config.eval_batch_for(replicas),
-                                        False, ctx))
+                                        False, ctx, context=context))
   return {"explicit": lambda: evaluate(eval_data)}
 
 
@@ -263,7 +271,8 @@ def model_ranking_evaluators(config: TrainConfig, model: keras.Model,
   """{protocol: evaluator} of the model's ranking, the sampled protocol with its corrections."""
   return ranking_evaluators(config, strategy, data, lambda batch: model(batch, training=False),
                             sampled_corrections(data, config.top_k),
-                            lambda users: model.score_all(users, training=False))
+                            lambda users, batch: model.score_all(users, training=False,
+                                                                 context=batch))
 
 
 def ranking_evaluators(config: TrainConfig, strategy: tf.distribute.Strategy,
@@ -271,7 +280,7 @@ def ranking_evaluators(config: TrainConfig, strategy: tf.distribute.Strategy,
                        corrections: Optional[Dict[str, np.ndarray]] = None,
                        score_all: Optional[Callable] = None) -> Dict[str, Evaluator]:
   """{protocol: evaluator} of the ranking scores `score(batch)` (ties count against them);
-  `score_all(users)`, when given, scores the full protocol's whole catalogue at once."""
+  `score_all(users, batch)`, when given, scores the full protocol's whole catalogue at once."""
   metadata = data.metadata
   replicas = strategy.num_replicas_in_sync
   positives = data.train_positives
@@ -287,7 +296,8 @@ def ranking_evaluators(config: TrainConfig, strategy: tf.distribute.Strategy,
     out[SAMPLED] = _named(protocols[SAMPLED], sampled_data, SAMPLED)
   full_batch = full_batch_size(metadata.num_items, replicas)
   full_data = strategy.distribute_datasets_from_function(
-      lambda ctx: pipeline.make_dataset(data.eval_pattern, full_batch, False, ctx))
+      lambda ctx: pipeline.make_dataset(data.eval_pattern, full_batch, False, ctx,
+                                        context=data.context_keys(config.features)))
   out[FULL] = _named(protocols[FULL], full_data, FULL)
   return out
 

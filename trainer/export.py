@@ -12,6 +12,19 @@ Signatures (raw string IDs in, so clients never see dense indices; vocabularies 
          bool[b]; k' = min(k, number of items). Items the user has in the training data are
          never recommended (their scores are -inf, and they come last if k' reaches them).
 
+With context (a model trained with context features, `trainer.data.context`):
+
+  score_context(user: string[b], item: string[b], context_<name>[b]...)
+      -> what serving_default serves, each example in its own context
+  recommend_context(user: string[b], k: int32 scalar, context_<name>[b]...)
+      -> what recommend returns, each user in their request's context ("what to watch on a
+         Friday night on a TV")
+
+  one input per context feature: categorical, a string ("" for missing); numeric and
+  bucketized (hour 0-23, weekday 0 (Monday)-6, tenure and item_age in days), a float (NaN for
+  missing). serving_default and recommend take no context: they score with none (every value
+  missing).
+
 Unknown IDs (the empty string and IDs of any length included) map to the models'
 out-of-vocabulary row and are flagged `*_known = False`, so one unknown ID does not fail a
 whole request batch. A bad request fails with InvalidArgumentError naming the signature and
@@ -39,6 +52,8 @@ RECOMMEND_FEATURES = "recommend_features"
 SCORE_USER_FEATURES = "score_user_features"
 RECOMMEND_USER_FEATURES = "recommend_user_features"
 RECOMMEND_RECENT = "recommend_recent"
+SCORE_CONTEXT = "score_context"
+RECOMMEND_CONTEXT = "recommend_context"
 
 
 def _lookup_table(keys, name: str) -> tf.lookup.StaticHashTable:
@@ -88,6 +103,15 @@ def export_saved_model(model: keras.Model, export_dir: str, data: artifacts.Prep
                                                                        data.metadata, encoder)
     signatures.update({SCORE_USER_FEATURES: module.score_user_features,
                        RECOMMEND_USER_FEATURES: module.recommend_user_features})
+  if model.context_infos:  # each request in its own context
+    encoder = FeatureEncoder(model.context_infos, data)
+    module.context_encoder = encoder
+    module.score_context = _score_context_function(module, model, data.metadata, objective,
+                                                   encoder)
+    module.recommend_context = _recommend_context_function(module, model, data.metadata,
+                                                           encoder)
+    signatures.update({SCORE_CONTEXT: module.score_context,
+                       RECOMMEND_CONTEXT: module.recommend_context})
   tf.saved_model.save(module, export_dir, signatures=signatures)
   logging.info("Exported SavedModel with signatures %s to %s", ", ".join(signatures),
                export_dir)
@@ -343,3 +367,45 @@ def _recommend_user_features_function(module: tf.Module, model: keras.Model,
     return {"items": tf.gather(module.item_ids, top.indices), "scores": top.values}
 
   return recommend_user_features
+
+
+def _score_context_function(module: tf.Module, model: keras.Model, metadata: schema.Metadata,
+                            objective: objectives.Objective, encoder: FeatureEncoder):
+  """score_context(user [b], item [b], context_<feature> [b]...): what serving_default serves,
+  each example in its context."""
+  num_users, num_items = metadata.num_users, metadata.num_items
+
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="user"),
+                                tf.TensorSpec([None], tf.string, name="item"),
+                                *encoder.input_specs()])
+  def score_context(user, item, *context):
+    _same_length("score_context", {"user": user, "item": item, **encoder.named(context)})
+    users, items = module.user_table.lookup(user), module.item_table.lookup(item)
+    scores = tf.cast(model({schema.USER: users, schema.ITEM: items,
+                            "context_features": encoder.encode(context)}, training=False),
+                     tf.float32)
+    return {**objective.serve(scores, metadata), "user_known": users < num_users,
+            "item_known": items < num_items}
+
+  return score_context
+
+
+def _recommend_context_function(module: tf.Module, model: keras.Model,
+                                metadata: schema.Metadata, encoder: FeatureEncoder):
+  """recommend_context(user [b], k, context_<feature> [b]...): what recommend returns, each
+  user in their request's context."""
+  num_users, num_items = metadata.num_users, metadata.num_items
+
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="user"),
+                                tf.TensorSpec([], tf.int32, name="k"),
+                                *encoder.input_specs()])
+  def recommend_context(user, k, *context):
+    tf.debugging.assert_positive(k, message="recommend_context: k must be positive")
+    _same_length("recommend_context", {"user": user, **encoder.named(context)})
+    users = module.user_table.lookup(user)  # [b]
+    scores = tf.cast(model.score_all(users, training=False,
+                                     context={"context_features": encoder.encode(context)}),
+                     tf.float32)  # [b, n]
+    return _top_unseen(module, scores, users, k, num_users, num_items)
+
+  return recommend_context

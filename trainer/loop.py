@@ -179,7 +179,8 @@ class EpochRunner:
         config.batch_size // objective.examples_per_positive, True, seed=config.seed,
         shuffle_buffer_blocks=config.shuffle_buffer_blocks,
         add_negatives=objective.negative_sampler(data),
-        file_examples=data.metadata.train_shard_examples)
+        file_examples=data.metadata.train_shard_examples,
+        context=data.context_keys(config.features))
     self._start(strategy, objective, model, optimizer, make_dataset)
 
   def _start(self, strategy: tf.distribute.Strategy, objective: objectives.Objective,

@@ -39,7 +39,10 @@ import numpy as np
 
 from trainer import strict_json
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+# Versions this trainer reads: 2 is 3 without context (no `context` entries, no context
+# columns in the records).
+READABLE_SCHEMA_VERSIONS = (2, 3)
 
 # Feature names: the keys of parsed batches and of the model's input dict.
 USER = "user"
@@ -49,6 +52,16 @@ LABEL = "label"  # implicit feedback: 1 for an observed pair, 0 for a sampled ne
 # Sampled training batches: the observed item each example was drawn for (a positive's own,
 # its negatives' positive's), so a negative is scored in its positive's context (`--history`).
 ANCHOR = "anchor"
+
+# Context (per-interaction features, `trainer.data.context`): the side of their FeatureInfos,
+# and the key of each in records, batches and serving inputs.
+CONTEXT = "context"
+
+
+def context_key(name: str) -> str:
+  """The key of context feature `name` in records and batches (and its serving input)."""
+  return f"{CONTEXT}_{name}"
+
 
 BLOCK_SIZE = 1024
 
@@ -148,6 +161,9 @@ class Metadata:
   inputs: Sequence[str] = ()
   eval_users_unseen_in_train: int = 0
   eval_items_unseen_in_train: int = 0
+  # --split=given: eval rows whose user or item is not in the training rows (written with the
+  # out-of-vocabulary index).
+  eval_rows_out_of_vocabulary: int = 0
   implicit: bool = False  # no ratings in the input: every interaction is 1.0
   temporal_cutoff: Optional[int] = None  # temporal split: eval = timestamp >= this
   min_user_interactions: int = 1
@@ -171,7 +187,9 @@ class Metadata:
   train_shard_examples: Sequence[int] = dataclasses.field(default_factory=list)
   # Side features (trainer.data.features): one entry per feature ({side, name, kind, missing,
   # vocab_size / width / mean, std / edges}), and per side's file where it came from, its rows
-  # whose ID is not in the log and the log's IDs with no row.
+  # whose ID is not in the log and the log's IDs with no row. Context features (side
+  # `context`, trainer.data.context) are listed here too, after the sides'; their values are
+  # in the records.
   features: Sequence[Dict[str, Any]] = dataclasses.field(default_factory=list)
   feature_files: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)
   schema_version: int = SCHEMA_VERSION
@@ -188,7 +206,7 @@ class Metadata:
     except json.JSONDecodeError as e:
       raise ValueError(f"{where}: not valid JSON ({e})") from e
     version = fields.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_SCHEMA_VERSIONS:
       raise ValueError(f"{where}: schema_version {version!r} is not supported by this "
                        f"trainer (expects {SCHEMA_VERSION}); prepare the data again")
     known = {f.name for f in dataclasses.fields(cls)}

@@ -149,13 +149,25 @@ class PreparedData:
     Raises:
       ConfigError: naming --features and a feature the directory does not hold.
     """
-    infos = select_features(self.feature_infos(), selection, self.data_dir)
+    infos = [i for i in select_features(self.feature_infos(), selection, self.data_dir)
+             if i.side != schema.CONTEXT]
     out = {}
     for side in sorted({i.side for i in infos}):
       tables = load_npz(self.path(schema.feature_table_file(side)))
       chosen = [i for i in infos if i.side == side]
       out[side] = schema.SideFeatures(chosen, {i.name: tables[i.name] for i in chosen})
     return out
+
+  def context_infos(self, selection: str = "all") -> List[schema.FeatureInfo]:
+    """The context features `--features` selects (their values come with each example)."""
+    return [i for i in select_features(self.feature_infos(), selection, self.data_dir)
+            if i.side == schema.CONTEXT]
+
+  def context_keys(self, selection: str = "all"):
+    """(key, dtype) of the selected context features, as the records carry them (what
+    `pipeline.make_dataset` parses)."""
+    return [(schema.context_key(i.name), "float32" if i.kind == "numeric" else "int64")
+            for i in self.context_infos(selection)]
 
   def feature_vocabulary(self, side: str, name: str) -> List[str]:
     """The values of a categorical or multi-hot feature: line n is index n + 1."""

@@ -139,11 +139,14 @@ def negative_sampler(num_items: int, num_negatives: int, seed: int,
                         [-1])
 
     zeros = tf.zeros([b * num_negatives], tf.float32)
+    # A negative is scored in its positive's context: the context features are repeated.
+    context = {key: tf.repeat(value, num_negatives + 1) for key, value in batch.items()
+               if key.startswith(schema.CONTEXT + "_")}
     return {schema.USER: tf.repeat(users, num_negatives + 1),
             schema.ITEM: interleave(items, negatives),
             schema.RATING: interleave(batch[schema.RATING], zeros),
             schema.LABEL: interleave(tf.ones([b], tf.float32), zeros),
-            schema.ANCHOR: tf.repeat(items, num_negatives + 1)}
+            schema.ANCHOR: tf.repeat(items, num_negatives + 1), **context}
 
   return add
 
@@ -153,7 +156,8 @@ def make_dataset(file_pattern: str, global_batch_size: int, training: bool,
                  shuffle_buffer_blocks: int = 256,
                  add_negatives: Optional[Callable] = None, start_step: int = 0,
                  file_examples: Optional[Sequence[int]] = None,
-                 worker: Optional[Tuple[int, tf.Tensor, tf.Tensor]] = None) -> tf.data.Dataset:
+                 worker: Optional[Tuple[int, tf.Tensor, tf.Tensor]] = None,
+                 context: Sequence[Tuple[str, str]] = ()) -> tf.data.Dataset:
   """Builds the dataset of one input pipeline.
 
   Training data is an endless sequence of epochs, each a fresh shuffle keyed by (seed, epoch):
@@ -181,6 +185,8 @@ def make_dataset(file_pattern: str, global_batch_size: int, training: bool,
       batches from `start_step` on, this worker's are those whose index is `index` modulo
       `num_workers` (start_step a multiple of it), less the first `skip` of them (tensors:
       one dataset function serves every worker). Elements are then (batch, global index).
+    context: (key, dtype) of the context features the records carry
+      (`PreparedData.context_keys`): parsed into each batch under their keys.
 
   Returns:
     A dataset of dicts `{user: int64[b], item: int64[b], rating: float32[b]}`, b = the
@@ -197,9 +203,10 @@ def make_dataset(file_pattern: str, global_batch_size: int, training: bool,
       file_pattern, files, file_examples, global_batch_size, input_context)
   start_batch = start_step * batches_per_step
   if training:
-    ds = _epochs(files, file_examples, seed, shuffle_buffer_blocks, start_batch * batch_size)
+    ds = _epochs(files, file_examples, seed, shuffle_buffer_blocks, start_batch * batch_size,
+                 context)
   else:
-    ds = _parse(_records(tf.data.Dataset.from_tensor_slices(files), len(files)))
+    ds = _parse(_records(tf.data.Dataset.from_tensor_slices(files), len(files)), context)
   ds = _with_negatives(ds.rebatch(batch_size, drop_remainder=training), start_batch,
                        add_negatives, worker)
   return ds.prefetch(tf.data.AUTOTUNE)
@@ -247,13 +254,16 @@ def _records(file_names: tf.data.Dataset, num_files: int) -> tf.data.Dataset:
                                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-def _parse(blocks: tf.data.Dataset) -> tf.data.Dataset:
+def _parse(blocks: tf.data.Dataset, context: Sequence[Tuple[str, str]] = ()) -> tf.data.Dataset:
+  context = [(key, tf.as_dtype(dtype)) for key, dtype in context]
   return blocks.batch(_RECORDS_PER_PARSE).map(
-      records.parse_blocks, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+      lambda serialized: records.parse_blocks(serialized, context),
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def _epochs(files: List[str], file_examples: Optional[Sequence[int]], seed: int,
-            shuffle_buffer_blocks: int, start_example: int) -> tf.data.Dataset:
+            shuffle_buffer_blocks: int, start_example: int,
+            context: Sequence[Tuple[str, str]] = ()) -> tf.data.Dataset:
   """Endless epochs of training examples (unbatched blocks), starting `start_example`
   examples into the sequence an uninterrupted run reads."""
   file_names = tf.constant(files)
@@ -266,7 +276,7 @@ def _epochs(files: List[str], file_examples: Optional[Sequence[int]], seed: int,
         tf.range(len(files)), seed=epoch_seed))
     blocks = _records(tf.data.Dataset.from_tensor_slices(names), len(files)).shuffle(
         shuffle_buffer_blocks, seed=seed)
-    return _parse(blocks).enumerate().map(
+    return _parse(blocks, context).enumerate().map(
         lambda group, batch: _mix(batch, tf.stack([epoch_seed[0] * 1_000_003 + index, group])),
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 

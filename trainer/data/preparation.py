@@ -29,7 +29,7 @@ from absl import logging
 
 from trainer import fileio, schema
 from trainer.config import ConfigError, PrepareConfig
-from trainer.data import features, sources, splits, synthetic, writer
+from trainer.data import context, features, sources, splits, synthetic, writer
 from trainer.data.scratch import (BUCKET_ROWS, IdEncoder, Progress, Scratch, frequency_order,
                                   prefetched)
 
@@ -82,13 +82,15 @@ def _shards_for(config: PrepareConfig, rows: int) -> int:
   return max(1, math.ceil(approx_bytes / (config.target_shard_mb * 2**20)))
 
 
-def make_source(config: PrepareConfig) -> sources.Source:
+def make_source(config: PrepareConfig,
+                context_specs: Sequence[features.FeatureSpec] = ()) -> sources.Source:
   """The configured source; errors name the flag and the value."""
   if config.source == "synthetic":
     return synthetic.SyntheticSource(config.num_users, config.num_items, config.num_ratings,
-                                     config.rank, config.noise, config.seed, config.implicit)
+                                     config.rank, config.noise, config.seed, config.implicit,
+                                     config.context_effect)
   if config.source == "movielens":
-    return sources.movielens_source(config.input[0], config.skip_bad_rows)
+    return sources.movielens_source(config.input[0], config.skip_bad_rows, config.eval_input)
   if config.source == "tfds":
     return sources.TfdsSource(config.tfds_name, config.tfds_data_dir, config.tfds_manual_dir)
   columns = sources.Columns(config.user_column, config.item_column, config.rating_column,
@@ -96,7 +98,8 @@ def make_source(config: PrepareConfig) -> sources.Source:
   rating_range = (None if config.rating_min is None
                   else (config.rating_min, config.rating_max))
   return sources.DelimitedSource(config.input, columns, config.delimiter, config.header,
-                                 rating_range, config.skip_bad_rows)
+                                 rating_range, config.skip_bad_rows,
+                                 eval_patterns=config.eval_input, context_specs=context_specs)
 
 
 def prepare(config: PrepareConfig) -> schema.Metadata:
@@ -116,37 +119,50 @@ def prepare(config: PrepareConfig) -> schema.Metadata:
   fileio.check_gcs_access(config.output_dir, "output_dir", write=True)
   for pattern in config.input:
     fileio.check_gcs_access(pattern, "input", write=False)
-  source = make_source(config)
+  for pattern in config.eval_input:
+    fileio.check_gcs_access(pattern, "eval_input", write=False)
+  try:
+    declared = context.declared_specs(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  source = make_source(config, declared)
   raw_features = features.read_features(config, source)  # before the log: a bad file fails at once
-  splitter = splits.make_splitter(config)
+  splitter = splits.make_splitter(config, getattr(source, "first_eval_file", 0))
   if splitter.needs_timestamps and not source.has_timestamps:
     raise ConfigError(f"--split={config.split} needs timestamps, and the input has none "
                       "(--timestamp_column)")
+  if config.context and not source.has_timestamps:
+    raise ConfigError(f"--context={','.join(config.context)} is derived from timestamps, and "
+                      "the input has none (--timestamp_column)")
+  contexts = context.ContextStats(config, declared)
   started = time.time()
   scratch_dir = tempfile.mkdtemp(prefix="neumf-prepare-")
   try:
-    return _prepare(config, source, splitter, raw_features, scratch_dir, started)
+    return _prepare(config, source, splitter, raw_features, contexts, scratch_dir, started)
   finally:
     shutil.rmtree(scratch_dir, ignore_errors=True)
 
 
 def _prepare(config: PrepareConfig, source: sources.Source, splitter: splits.Splitter,
-             raw_features: List[features.RawFeatures], scratch_dir: str,
-             started: float) -> schema.Metadata:
+             raw_features: List[features.RawFeatures], contexts: context.ContextStats,
+             scratch_dir: str, started: float) -> schema.Metadata:
   """The passes, in order; everything lands in a temporary folder, published at the end."""
   formats = source.id_format or (None, None)
   ids = _Ids(IdEncoder(formats[0]), IdEncoder(formats[1]))
   scratch = Scratch(scratch_dir, _num_buckets(config, source))
-  total = _pass_read(source, ids, scratch, started)
+  total = _pass_read(source, ids, scratch, started, contexts)
   splitter.begin(ids.users.size, total)
   stats = _pass_dedupe(scratch, config, source, ids, splitter, total)
-  vocab = _dense_vocabulary(scratch, config, stats, ids)
+  vocab = _dense_vocabulary(scratch, config, stats, ids, splitter)
   kept_rows = int(stats.user_count[vocab.kept_user].sum())
   stats.rows_filtered = int(stats.user_count[~vocab.kept_user].sum())
+  if contexts:  # the training rows' statistics of the context
+    contexts.fit(scratch, lambda rows: vocab.kept_user[rows["user"]] & ~splitter.held_out(rows),
+                 ids.users.size, ids.items.size, total)
   fileio.makedirs(config.output_dir)
   tmp_dir = fileio.join(config.output_dir, f".tmp-prepare-{uuid.uuid4().hex}")
   fileio.makedirs(tmp_dir)
-  written = _pass_write(scratch, config, splitter, vocab, kept_rows, tmp_dir)
+  written = _pass_write(scratch, config, splitter, vocab, kept_rows, tmp_dir, contexts)
   if written.num_train == 0 or written.num_eval == 0:
     raise ValueError(f"--split={config.split} leaves {written.num_train} training and "
                      f"{written.num_eval} evaluation rows of {kept_rows}; both need at least "
@@ -157,7 +173,11 @@ def _prepare(config: PrepareConfig, source: sources.Source, splitter: splits.Spl
             for raw in raw_features]
   names += [writer.write_feature_table(table, tmp_dir, scratch.directory) for table in tables]
   names += [schema.feature_vocab_file(t.side, name) for t in tables for name in t.vocabularies]
-  metadata = _metadata(config, source, splitter, vocab, stats, written, tables)
+  for name, values in contexts.vocabularies().items():
+    names.append(schema.feature_vocab_file(schema.CONTEXT, name))
+    fileio.write_lines(fileio.join(tmp_dir, names[-1]), values)
+  metadata = _metadata(config, source, splitter, vocab, stats, written, tables,
+                       contexts.infos() if contexts else [])
   fileio.write_text_atomic(fileio.join(tmp_dir, schema.METADATA_FILE), metadata.to_json())
   writer.publish(tmp_dir, config.output_dir, names)
   elapsed = time.time() - started
@@ -194,7 +214,8 @@ class _Ids:
   items: IdEncoder
 
 
-def _pass_read(source: sources.Source, ids: _Ids, scratch: Scratch, started: float) -> int:
+def _pass_read(source: sources.Source, ids: _Ids, scratch: Scratch, started: float,
+               contexts: context.ContextStats) -> int:
   """Pass 1: stream the source, encode IDs, partition rows by (user, item) hash onto scratch.
 
   Returns:
@@ -211,6 +232,7 @@ def _pass_read(source: sources.Source, ids: _Ids, scratch: Scratch, started: flo
                "line": chunk.lines}
     if chunk.timestamps is not None:
       columns["ts"] = chunk.timestamps
+    columns.update(contexts.scratch_columns(chunk.context))
     bucket = splits.hash_pairs(users, items, 1) % np.uint64(scratch.num_buckets)
     scratch.append(bucket.astype(np.int64), columns)
     total += n
@@ -233,6 +255,10 @@ class _Stats:
 
   user_count: np.ndarray
   item_count: np.ndarray
+  # The counts that order the vocabularies: the same, or (a splitter's `training_vocabulary`)
+  # the training rows' only.
+  vocab_user_count: np.ndarray
+  vocab_item_count: np.ndarray
   duplicates: int = 0
   rows_filtered: int = 0  # rows of users under --min_user_interactions
 
@@ -241,7 +267,8 @@ def _pass_dedupe(scratch: Scratch, config: PrepareConfig, source: sources.Source
                  splitter: splits.Splitter, total_rows: int) -> _Stats:
   """Pass 2: dedupe each bucket by --duplicates, count users and items, feed the splitter."""
   num_users, num_items = ids.users.size, ids.items.size
-  stats = _Stats(np.zeros(num_users, np.int64), np.zeros(num_items, np.int64))
+  stats = _Stats(np.zeros(num_users, np.int64), np.zeros(num_items, np.int64),
+                 np.zeros(num_users, np.int64), np.zeros(num_items, np.int64))
   progress = Progress("dedupe", total_rows)
   for b in range(scratch.num_buckets):
     rows = scratch.read(b)
@@ -252,6 +279,9 @@ def _pass_dedupe(scratch: Scratch, config: PrepareConfig, source: sources.Source
     stats.duplicates += removed
     stats.user_count += np.bincount(rows["user"], minlength=num_users)
     stats.item_count += np.bincount(rows["item"], minlength=num_items)
+    train = ~splitter.held_out(rows) if splitter.training_vocabulary else slice(None)
+    stats.vocab_user_count += np.bincount(rows["user"][train], minlength=num_users)
+    stats.vocab_item_count += np.bincount(rows["item"][train], minlength=num_items)
     splitter.observe(rows)
     if removed:
       scratch.replace(b, rows)
@@ -278,24 +308,27 @@ class _Vocabulary:
     return len(self.raw_items)
 
 
-def _dense_vocabulary(scratch: Scratch, config: PrepareConfig, stats: _Stats,
-                      ids: _Ids) -> _Vocabulary:
+def _dense_vocabulary(scratch: Scratch, config: PrepareConfig, stats: _Stats, ids: _Ids,
+                      splitter: splits.Splitter) -> _Vocabulary:
   """Pass 3 (only with --min_user_interactions: recount items over the users kept), then the
-  dense indices: most frequent first, ties by raw ID."""
+  dense indices: most frequent first, ties by raw ID. IDs without a row that counts for the
+  vocabulary (`_Stats.vocab_*`) get none (index -1: out of vocabulary)."""
   kept_user = stats.user_count >= config.min_user_interactions
   if not kept_user.any():
     raise ValueError(f"--min_user_interactions={config.min_user_interactions} leaves no user "
                      f"(the most active has {int(stats.user_count.max())})")
-  item_count = stats.item_count
+  item_count = stats.vocab_item_count
   if not kept_user.all():
     item_count = np.zeros_like(item_count)
     for b in range(scratch.num_buckets):
       rows = scratch.read(b)
       if rows is not None:
-        item_count += np.bincount(rows["item"][kept_user[rows["user"]]],
-                                  minlength=len(item_count))
+        counted = kept_user[rows["user"]]
+        if splitter.training_vocabulary:
+          counted &= ~splitter.held_out(rows)
+        item_count += np.bincount(rows["item"][counted], minlength=len(item_count))
   raw_users, raw_items = ids.users.raw_ids(), ids.items.raw_ids()
-  user_order = frequency_order(np.where(kept_user, stats.user_count, 0), raw_users)
+  user_order = frequency_order(np.where(kept_user, stats.vocab_user_count, 0), raw_users)
   item_order = frequency_order(item_count, raw_items)
   user_index = np.full(len(raw_users), -1, np.int64)
   user_index[user_order] = np.arange(len(user_order))
@@ -325,10 +358,15 @@ class _Written:
   # [n, 2] (user, item) dense indices of each bucket's eval rows; kept for --eval_negatives only
   # (leave-one-out: one row per user), never for a fraction of a large log.
   eval_pairs: Optional[List[np.ndarray]]
+  eval_rows_out_of_vocabulary: int = 0
+  # Provisional codes of the eval rows' out-of-vocabulary users and items (--split=given).
+  unseen_users: set = dataclasses.field(default_factory=set)
+  unseen_items: set = dataclasses.field(default_factory=set)
 
 
 def _pass_write(scratch: Scratch, config: PrepareConfig, splitter: splits.Splitter,
-                vocab: _Vocabulary, kept_rows: int, tmp_dir: str) -> _Written:
+                vocab: _Vocabulary, kept_rows: int, tmp_dir: str,
+                contexts: context.ContextStats) -> _Written:
   """Pass 4: map codes to dense indices, split, shuffle each bucket, deal blocks to shards;
   leave each bucket's training pairs on scratch for the positives file."""
   num_shards = _shards_for(config, kept_rows)
@@ -350,10 +388,17 @@ def _pass_write(scratch: Scratch, config: PrepareConfig, splitter: splits.Splitt
     rows = {k: v[keep] for k, v in rows.items()}
     held_out = splitter.held_out(rows)
     users, items = vocab.user_index[rows["user"]], vocab.item_index[rows["item"]]
+    # (--split=given) eval IDs never seen in training: the out-of-vocabulary rows.
+    out.unseen_users.update(np.unique(rows["user"][users < 0]).tolist())
+    out.unseen_items.update(np.unique(rows["item"][items < 0]).tolist())
+    users = np.where(users < 0, vocab.num_users, users)
+    items = np.where(items < 0, vocab.num_items, items)
     rng = np.random.default_rng([config.seed, 4, b])
+    encoded = contexts.encode(rows, ~held_out) if contexts else {}
     for split, mask in ((schema.TRAIN, ~held_out), (schema.EVAL, held_out)):
       idx = rng.permutation(np.flatnonzero(mask))
-      writers[split].add(users[idx], items[idx], rows["rating"][idx])
+      writers[split].add(users[idx], items[idx], rows["rating"][idx],
+                         {k: v[idx] for k, v in encoded.items()})
     # (user, item, time, input row) of the training pairs: time is the timestamp, or the
     # input row when the source has none.
     train = ~held_out
@@ -363,7 +408,7 @@ def _pass_write(scratch: Scratch, config: PrepareConfig, splitter: splits.Splitt
     _tally(out, users, items, rows["rating"], held_out)
     progress.add(len(users))
     # Release this bucket before the next one is read: peak memory is one bucket, not two.
-    rows = keep = users = items = held_out = idx = mask = train = None
+    rows = keep = users = items = held_out = idx = mask = train = encoded = None
   for w in writers.values():
     w.close()
   out.num_train, out.num_eval = writers[schema.TRAIN].rows, writers[schema.EVAL].rows
@@ -376,12 +421,16 @@ def _tally(out: _Written, users: np.ndarray, items: np.ndarray, ratings: np.ndar
            held_out: np.ndarray) -> None:
   """Adds one bucket's rows to the write pass's counts, masks and rating statistics."""
   train = ~held_out
+  # Eval rows whose user or item has no index of its own (--split=given): counted, and left
+  # out of the per-ID masks.
+  known = (users < len(out.eval_user_seen)) & (items < len(out.eval_item_seen))
+  out.eval_rows_out_of_vocabulary += int(np.sum(held_out & ~known))
   out.train_user_count += np.bincount(users[train], minlength=len(out.train_user_count))
   out.train_user_rating_sum += np.bincount(users[train], weights=ratings[train],
                                            minlength=len(out.train_user_count))
   out.train_item_count += np.bincount(items[train], minlength=len(out.train_item_count))
-  out.eval_user_seen[users[held_out]] = True
-  out.eval_item_seen[items[held_out]] = True
+  out.eval_user_seen[users[held_out & (users < len(out.eval_user_seen))]] = True
+  out.eval_item_seen[items[held_out & (items < len(out.eval_item_seen))]] = True
   if out.eval_pairs is not None:
     out.eval_pairs.append(np.stack([users[held_out], items[held_out]], axis=1))
   out.train_rating_sum += float(ratings[train].sum(dtype=np.float64))
@@ -418,7 +467,8 @@ def _write_side_files(scratch: Scratch, config: PrepareConfig, vocab: _Vocabular
 
 def _metadata(config: PrepareConfig, source: sources.Source, splitter: splits.Splitter,
               vocab: _Vocabulary, stats: _Stats, written: _Written,
-              tables: Sequence[features.EncodedFeatures] = ()) -> schema.Metadata:
+              tables: Sequence[features.EncodedFeatures] = (),
+              context_infos: Sequence[dict] = ()) -> schema.Metadata:
   """The metadata of the prepared directory (written last, marking it complete)."""
   bad = source.bad
   feature_files = {t.side: {"path": t.path,
@@ -436,9 +486,12 @@ def _metadata(config: PrepareConfig, source: sources.Source, splitter: splits.Sp
       num_shards=len(written.train_shard_rows), source=config.source, split=config.split,
       seed=config.seed, inputs=list(source.files),
       eval_users_unseen_in_train=int(np.sum(written.eval_user_seen
-                                            & (written.train_user_count == 0))),
+                                            & (written.train_user_count == 0))
+                                     + len(written.unseen_users)),
       eval_items_unseen_in_train=int(np.sum(written.eval_item_seen
-                                            & (written.train_item_count == 0))),
+                                            & (written.train_item_count == 0))
+                                     + len(written.unseen_items)),
+      eval_rows_out_of_vocabulary=written.eval_rows_out_of_vocabulary,
       implicit=not source.has_ratings, min_user_interactions=config.min_user_interactions,
       eval_negatives=config.eval_negatives, duplicates_policy=config.duplicates,
       duplicates_merged=stats.duplicates, rows_read=accounts["rows_read"],
@@ -449,7 +502,8 @@ def _metadata(config: PrepareConfig, source: sources.Source, splitter: splits.Sp
       density=(written.num_train + written.num_eval) / float(vocab.num_users * vocab.num_items),
       rating_histogram=writer.histogram(written.histogram), input_fingerprint=source.fingerprint(),
       train_shard_examples=written.train_shard_rows,
-      features=[info for t in tables for info in t.info], feature_files=feature_files,
+      features=[info for t in tables for info in t.info] + list(context_infos),
+      feature_files=feature_files,
       **splitter.metadata_fields())
 
 

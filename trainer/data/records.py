@@ -2,7 +2,7 @@
 protos (`encode_blocks`, fast and byte-identical to TensorFlow's), parsed back a batch of
 records at a time (`parse_blocks`). The names and the block size are `trainer.schema`'s."""
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -57,7 +57,8 @@ def _field(number: int, payload: bytes) -> bytes:
 
 
 def encode_blocks(users: np.ndarray, items: np.ndarray, ratings: np.ndarray,
-                  block_size: int = BLOCK_SIZE) -> List[bytes]:
+                  block_size: int = BLOCK_SIZE,
+                  context: Optional[Mapping[str, np.ndarray]] = None) -> List[bytes]:
   """Serializes examples as `tf.train.Example` records of up to `block_size` packed examples.
 
   The bytes are built directly, vectorised over all blocks (what the protobuf library would
@@ -69,6 +70,8 @@ def encode_blocks(users: np.ndarray, items: np.ndarray, ratings: np.ndarray,
     items: int dense item indices, shape [n].
     ratings: float ratings, shape [n].
     block_size: examples per record, 1..BLOCK_SIZE.
+    context: {key: [n] int64 (non-negative indices) or float32 values}: per-example context
+      features, packed like the others under their keys (`schema.context_key`).
 
   Returns:
     ceil(n / block_size) serialized records, in order.
@@ -82,6 +85,14 @@ def encode_blocks(users: np.ndarray, items: np.ndarray, ratings: np.ndarray,
   item_data, item_offsets = _varints(items)
   float_data = np.asarray(ratings, "<f4").tobytes()
   user_key, item_key, rating_key = (_field(1, name.encode()) for name in (USER, ITEM, RATING))
+  extra = []  # (key, int varints and offsets, or float bytes)
+  for key, value in sorted((context or {}).items()):
+    if len(value) != n:
+      raise ValueError(f"context {key!r} has {len(value)} values for {n} examples")
+    if np.issubdtype(np.asarray(value).dtype, np.integer):
+      extra.append((_field(1, key.encode()), _varints(value), None))
+    else:
+      extra.append((_field(1, key.encode()), None, np.asarray(value, "<f4").tobytes()))
   records = []
   for start in range(0, n, block_size):
     end = min(start + block_size, n)
@@ -91,6 +102,13 @@ def encode_blocks(users: np.ndarray, items: np.ndarray, ratings: np.ndarray,
                 + _field(1, item_key + _field(2, _field(3, _field(1, item_list))))
                 + _field(1, rating_key + _field(2, _field(2, _field(
                     1, float_data[4 * start:4 * end])))))
+    for key, ints, floats in extra:
+      if ints is not None:
+        data, offsets = ints
+        value = _field(3, _field(1, data[offsets[start]:offsets[end]].tobytes()))
+      else:
+        value = _field(2, _field(1, floats[4 * start:4 * end]))
+      features += _field(1, key + _field(2, value))
     records.append(_field(1, features))
   return records
 
@@ -104,15 +122,19 @@ def encode_block(users: np.ndarray, items: np.ndarray, ratings: np.ndarray) -> b
   return encode_blocks(users, items, ratings)[0]
 
 
-def parse_blocks(serialized: tf.Tensor) -> Dict[str, tf.Tensor]:
+def parse_blocks(serialized: tf.Tensor,
+                 context: Sequence[Tuple[str, tf.DType]] = ()) -> Dict[str, tf.Tensor]:
   """Parses a batch of block records into flat example tensors.
 
   Args:
     serialized: string tensor of shape [num_records].
+    context: (key, dtype) of the context features the records carry (int64 or float32).
 
   Returns:
     A dict with `user`, `item` (int64) and `rating` (float32), each of shape [num_examples]:
-    the blocks' examples concatenated in order.
+    the blocks' examples concatenated in order; and each context feature by its key.
   """
-  parsed = tf.io.parse_example(serialized, _FEATURE_SPEC)
+  spec = dict(_FEATURE_SPEC)
+  spec.update({key: tf.io.RaggedFeature(dtype) for key, dtype in context})
+  parsed = tf.io.parse_example(serialized, spec)
   return {name: value.flat_values for name, value in parsed.items()}

@@ -11,6 +11,7 @@ synthetic generator with a planted low-rank structure.
 """
 
 import dataclasses
+import gzip
 import hashlib
 import io
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -34,6 +35,9 @@ class Chunk:
   timestamps: Optional[np.ndarray]  # [n] int64, or None when the source has none
   file_index: int  # index into Source.files
   lines: np.ndarray  # [n] int64: each row's line number in that file (row number if no file)
+  # Declared context columns (--context_columns): {name: [n] str (categorical) or float64
+  # (numeric, bucketized; NaN where empty)}.
+  context: Dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
   def __len__(self) -> int:
     return len(self.ratings)
@@ -77,7 +81,8 @@ class Columns:
 
 
 class DelimitedSource(Source):
-  """Delimited text files: MovieLens raw formats and any CSV-like log.
+  """Delimited text files (gzip-compressed when a name ends in .gz): MovieLens raw formats and
+  any CSV-like log.
 
   Every value goes through the one policy of `trainer.data.values` (strict numbers, clean
   IDs, exact field counts, UTF-8); a bad row raises ValueError naming file:line, the column
@@ -93,20 +98,25 @@ class DelimitedSource(Source):
     flag: the flag that named the input, for error messages.
     num_fields: the fields every row holds (a fixed format without a header); None: as many
       as the header names, or without a header as the file's first row holds.
+    eval_patterns: --split=given: the evaluation rows' files or globs, read after the others.
+    context_specs: the declared context columns (--context_columns), read per row: strings,
+      or numbers under the number policy (an empty field is a missing value).
   """
 
   def __init__(self, patterns: Sequence[str], columns: Columns, delimiter: str = ",",
                header: bool = True, rating_range=None, skip_bad_rows: bool = False,
                flag: str = "--input", description: str = "delimited file",
-               num_fields: Optional[int] = None):
-    files: List[str] = []
-    for pattern in patterns:
-      matched = sorted(tf.io.gfile.glob(pattern)) if any(c in pattern for c in "*?[") else (
-          [pattern] if tf.io.gfile.exists(pattern) else [])
-      if not matched:
-        raise ValueError(f"{flag}: no file matches {pattern!r}")
-      files += matched
-    self.files = files
+               num_fields: Optional[int] = None, eval_patterns: Sequence[str] = (),
+               context_specs: Sequence[features.FeatureSpec] = ()):
+    files = _expand(patterns, flag)
+    # --split=given: the evaluation rows' files follow the training ones; a chunk whose
+    # file_index is at least `first_eval_file` holds evaluation rows.
+    self.first_eval_file = len(files)
+    eval_files = _expand(eval_patterns, "--eval_input")
+    both = sorted(set(files) & set(eval_files))
+    if both:
+      raise ValueError(f"--eval_input: {both[0]!r} is also matched by {flag}")
+    self.files = files + eval_files
     self.columns = columns
     self.delimiter = delimiter
     self.header = header
@@ -116,12 +126,15 @@ class DelimitedSource(Source):
     self.num_fields = num_fields
     self.has_ratings = columns.rating is not None
     self.has_timestamps = columns.timestamp is not None
+    self.context_specs = tuple(context_specs)
     self._digests: Dict[str, str] = {}
 
   def fingerprint(self):
     return {"files": [{"path": f, "sha256": self._digests.get(f)} for f in self.files],
             "columns": dataclasses.asdict(self.columns), "delimiter": self.delimiter,
-            "header": self.header}
+            "header": self.header,
+            **({"context_columns": [c.describe() for c in self.context_specs]}
+               if self.context_specs else {})}
 
   def _header(self, path: str, first: str) -> List[str]:
     rows, reasons = values.split_lines([first], self.delimiter)
@@ -134,7 +147,9 @@ class DelimitedSource(Source):
 
   def _positions(self, path: str, header_fields: Optional[List[str]]) -> List[Optional[int]]:
     wanted = [self.columns.user, self.columns.item, self.columns.rating, self.columns.timestamp]
+    wanted += [spec.column for spec in self.context_specs]
     names = ["user", "item", "rating", "timestamp"]
+    names += [f"context {spec.name}" for spec in self.context_specs]
     out: List[Optional[int]] = []
     for name, column in zip(names, wanted):
       if column is None:
@@ -148,7 +163,9 @@ class DelimitedSource(Source):
         try:
           out.append(int(column))
         except ValueError:
-          raise ValueError(f"--{name}_column={column!r} must be a 0-based column index when the "
+          flag = (f"--{name}_column" if not name.startswith("context")
+                  else "--context_columns")
+          raise ValueError(f"{flag}={column!r} must be a 0-based column index when the "
                            "files have no header (--noheader)") from None
     return out
 
@@ -160,9 +177,13 @@ class DelimitedSource(Source):
     digest = hashlib.sha256()
     with tf.io.gfile.GFile(path, "rb") as f:
       # utf-8-sig: a byte-order mark at the start is not part of the first field; bytes that
-      # are not UTF-8 become lone surrogates, which the policy refuses by line.
-      text = io.TextIOWrapper(_HashingReader(f, digest), encoding="utf-8-sig",
-                              errors="surrogateescape", newline=None)
+      # are not UTF-8 become lone surrogates, which the policy refuses by line. The digest is
+      # of the file's bytes (compressed, for a .gz file).
+      raw = _HashingReader(f, digest)
+      if path.endswith(".gz"):
+        raw = gzip.GzipFile(fileobj=io.BufferedReader(raw), mode="rb")
+      text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape",
+                              newline=None)
       line_number = 0
       fields = self.num_fields
       if self.header:
@@ -211,7 +232,7 @@ class DelimitedSource(Source):
       rows = [rows[k] for k in good]
     else:
       good = range(len(rows))
-    pu, pi, pr, pt = positions
+    pu, pi, pr, pt = positions[:4]
     users = [r[pu].strip() for r in rows]
     items = [r[pi].strip() for r in rows]
     self._check(reasons, good, "user", users, values.id_reasons(users))
@@ -233,13 +254,28 @@ class DelimitedSource(Source):
       raw = [r[pt].strip() for r in rows]
       timestamps, bad = values.parse_integers(raw)
       self._check(reasons, good, "timestamp", raw, bad)
+    context = {}
+    for spec, position in zip(self.context_specs, positions[4:]):
+      raw = [r[position].strip() for r in rows]
+      if spec.kind == "categorical":
+        context[spec.name] = np.array(raw, dtype=str)
+        continue
+      present = [k for k, v in enumerate(raw) if v]
+      column = np.full(len(raw), np.nan)
+      parsed, bad = values.parse_numbers([raw[k] for k in present])
+      column[present] = parsed
+      self._check(reasons, [good[k] for k in present], f"{spec.kind} context {spec.name!r}",
+                  [raw[k] for k in present], bad)
+      context[spec.name] = column
     if any(reasons):
+      valid = np.array([reasons[k] is None for k in good], bool)
       users, items, ratings, timestamps, numbers = self._drop_bad(
           path, lines, numbers, reasons, good, users, items, ratings, timestamps)
+      context = {name: column[valid] for name, column in context.items()}
     if not users:
       return None
     return Chunk(np.array(users), np.array(items), ratings.astype(np.float32), timestamps,
-                 file_index, numbers)
+                 file_index, numbers, context)
 
   def _drop_bad(self, path, lines, numbers, reasons, good, users, items, ratings, timestamps):
     """Raises for, or counts, the bad rows (in line order: the first bad line is the error)
@@ -263,6 +299,18 @@ class DelimitedSource(Source):
     for j, reason in enumerate(bad):
       if reason is not None and reasons[good[j]] is None:
         reasons[good[j]] = (reason, values.describe(reason, column, raw[j]))
+
+
+def _expand(patterns: Sequence[str], flag: str) -> List[str]:
+  """The files of `patterns` (globs sorted), in order; a pattern matching none is an error."""
+  files: List[str] = []
+  for pattern in patterns:
+    matched = sorted(tf.io.gfile.glob(pattern)) if any(c in pattern for c in "*?[") else (
+        [pattern] if tf.io.gfile.exists(pattern) else [])
+    if not matched:
+      raise ValueError(f"{flag}: no file matches {pattern!r}")
+    files += matched
+  return files
 
 
 def _first_row_width(lines: List[str], delimiter: str, path: str, start: int,
@@ -323,22 +371,35 @@ def detect_movielens_format(path: str, first_line: str) -> str:
                    f"{first_line[:80]!r}")
 
 
-def movielens_source(path: str, skip_bad_rows: bool = False) -> DelimitedSource:
-  """A raw MovieLens ratings file, its format detected from the first line."""
+def _movielens_format(path: str, flag: str) -> str:
+  """The MovieLens format of the ratings file `path` (named by `flag`)."""
   if not tf.io.gfile.exists(path):
-    raise ValueError(f"--input: file {path!r} does not exist")
+    raise ValueError(f"{flag}: file {path!r} does not exist")
   with tf.io.gfile.GFile(path, "rb") as f:
-    first = f.readline().decode("utf-8", errors="replace").rstrip("\r\n")
+    reader = gzip.GzipFile(fileobj=f, mode="rb") if path.endswith(".gz") else f
+    first = reader.readline().decode("utf-8", errors="replace").rstrip("\r\n")
   if not first.strip():
     raise ValueError(f"{path}: empty file, no ratings")
-  fmt = detect_movielens_format(path, first)
+  return detect_movielens_format(path, first)
+
+
+def movielens_source(path: str, skip_bad_rows: bool = False,
+                     eval_paths: Sequence[str] = ()) -> DelimitedSource:
+  """A raw MovieLens ratings file, its format detected from the first line; `eval_paths`
+  (--split=given): the evaluation rows' files, in the same format."""
+  fmt = _movielens_format(path, "--input")
+  for other in eval_paths:
+    if _movielens_format(other, "--eval_input") != fmt:
+      raise ValueError(f"--eval_input: {other!r} is not in the format of --input {path!r} "
+                       f"({_ML_DESCRIPTIONS[fmt]})")
   if fmt == "ratings.csv":
     columns = Columns("userId", "movieId", "rating", "timestamp")
     return DelimitedSource([path], columns, ",", True, MOVIELENS_RATING_RANGE, skip_bad_rows,
-                           description=_ML_DESCRIPTIONS[fmt])
+                           description=_ML_DESCRIPTIONS[fmt], eval_patterns=eval_paths)
   return DelimitedSource([path], Columns("0", "1", "2", "3"),
                          "\t" if fmt == "u.data" else "::", False, MOVIELENS_RATING_RANGE,
-                         skip_bad_rows, description=_ML_DESCRIPTIONS[fmt], num_fields=4)
+                         skip_bad_rows, description=_ML_DESCRIPTIONS[fmt], num_fields=4,
+                         eval_patterns=eval_paths)
 
 
 class TfdsSource(Source):

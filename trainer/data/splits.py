@@ -13,6 +13,9 @@ shards' blocks), the held-out mask of each bucket of rows, and its fields of the
   cold_items     whole items, a hash-random `--eval_fraction` of them with all their
                  interactions: the model never trains on an eval item's ID, so it can score it
                  only from its side features (cold start)
+  given          the rows of the `--eval_input` files (e.g. MovieLens' u1.test beside
+                 u1.base): the vocabularies are the training rows' IDs, and an eval ID never
+                 seen in training is written as the out-of-vocabulary index
 
 Rows reach a splitter in provisional codes (`user`, `item`, `ts`, `row` columns, one hash
 bucket at a time), so memory is vocabulary-sized, never log-sized.
@@ -50,6 +53,9 @@ class Splitter:
   `expected_eval` and `held_out` in the write pass."""
 
   needs_timestamps = False
+  # The vocabularies hold the training rows' IDs only; other IDs of eval rows are written as
+  # the out-of-vocabulary index (else every ID of a kept row has an index of its own).
+  training_vocabulary = False
 
   def __init__(self, config: PrepareConfig):
     self.config = config
@@ -177,10 +183,40 @@ class ColdItemsSplit(Splitter):
     return " (too few items for --eval_fraction: hold out more)"
 
 
+class GivenSplit(Splitter):
+  """The rows of the --eval_input files: a row's `src` (its file's index in the source's
+  files) at or past `first_eval_file`."""
+
+  training_vocabulary = True
+
+  def __init__(self, config, first_eval_file: int):
+    super().__init__(config)
+    self.first_eval_file = first_eval_file
+    self._eval_rows = 0
+
+  def observe(self, rows):
+    self._eval_rows += int(np.sum(self.held_out(rows)))
+
+  def expected_eval(self, kept_user, kept_rows):
+    return float(self._eval_rows)
+
+  def held_out(self, rows):
+    return rows["src"] >= self.first_eval_file
+
+  def metadata_fields(self):
+    return {"eval_fraction": 0.0, "temporal_cutoff": None}
+
+  def empty_message(self):
+    return " (--eval_input: every eval row was dropped or merged)"
+
+
 _SPLITTERS = {"random": RandomSplit, "temporal": TemporalSplit,
               "leave_one_out": LeaveOneOutSplit, "cold_items": ColdItemsSplit}
 
 
-def make_splitter(config: PrepareConfig) -> Splitter:
-  """The splitter of `config.split` (validated by the config)."""
+def make_splitter(config: PrepareConfig, first_eval_file: int = 0) -> Splitter:
+  """The splitter of `config.split` (validated by the config); `first_eval_file`: --split=given,
+  the index of the source's first --eval_input file."""
+  if config.split == "given":
+    return GivenSplit(config, first_eval_file)
   return _SPLITTERS[config.split](config)

@@ -35,7 +35,7 @@ class BlockWriter:
     # an empty training shard would wait forever).
     self.block_size = max(1, min(schema.BLOCK_SIZE, int(expected_rows * 0.9 / num_shards)))
     self._writers = [tf.io.TFRecordWriter(p) for p in self.paths]
-    self._pending: List[Tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    self._pending: List[Dict[str, np.ndarray]] = []  # columns: user, item, rating, context
     self._pending_rows = 0
     self._next = 0
     self.rows = 0
@@ -43,8 +43,11 @@ class BlockWriter:
     self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prepare-write")
     self._in_flight: Optional[concurrent.futures.Future] = None
 
-  def add(self, users: np.ndarray, items: np.ndarray, ratings: np.ndarray) -> None:
-    self._pending.append((users, items, ratings))
+  def add(self, users: np.ndarray, items: np.ndarray, ratings: np.ndarray,
+          context: Optional[Dict[str, np.ndarray]] = None) -> None:
+    """Queues examples; `context`: {key: [n] values} of their context features."""
+    self._pending.append({schema.USER: users, schema.ITEM: items, schema.RATING: ratings,
+                          **(context or {})})
     self._pending_rows += len(users)
     self.rows += len(users)
     if self._pending_rows >= self.block_size:
@@ -53,19 +56,25 @@ class BlockWriter:
   def _flush(self, final: bool) -> None:
     if not self._pending:
       return
-    u, i, r = (np.concatenate(c) for c in zip(*self._pending))
-    full = len(u) if final else len(u) - len(u) % self.block_size
+    columns = {k: np.concatenate([p[k] for p in self._pending]) for k in self._pending[0]}
+    n = len(columns[schema.USER])
+    full = n if final else n - n % self.block_size
     if full:
       self._wait()
-      self._in_flight = self._executor.submit(self._write, u[:full], i[:full], r[:full])
-    self._pending = [(u[full:], i[full:], r[full:])] if full < len(u) else []
-    self._pending_rows = len(u) - full
+      self._in_flight = self._executor.submit(self._write,
+                                              {k: v[:full] for k, v in columns.items()})
+    self._pending = [{k: v[full:] for k, v in columns.items()}] if full < n else []
+    self._pending_rows = n - full
 
-  def _write(self, users: np.ndarray, items: np.ndarray, ratings: np.ndarray) -> None:
-    encoded = records.encode_blocks(users, items, ratings, self.block_size)
+  def _write(self, columns: Dict[str, np.ndarray]) -> None:
+    context = {k: v for k, v in columns.items()
+               if k not in (schema.USER, schema.ITEM, schema.RATING)}
+    n = len(columns[schema.USER])
+    encoded = records.encode_blocks(columns[schema.USER], columns[schema.ITEM],
+                                    columns[schema.RATING], self.block_size, context)
     for b, record in enumerate(encoded):
       self._writers[self._next].write(record)
-      self.shard_rows[self._next] += min(self.block_size, len(users) - b * self.block_size)
+      self.shard_rows[self._next] += min(self.block_size, n - b * self.block_size)
       self._next = (self._next + 1) % len(self._writers)
 
   def _wait(self) -> None:

@@ -43,6 +43,12 @@ Side features (`features`, `side_features.py`): each of a side's representations
 f(u) = sum of the embeddings of u's features, one embedding per side as wide as the side's
 representations together (NeuMF: [GMF ; MLP], MF: [factors ; bias]); the L2 penalty stays on
 the ID rows.
+
+Context (`context`: per-interaction features, `trainer.data.context`) is embedded the same way,
+from the example's values (`context_<name>` in the batch), and added to the user side: p_u
+becomes p_u + f(u) + g(c), and so on for every user-side representation (MF's and autorec's
+user bias; U-AutoRec's code). On the user side, a factorised model's `score_all` stays one
+matmul per (user, context); inputs without context values score with none (g = 0).
 """
 
 from typing import Callable, Dict, Mapping, NamedTuple, Optional, Sequence
@@ -110,7 +116,8 @@ def build_model(name: str, num_users: int, num_items: int, embedding_dim: int = 
                 features: Optional[Mapping[str, schema.SideFeatures]] = None,
                 interactions: Optional[Mapping[str, np.ndarray]] = None,
                 ratings: bool = True, side: str = schema.ITEM, history: int = 0,
-                positives: Optional[Mapping[str, np.ndarray]] = None) -> keras.Model:
+                positives: Optional[Mapping[str, np.ndarray]] = None,
+                context: Sequence[schema.FeatureInfo] = ()) -> keras.Model:
   """Creates model `name` with its variables built (a custom loop needs them before step 1).
 
   Args:
@@ -132,6 +139,8 @@ def build_model(name: str, num_users: int, num_items: int, embedding_dim: int = 
       sums (0: none).
     positives: with `history`, the training positives with their time order
       (`PreparedData.train_positives`).
+    context: the context features (side `context`) whose embedding joins the user side;
+      their values come with each example (`context_<name>`).
 
   Raises:
     ValueError: naming --model when `name` is unknown.
@@ -140,7 +149,8 @@ def build_model(name: str, num_users: int, num_items: int, embedding_dim: int = 
     raise ValueError(f"--model={name!r} is not a known model (one of {', '.join(MODELS)})")
   model = REGISTRY[name](Arguments(
       num_users, num_items, embedding_dim, hidden_units, layers, mlp_embedding_dim, dropout,
-      dict(l2=l2, output_bias=rating_mean, features=features, name=name), interactions,
+      dict(l2=l2, output_bias=rating_mean, features=features, context=list(context), name=name),
+      interactions,
       ratings, side, history, positives))
   model({schema.USER: ops.zeros((1,), "int64"), schema.ITEM: ops.zeros((1,), "int64")})
   return model
@@ -164,4 +174,5 @@ def for_config(config: TrainConfig, data: artifacts.PreparedData) -> keras.Model
                                    if config.model == "autorec" else None),
                      ratings=not metadata.implicit, side=config.autorec_side,
                      history=config.history,
-                     positives=data.train_positives if config.history else None)
+                     positives=data.train_positives if config.history else None,
+                     context=data.context_infos(config.features))

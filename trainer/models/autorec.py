@@ -139,11 +139,11 @@ class AutoRec(Recommender):
       penalty += self.l2 * ops.sum(ops.square(encoder)) / self.encoder_rows
     return scores, penalty
 
-  def score_all(self, users, training=False, items=None):
+  def score_all(self, users, training=False, items=None, context=None):
     """<w, h> + b_u + b_i + b for every item, one matmul: I-AutoRec encodes the catalogue,
     U-AutoRec the batch's users."""
     items = self._all_items(users)
-    factors_u, bias_u = self._side_terms(schema.USER, users, None, training)
+    factors_u, bias_u = self._side_terms(schema.USER, users, None, training, context)
     factors_i, bias_i = self._side_terms(schema.ITEM, items, None, training)
     if self.side == schema.ITEM:
       p = self._represent(self.decoder, factors_u, users, [])  # [b, d]

@@ -8,7 +8,7 @@ import tensorflow as tf
 from keras import layers, ops
 
 from trainer import schema
-from trainer.models.side_features import FeatureEmbedding, FeatureTables
+from trainer.models.side_features import FeatureEmbedding, FeatureTables, _infos, combine
 from trainer.models.layers import Embedding, RowBlockNormal, Score
 
 
@@ -16,7 +16,8 @@ class Recommender(keras.Model):
   """Shared plumbing: sizes, the L2 penalty on the gathered embeddings, config."""
 
   def __init__(self, num_users: int, num_items: int, l2: float = 0.0,
-               output_bias: float = 0.0, features: Optional[Mapping] = None, **kwargs):
+               output_bias: float = 0.0, features: Optional[Mapping] = None,
+               context: Optional[Sequence] = None, **kwargs):
     super().__init__(**kwargs)
     self.num_users = num_users
     self.num_items = num_items
@@ -32,6 +33,9 @@ class Recommender(keras.Model):
       layer = FeatureTables(infos, rows, tables, name=f"{side}_feature_tables")
       setattr(self, f"{side}_feature_tables", layer)
       self.feature_sides[side] = layer
+    # Context features (FeatureInfos of side `context`, or their dicts): their values come
+    # with each example (`context_<name>` keys), and their embedding joins the user side.
+    self.context_infos = _infos(context or ())
 
   def _side_features(self, parts: Sequence[int]) -> None:
     """One feature embedding per side, as wide as the side's representations together
@@ -45,6 +49,23 @@ class Recommender(keras.Model):
                                               name=f"{side}_features")
       setattr(self, f"{side}_features", layer)
       self.feature_embeddings[side] = layer
+    self.context_features = (FeatureEmbedding(self.context_infos, sum(self.feature_parts),
+                                              name="context_features")
+                             if self.context_infos else None)
+
+  def _context(self, inputs: Optional[Mapping]) -> Optional[Mapping[str, tf.Tensor]]:
+    """The examples' context in the combined layout: given combined (`context_features`,
+    serving), or from the batch's `context_<name>` values; None without context (the model
+    has none, or the inputs carry none: serving without context, every value missing)."""
+    if self.context_features is None or inputs is None:
+      return None
+    if "context_features" in inputs:
+      return inputs["context_features"]
+    keys = [schema.context_key(i.name) for i in self.context_infos]
+    if not all(k in inputs for k in keys):
+      return None
+    return combine(self.context_infos, {i.name: inputs[k]
+                                        for i, k in zip(self.context_infos, keys)})
 
   def _feature_parts(self, inputs: Mapping,
                      training: bool = False) -> Dict[str, List[Optional[tf.Tensor]]]:
@@ -52,18 +73,27 @@ class Recommender(keras.Model):
     without features. The batch's feature rows come from the tables, or (cold start) from the
     values given in `inputs["<side>_features"]`."""
     return {side: self._side_terms(side, inputs[side], inputs.get(f"{side}_features"),
-                                   training)
+                                   training, inputs if side == schema.USER else None)
             for side in (schema.USER, schema.ITEM)}
 
   def _side_terms(self, side: str, ids, given: Optional[Mapping] = None,
-                  training: bool = False) -> List[Optional[tf.Tensor]]:
+                  training: bool = False,
+                  context: Optional[Mapping] = None) -> List[Optional[tf.Tensor]]:
     """One side's feature terms of `ids` (or of the feature values `given`), one [b, part]
-    per representation; all None when the side has no features."""
+    per representation; all None when the side has no features. The user side's terms also
+    add the context's embedding, from `context` (a batch, or {"context_features": combined})
+    when it carries the examples' context."""
     layer = self.feature_embeddings.get(side)
-    if layer is None:
+    total = None
+    if layer is not None:
+      total = layer(given if given is not None else self.feature_sides[side](ids),
+                    training=training)
+    combined = self._context(context) if side == schema.USER else None
+    if combined is not None:
+      term = self.context_features(combined, training=training)
+      total = term if total is None else total + term
+    if total is None:
       return [None] * len(self.feature_parts)
-    total = layer(given if given is not None else self.feature_sides[side](ids),
-                  training=training)
     return (ops.split(total, list(_cumulative(self.feature_parts[:-1])), axis=-1)
             if len(self.feature_parts) > 1 else [total])
 
@@ -118,10 +148,13 @@ class Recommender(keras.Model):
     return self.forward(inputs, training)[0]
 
   def score_all(self, users: tf.Tensor, training: bool = False,
-                items: Optional[tf.Tensor] = None) -> tf.Tensor:
+                items: Optional[tf.Tensor] = None,
+                context: Optional[Mapping] = None) -> tf.Tensor:
     """Each user's score for every trained item: [b, num_items] (item index = column).
     `items`: in training, the examples' own items, for models whose user vector depends on
     the example (mf with `history`: the history before it); the others ignore them.
+    `context`: the examples' context (a batch with `context_<name>` [b] values, or
+    {"context_features": combined}); None: without context.
 
     Here through `forward` on every (user, item) pair, b x num_items examples; models whose
     score factorises into a user and an item vector (mf, gmf) override it with one matmul
@@ -129,15 +162,15 @@ class Recommender(keras.Model):
     objective then cost (b + n) representations instead of b x n examples.
     """
     return score_every_pair(lambda pairs: self.forward(pairs, training)[0], users,
-                            self.num_items)
+                            self.num_items, self._context(context))
 
   def softmax_scores(self, inputs: Dict, training: bool = False):
     """(the examples' scores [b], their users' scores of every item [b, num_items], the
     penalty [b]): what the softmax objective needs, here by `scores_and_penalty` and
     `score_all`; mf overrides it to build each user vector once for both."""
     scores, penalty = self.scores_and_penalty(inputs, training)
-    return (scores, self.score_all(inputs[schema.USER], training, items=inputs[schema.ITEM]),
-            penalty)
+    return (scores, self.score_all(inputs[schema.USER], training, items=inputs[schema.ITEM],
+                                   context=inputs), penalty)
 
   def _all_items(self, users: tf.Tensor) -> tf.Tensor:
     return tf.range(self.num_items, dtype=users.dtype)
@@ -163,17 +196,21 @@ class Recommender(keras.Model):
     config.update(num_users=self.num_users, num_items=self.num_items, l2=self.l2,
                   output_bias=self.output_bias,
                   features={side: {"infos": [i.to_dict() for i in t.infos], "rows": t.rows}
-                            for side, t in self.feature_sides.items()})
+                            for side, t in self.feature_sides.items()},
+                  context=[i.to_dict() for i in self.context_infos])
     return config
 
 
-def score_every_pair(score, users: tf.Tensor, num_items: int) -> tf.Tensor:
+def score_every_pair(score, users: tf.Tensor, num_items: int,
+                     context: Optional[Mapping[str, tf.Tensor]] = None) -> tf.Tensor:
   """[b, num_items] from `score`, a scorer of (user, item) pairs, run on the b x num_items
-  pairs of `users` and every item."""
+  pairs of `users` and every item (each in its user's `context`, combined, when given)."""
   batch = tf.shape(users)[0]
   all_items = tf.range(num_items, dtype=users.dtype)
-  return tf.reshape(score({schema.USER: tf.repeat(users, num_items),
-                           schema.ITEM: tf.tile(all_items, [batch])}), [batch, num_items])
+  pairs = {schema.USER: tf.repeat(users, num_items), schema.ITEM: tf.tile(all_items, [batch])}
+  if context is not None:
+    pairs["context_features"] = {k: tf.repeat(v, num_items, axis=0) for k, v in context.items()}
+  return tf.reshape(score(pairs), [batch, num_items])
 
 
 def _cumulative(sizes: Sequence[int]) -> List[int]:

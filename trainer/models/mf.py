@@ -92,12 +92,12 @@ class MF(Recommender):
     return self._plus_biases(tf.matmul(p, q, transpose_b=True), users, catalogue, bias_u,
                              bias_i)
 
-  def score_all(self, users, training=False, items=None, latest=None):
+  def score_all(self, users, training=False, items=None, latest=None, context=None):
     """<p_u, q_i> + b_u + b_i + b for every item: one [b, d] x [d, n] matmul. With `history`,
     `items` (the examples' items, in training) place each user's history before them;
     `latest` [b, history] (item indices, latest first, `num_items` for none) stands for the
-    users' training history (serving what they did since)."""
-    factors_u, bias_u = self._side_terms(schema.USER, users, None, training)
+    users' training history (serving what they did since); `context`: the base class's."""
+    factors_u, bias_u = self._side_terms(schema.USER, users, None, training, context)
     p = self._user_vector(users, items, factors_u, [], latest)  # [b, d]
     return self._catalogue_scores(p, users, bias_u, training)
 

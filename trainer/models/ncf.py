@@ -33,11 +33,11 @@ class GMF(Recommender):
     users, items, penalized = self._id_rows(inputs, training)
     return ops.squeeze(self.score(users * items), axis=-1), penalized  # [b]
 
-  def score_all(self, users, training=False, items=None):
+  def score_all(self, users, training=False, items=None, context=None):
     """h . (p_u * q_i) + b = (p_u * h) . q_i + b: one [b, d] x [d, n] matmul."""
     items = self._all_items(users)
     p = self._represent(self.user_embedding, self._side_terms(schema.USER, users, None,
-                                                              training)[0], users, [])
+                                                              training, context)[0], users, [])
     q = self._represent(self.item_embedding, self._side_terms(schema.ITEM, items, None,
                                                               training)[0], items, [])
     weights = ops.cast(self.score.kernel[:, 0], p.dtype)
