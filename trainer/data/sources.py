@@ -149,7 +149,7 @@ class DelimitedSource(Source):
     wanted = [self.columns.user, self.columns.item, self.columns.rating, self.columns.timestamp]
     wanted += [spec.column for spec in self.context_specs]
     names = ["user", "item", "rating", "timestamp"]
-    names += [f"context {spec.name}" for spec in self.context_specs]
+    names += ["context (--context_columns)"] * len(self.context_specs)
     out: List[Optional[int]] = []
     for name, column in zip(names, wanted):
       if column is None:
