@@ -26,7 +26,13 @@ def _data():
   items[::4] = users[::4] % 15  # each group of 1 + 3 starts with a learnable positive (BPR)
   return {schema.USER: users, schema.ITEM: items,
           schema.RATING: (1.0 + users % 5).astype("float32"),  # learnable from the user
-          schema.LABEL: (users % 2).astype("float32")}
+          schema.LABEL: (users % 2).astype("float32"),
+          # Context (read by the *_context models): an index and a number per example.
+          "context_hour": rng.integers(0, 5, n), "context_price": rng.normal(size=n)}
+
+
+CONTEXT = [schema.FeatureInfo("context", "hour", "bucketized", 5),
+           schema.FeatureInfo("context", "price", "numeric")]
 
 
 def _interactions():
@@ -68,8 +74,11 @@ def _objective(task: str) -> objectives.Objective:
 def _train(strategy, name="seed_mlp", task="explicit", optimizer="adam"):
   keras.utils.set_random_seed(0)
   history = dict(history=3, positives=_positives()) if name == "mf_history" else {}
+  if name.endswith("_context"):
+    history["context"] = CONTEXT
   with strategy.scope():
-    model = models.build_model(name.replace("_history", ""), 20, 15, embedding_dim=8,
+    model = models.build_model(name.replace("_history", "").replace("_context", ""), 20, 15,
+                               embedding_dim=8,
                                hidden_units=16, rating_mean=3.0, layers=(8, 4),
                                mlp_embedding_dim=4, l2=0.001, interactions=_interactions(),
                                **history)
@@ -99,6 +108,10 @@ def _train(strategy, name="seed_mlp", task="explicit", optimizer="adam"):
     ("autorec", "explicit", "adam"),
     ("mf_history", "implicit_softmax", "sgd"),  # (the softmax leaves b_u ~0 gradient: as BPR)
     ("mf_history", "implicit", "adam"),
+    ("neumf_context", "implicit", "lazy_adam"),
+    ("mf_context", "implicit_softmax", "sgd"),  # (as mf_history: b_u and its context part ~0)
+    ("seed_mlp_context", "explicit", "adam"),
+    ("autorec_context", "explicit", "lazy_adam"),
 ])
 def test_two_replicas_match_one_device(mirrored_strategy, name, task, optimizer):
   one_losses, one = _train(tf.distribute.OneDeviceStrategy("/cpu:0"), name, task, optimizer)

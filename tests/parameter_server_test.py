@@ -229,6 +229,26 @@ def test_side_features_under_a_parameter_server_train_as_on_one_device(cold_data
   assert sharded["eval_rmse"] < 0.5 * sharded["eval_rmse_global_mean_baseline"]
 
 
+def test_context_under_a_parameter_server_trains_as_on_one_device(tmp_path):
+  """A planted hour-of-day effect, learnt from --context=hour with the ID tables sharded over
+  2 ps tasks and one worker: the same RMSE as one device, to rounding, and the context's
+  worth of it (the same run without the context is worse)."""
+  data_dir = str(tmp_path / "data")
+  preparation.prepare(PrepareConfig(output_dir=data_dir, num_users=300, num_items=120,
+                                    num_ratings=6000, num_shards=4, seed=3, context=("hour",),
+                                    context_effect=1.0))
+  flags = ("--epochs=6", "--learning_rate=0.03", "--checkpoint_every_secs=0")
+  sharded = finish_chief(start_cluster(data_dir, str(tmp_path / "ps"), workers=1, ps=2,
+                                       extra=("--ps_shards=2", *flags, "--features=all")))
+  single = last_json_line(run_cli("trainer.task", f"--data_dir={data_dir}",
+                                  f"--model_dir={tmp_path / 'single'}", *FLAGS, *flags,
+                                  "--features=all").stdout)
+  without = last_json_line(run_cli("trainer.task", f"--data_dir={data_dir}",
+                                   f"--model_dir={tmp_path / 'none'}", *FLAGS, *flags).stdout)
+  assert sharded["eval_rmse"] == pytest.approx(single["eval_rmse"], rel=1e-5)
+  assert sharded["eval_rmse"] < without["eval_rmse"] - 0.2, (sharded, without)
+
+
 @pytest.mark.parametrize("history", [0, 4])
 def test_the_softmax_objective_over_sharded_tables_trains_as_one_device(tmp_path, history):
   """implicit_softmax scores the whole catalogue each step (every item row gets a gradient):

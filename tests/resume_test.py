@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from resumable import BATCH, COMPARED, Run, train_command
+from conftest import last_json_line, run_cli
+from resumable import BATCH, COMPARED, DATA_FLAGS, Run, train_command
 
 pytestmark = pytest.mark.slow
 
@@ -58,3 +59,22 @@ def test_a_run_killed_at_random_points_ends_exactly_as_an_uninterrupted_one(
   assert any(s % steps_per_epoch for s in steps), steps
   for key in COMPARED:
     assert result[key] == uninterrupted[key], key
+
+
+def test_a_run_with_context_killed_mid_epoch_resumes_exactly(tmp_path):
+  """The same, with context in the records, the batches (negatives repeat their positive's)
+  and the model: one kill in the middle of the first epoch."""
+  data_dir = str(tmp_path / "data")
+  run_cli("trainer.prepare", f"--output_dir={data_dir}", *DATA_FLAGS,
+          "--context=hour,weekday,tenure")
+  reference = last_json_line(run_cli("trainer.task", *train_command(
+      data_dir, str(tmp_path / "reference"))[3:]).stdout)
+  command = train_command(data_dir, str(tmp_path / "model"))
+  run = Run(command, str(tmp_path / "killed.log"))
+  assert run.wait_for(lambda: " step 10/" in run.log()), run.log()[-3000:]
+  run.kill()
+  final = Run(command, str(tmp_path / "final.log"))
+  result = final.finish()
+  assert "Resumed from" in final.log()
+  for key in COMPARED:
+    assert result[key] == reference[key], key
