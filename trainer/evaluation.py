@@ -14,6 +14,10 @@ Ranking, under two protocols:
            held-out item itself)
 and the popularity baseline under both, after training.
 
+Context: ratings and the full protocol score each eval row in its own context (the full
+protocol leaves what describes the held-out item, its age, missing: every competitor is ranked
+in that context); the sampled protocol's prepared rows carry none, and score without it.
+
 An evaluator runs over the eval data and returns flat metrics ({"rmse": ..., "count": ...});
 objectives choose theirs (`Objective.evaluators`), the loop runs them (`evaluate_all`).
 """
@@ -30,6 +34,9 @@ from trainer.data import artifacts, pipeline
 from trainer.metrics import FULL, SAMPLED, rank_hit_ndcg
 
 Evaluator = Callable[[], Dict[str, float]]
+# Context features that describe the scored item (trainer.data.context): left missing when a
+# row's context ranks the whole catalogue.
+ITEM_CONTEXT = (schema.context_key("item_age"),)
 
 
 def clipped_prediction(model: keras.Model, batch: Dict[str, tf.Tensor], low: float,
@@ -174,7 +181,11 @@ def _full_step(score_all: Callable, positives: tf.RaggedTensor, k: int, num_item
     b = tf.shape(users)[0]
     known = tf.cast(items < num_items, tf.float32)
     items = tf.minimum(items, num_items - 1)
-    scores = tf.cast(score_all(users, batch), tf.float32)  # [b, num_items]
+    # The row's context, but for what describes the held-out item itself (its age): every
+    # item is ranked in the same context, and that would tell the model which one is held out.
+    context = {key: tf.zeros_like(value) if key in ITEM_CONTEXT else value
+               for key, value in batch.items()}
+    scores = tf.cast(score_all(users, context), tf.float32)  # [b, num_items]
     seen = tf.gather(positives, users)  # ragged [b, None]
     coordinates = tf.stack([seen.value_rowids(), seen.flat_values], axis=1)
     excluded = tf.scatter_nd(coordinates, tf.ones_like(seen.flat_values, tf.bool),

@@ -105,7 +105,8 @@ class AutoRec(Recommender):
   def _forward(self, inputs, training=False):
     """(scores [b], penalized rows, the encoder)."""
     ids = {schema.USER: inputs[schema.USER], schema.ITEM: inputs[schema.ITEM]}
-    parts, penalized = self._feature_parts(inputs, training), []
+    penalized = []
+    parts = self._feature_parts(inputs, training, penalized)
     factors, biases = ({side: parts[side][0] for side in ids},
                        {side: parts[side][1] for side in ids})
     w = self._represent(self.decoder, factors[self.other], ids[self.other], penalized)

@@ -67,22 +67,26 @@ class Recommender(keras.Model):
     return combine(self.context_infos, {i.name: inputs[k]
                                         for i, k in zip(self.context_infos, keys)})
 
-  def _feature_parts(self, inputs: Mapping,
-                     training: bool = False) -> Dict[str, List[Optional[tf.Tensor]]]:
+  def _feature_parts(self, inputs: Mapping, training: bool = False,
+                     penalized: Optional[List[tf.Tensor]] = None
+                     ) -> Dict[str, List[Optional[tf.Tensor]]]:
     """{side: one [b, part] feature term per representation of the side}, all None for a side
     without features. The batch's feature rows come from the tables, or (cold start) from the
     values given in `inputs["<side>_features"]`."""
     return {side: self._side_terms(side, inputs[side], inputs.get(f"{side}_features"),
-                                   training, inputs if side == schema.USER else None)
+                                   training, inputs if side == schema.USER else None,
+                                   penalized)
             for side in (schema.USER, schema.ITEM)}
 
   def _side_terms(self, side: str, ids, given: Optional[Mapping] = None,
-                  training: bool = False,
-                  context: Optional[Mapping] = None) -> List[Optional[tf.Tensor]]:
+                  training: bool = False, context: Optional[Mapping] = None,
+                  penalized: Optional[List[tf.Tensor]] = None) -> List[Optional[tf.Tensor]]:
     """One side's feature terms of `ids` (or of the feature values `given`), one [b, part]
     per representation; all None when the side has no features. The user side's terms also
     add the context's embedding, from `context` (a batch, or {"context_features": combined})
-    when it carries the examples' context."""
+    when it carries the examples' context; the context's term goes to `penalized` (the L2
+    penalty falls on it as on an ID row: else the context's factors, shared by every user and
+    free, would absorb what the users' rows learn, as a mean user in every context)."""
     layer = self.feature_embeddings.get(side)
     total = None
     if layer is not None:
@@ -91,6 +95,8 @@ class Recommender(keras.Model):
     combined = self._context(context) if side == schema.USER else None
     if combined is not None:
       term = self.context_features(combined, training=training)
+      if penalized is not None:
+        penalized.append(term)
       total = term if total is None else total + term
     if total is None:
       return [None] * len(self.feature_parts)
@@ -100,7 +106,8 @@ class Recommender(keras.Model):
   def _id_rows(self, inputs, training: bool = False):
     """(users [b, d], items [b, d], penalized): each side's ID row plus its side features, for
     a model with one representation per side (`user_embedding`, `item_embedding`)."""
-    terms, penalized = self._feature_parts(inputs, training), []
+    penalized = []
+    terms = self._feature_parts(inputs, training, penalized)
     users = self._represent(self.user_embedding, terms[schema.USER][0], inputs[schema.USER],
                             penalized)
     items = self._represent(self.item_embedding, terms[schema.ITEM][0], inputs[schema.ITEM],

@@ -67,7 +67,8 @@ class MF(Recommender):
   def _forward(self, inputs, training=False):
     """(scores [b], penalized rows, the user vectors p [b, d], the user bias's feature term)."""
     users, items = inputs[schema.USER], inputs[schema.ITEM]
-    parts, penalized = self._feature_parts(inputs, training), []
+    penalized = []
+    parts = self._feature_parts(inputs, training, penalized)
     (factors_u, bias_u), (factors_i, bias_i) = parts[schema.USER], parts[schema.ITEM]
     # Training examples see the history before them (a sampled negative: before its
     # positive, the anchor, as the positive does); evaluation and serving all of it.

@@ -102,7 +102,8 @@ class NeuMF(Recommender):
 
   def forward(self, inputs, training=False):
     users, items = inputs[schema.USER], inputs[schema.ITEM]
-    parts, penalized = self._feature_parts(inputs, training), []
+    penalized = []
+    parts = self._feature_parts(inputs, training, penalized)
     (gmf_u, mlp_u), (gmf_i, mlp_i) = parts[schema.USER], parts[schema.ITEM]
     rows = [self._represent(self.gmf_user_embedding, gmf_u, users, penalized),
             self._represent(self.gmf_item_embedding, gmf_i, items, penalized),
