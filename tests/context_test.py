@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO_ROOT, last_json_line, run_cli
+from conftest import run_cli
 from trainer import run_dir, schema, train
 from trainer.config import ConfigError, PrepareConfig, TrainConfig
 from trainer.data import artifacts, context, pipeline, preparation
@@ -49,7 +49,8 @@ def _examples(data_dir, split, selection="all"):
   return out
 
 
-TRAIN_ROWS = [("a", "x", 4, T0), ("a", "y", 3, T0 + 3 * DAY + 5 * 3600), ("b", "x", 5, T0 + 10 * DAY)]
+TRAIN_ROWS = [("a", "x", 4, T0), ("a", "y", 3, T0 + 3 * DAY + 5 * 3600),
+              ("b", "x", 5, T0 + 10 * DAY)]
 EVAL_ROWS = [("a", "z", 2, T0 + 40 * DAY + 23 * 3600),  # an item never trained
              ("b", "y", 1, T0 + DAY),  # before b's first training row, and before y's
              ("c", "x", 3, T0 + 100 * DAY)]  # a user never trained
