@@ -360,11 +360,12 @@ def guard_violations(functions, deterministic=False, host=_host_by_design):
 @pytest.fixture(scope="module")
 def featured_data(tmp_path_factory):
   """Explicit ratings with side features of every kind on both sides (small vocabularies: the
-  feature embeddings' XLA-compiled dense path)."""
+  feature embeddings' XLA-compiled dense path), and context: derived, categorical, numeric."""
   root = tmp_path_factory.mktemp("guard_features")
   rng = np.random.default_rng(0)
-  (root / "log.csv").write_text("user,item,rating\n" + "".join(
-      f"u{u},i{i},{1 + (u * i) % 5}\n" for u in range(40) for i in rng.choice(30, 12, False)))
+  (root / "log.csv").write_text("user,item,rating,ts,device,price\n" + "".join(
+      f"u{u},i{i},{1 + (u * i) % 5},{1_700_000_000 + 3607 * u * i},{('tv', 'phone')[i % 2]},"
+      f"{u % 7}\n" for u in range(40) for i in rng.choice(30, 12, False)))
   (root / "users.csv").write_text("id,age,job\n" + "".join(
       f"u{u},{18 + u},{('a', 'b', 'c')[u % 3]}\n" for u in range(40)))
   (root / "items.csv").write_text("id,tags,year\n" + "".join(
@@ -377,7 +378,9 @@ def featured_data(tmp_path_factory):
       item_column="item", rating_column="rating", user_features=str(root / "users.csv"),
       user_id_column="id", user_feature_columns="age:numeric,job:categorical",
       item_features=str(root / "items.csv"), item_id_column="id",
-      item_feature_columns="tags:multi_hot:|,year:bucketized:4", num_shards=1))
+      item_feature_columns="tags:multi_hot:|,year:bucketized:4", num_shards=1,
+      timestamp_column="ts", context=("hour", "tenure"),
+      context_columns="device:categorical,price:numeric"))
   return out
 
 
