@@ -270,3 +270,22 @@ def test_recommend_takes_the_context_on_the_command_line(decided):
                 "--context=color=red", check=False)
   assert bad.returncode == 2 and "'color=red' is not name=value with a name among device" in (
       bad.stderr)
+
+
+def test_the_sampled_protocols_rows_carry_their_context(tmp_path):
+  rows = [(f"u{u}", f"i{i}", 1, T0 + 3600 * (u + 2 * i)) for u in range(6) for i in range(5)]
+  rows += [("u9", f"i{i}", 1, T0) for i in range(5, 10)]  # items the others never saw
+  out = str(tmp_path / "data")
+  preparation.prepare(PrepareConfig(
+      output_dir=out, source="csv", input=(_write(tmp_path / "log.csv", rows),),
+      user_column="user", item_column="item", timestamp_column="ts", split="leave_one_out",
+      eval_negatives=3, context=("hour",), num_shards=1))
+  data = artifacts.PreparedData(out)
+  sampled, users = data.eval_negatives, data.vocabularies()[0]
+  held_out = {(u, i): v["context_hour"] for (u, i), v in _examples(out, schema.EVAL).items()}
+  assert len(sampled["users"]) == 7 == len(held_out)
+  items = data.vocabularies()[1]
+  for user, item, hour in zip(sampled["users"], sampled["positives"], sampled["context_hour"]):
+    assert held_out[(users[user], items[item])] == hour
+    if users[user] != "u9":  # the latest: item 4
+      assert hour == 1 + (int(users[user][1:]) + 2 * 4) % 24

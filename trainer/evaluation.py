@@ -14,9 +14,9 @@ Ranking, under two protocols:
            held-out item itself)
 and the popularity baseline under both, after training.
 
-Context: ratings and the full protocol score each eval row in its own context (the full
-protocol leaves what describes the held-out item, its age, missing: every competitor is ranked
-in that context); the sampled protocol's prepared rows carry none, and score without it.
+Context: each eval row is scored in its own context (data prepared before context carries
+none in its sampled rows, which then score without it); the ranking protocols leave what
+describes the held-out item, its age, missing: every competitor is ranked in that context.
 
 An evaluator runs over the eval data and returns flat metrics ({"rmse": ..., "count": ...});
 objectives choose theirs (`Objective.evaluators`), the loop runs them (`evaluate_all`).
@@ -101,11 +101,13 @@ def _summed(strategy: tf.distribute.Strategy, step_fn: Callable, size: int, dtyp
 
 def sampled_dataset(users: np.ndarray, positives: np.ndarray, negatives: np.ndarray,
                     global_batch_size: int,
-                    input_context: Optional[tf.distribute.InputContext] = None):
-  """Eval users with their positive and sampled negatives, sharded per input pipeline."""
+                    input_context: Optional[tf.distribute.InputContext] = None,
+                    context: Optional[Dict[str, np.ndarray]] = None):
+  """Eval users with their positive and sampled negatives (and the eval row's `context`:
+  {context_<name>: [users]}), sharded per input pipeline."""
   ds = tf.data.Dataset.from_tensor_slices({
       schema.USER: users.astype(np.int64), schema.ITEM: positives.astype(np.int64),
-      "negatives": negatives.astype(np.int64)})
+      "negatives": negatives.astype(np.int64), **(context or {})})
   batch = global_batch_size
   if input_context is not None:
     ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
@@ -154,9 +156,11 @@ def _sampled_step(score: Callable, k: int, corrections: Optional[Dict[str, np.nd
   def step(batch):
     users, items, negatives = batch[schema.USER], batch[schema.ITEM], batch["negatives"]
     n = tf.shape(negatives)[1]
-    positive = score({schema.USER: users, schema.ITEM: items})  # [b]
-    competitors = tf.reshape(score({schema.USER: tf.repeat(users, n),
-                                    schema.ITEM: tf.reshape(negatives, [-1])}), [-1, n])
+    context = _ranking_context(batch)
+    positive = score({schema.USER: users, schema.ITEM: items, **context})  # [b]
+    competitors = tf.reshape(score({
+        schema.USER: tf.repeat(users, n), schema.ITEM: tf.reshape(negatives, [-1]),
+        **{k: tf.repeat(v, n) for k, v in context.items()}}), [-1, n])
     rank, hit, ndcg = rank_hit_ndcg(positive, competitors, None, k)
     sums = tf.stack([tf.reduce_sum(hit), tf.reduce_sum(ndcg), tf.cast(tf.size(hit), tf.float32)])
     if not corrections:
@@ -171,6 +175,13 @@ def _sampled_step(score: Callable, k: int, corrections: Optional[Dict[str, np.nd
   return step
 
 
+def _ranking_context(batch) -> Dict[str, tf.Tensor]:
+  """The eval row's context for ranking, but for what describes the held-out item itself (its
+  age): every competitor is ranked in that context, and it would tell which one is held out."""
+  return {key: tf.zeros_like(value) if key in ITEM_CONTEXT else value
+          for key, value in batch.items() if key.startswith(schema.CONTEXT + "_")}
+
+
 def _full_step(score_all: Callable, positives: tf.RaggedTensor, k: int, num_items: int):
   """A replica's sums of the full protocol: [hits, ndcg, count], the user's training positives
   and the held-out item itself excluded from the competitors. An eval item outside the
@@ -181,11 +192,7 @@ def _full_step(score_all: Callable, positives: tf.RaggedTensor, k: int, num_item
     b = tf.shape(users)[0]
     known = tf.cast(items < num_items, tf.float32)
     items = tf.minimum(items, num_items - 1)
-    # The row's context, but for what describes the held-out item itself (its age): every
-    # item is ranked in the same context, and that would tell the model which one is held out.
-    context = {key: tf.zeros_like(value) if key in ITEM_CONTEXT else value
-               for key, value in batch.items()}
-    scores = tf.cast(score_all(users, context), tf.float32)  # [b, num_items]
+    scores = tf.cast(score_all(users, _ranking_context(batch)), tf.float32)  # [b, num_items]
     seen = tf.gather(positives, users)  # ragged [b, None]
     coordinates = tf.stack([seen.value_rowids(), seen.flat_values], axis=1)
     excluded = tf.scatter_nd(coordinates, tf.ones_like(seen.flat_values, tf.bool),
@@ -302,8 +309,11 @@ def ranking_evaluators(config: TrainConfig, strategy: tf.distribute.Strategy,
   sampled = data.eval_negatives
   if sampled is not None:
     sampled_data = strategy.distribute_datasets_from_function(
-        lambda ctx: sampled_dataset(sampled["users"], sampled["positives"],
-                                    sampled["negatives"], config.eval_batch_for(replicas), ctx))
+        lambda ctx: sampled_dataset(
+            sampled["users"], sampled["positives"], sampled["negatives"],
+            config.eval_batch_for(replicas), ctx,
+            {key: sampled[key] for key, _ in data.context_keys(config.features)
+             if key in sampled}))
     out[SAMPLED] = _named(protocols[SAMPLED], sampled_data, SAMPLED)
   full_batch = full_batch_size(metadata.num_items, replicas)
   full_data = strategy.distribute_datasets_from_function(

@@ -17,15 +17,18 @@ Layout of a prepared directory (the one description of it):
                                  in its user's time order), `rating_sum` [users]
   eval_negatives.npz             leave-one-out with --eval_negatives: `users`, `positives`,
                                  `negatives` [eval users, N], sampled from items the user never
-                                 interacted with, fixed by the seed
+                                 interacted with, fixed by the seed; with context, each eval
+                                 row's `context_<name>` [eval users]
   <side>_features.npz            side features: one array per feature, indexed by dense ID
   <side>_<feature>.vocab         a categorical or multi-hot feature's values, one per line
+                                 (`context_<feature>.vocab` for a categorical context column)
   metadata.json                  counts, density, rating histogram, split protocol, inputs'
                                  fingerprints, where every row read went (`Metadata`); written
                                  last: a directory without it is incomplete
 
 Record layout. One TFRecord record holds a *block* of up to `BLOCK_SIZE` examples as packed
-lists (`user`, `item`: int64 dense indices; `rating`: float). Parsing one record per example
+lists (`user`, `item`: int64 dense indices; `rating`: float; with context, `context_<name>`
+per feature: int64 indices, or float for a numeric one). Parsing one record per example
 tops out near 0.3M examples/s on a 2-core machine; parsing blocks and re-slicing them with
 `Dataset.rebatch` reaches an order of magnitude more, which training at several hundred
 thousand examples per second needs.

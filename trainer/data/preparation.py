@@ -359,6 +359,8 @@ class _Written:
   # (leave-one-out: one row per user), never for a fraction of a large log.
   eval_pairs: Optional[List[np.ndarray]]
   eval_rows_out_of_vocabulary: int = 0
+  # With eval_pairs: each pair's context ({key: [n]} per bucket), for the sampled protocol.
+  eval_context: List[Dict[str, np.ndarray]] = dataclasses.field(default_factory=list)
   # Provisional codes of the eval rows' out-of-vocabulary users and items (--split=given).
   unseen_users: set = dataclasses.field(default_factory=set)
   unseen_items: set = dataclasses.field(default_factory=set)
@@ -406,6 +408,8 @@ def _pass_write(scratch: Scratch, config: PrepareConfig, splitter: splits.Splitt
             np.stack([users[train], items[train], rows.get("ts", rows["row"])[train],
                       rows["row"][train]]).astype(np.int64))
     _tally(out, users, items, rows["rating"], held_out)
+    if out.eval_pairs is not None and encoded:
+      out.eval_context.append({k: v[held_out] for k, v in encoded.items()})
     progress.add(len(users))
     # Release this bucket before the next one is read: peak memory is one bucket, not two.
     rows = keep = users = items = held_out = idx = mask = train = encoded = None
@@ -456,11 +460,15 @@ def _write_side_files(scratch: Scratch, config: PrepareConfig, vocab: _Vocabular
   names = [schema.USER_VOCAB_FILE, schema.ITEM_VOCAB_FILE, schema.TRAIN_POSITIVES_FILE]
   if config.eval_negatives:
     pairs = np.concatenate(written.eval_pairs)
-    pairs = pairs[np.argsort(pairs[:, 0], kind="stable")]
+    order = np.argsort(pairs[:, 0], kind="stable")
+    pairs = pairs[order]
+    # Each eval row's context, in the same order (the sampled protocol scores in it).
+    eval_context = {k: np.concatenate([c[k] for c in written.eval_context])[order]
+                    for k in (written.eval_context[0] if written.eval_context else {})}
     negatives = writer.sample_negatives(indptr, indices, pairs[:, 0], pairs[:, 1], vocab.num_items,
                                   config.eval_negatives, config.seed, vocab.raw_users)
     writer.write_npz(fileio.join(tmp_dir, schema.EVAL_NEGATIVES_FILE), scratch.directory,
-               users=pairs[:, 0], positives=pairs[:, 1], negatives=negatives)
+               users=pairs[:, 0], positives=pairs[:, 1], negatives=negatives, **eval_context)
     names.append(schema.EVAL_NEGATIVES_FILE)
   return names
 
