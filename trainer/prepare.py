@@ -9,6 +9,11 @@ Examples:
       --item_column=sku --timestamp_column=ts --output_dir=gs://bucket/prepared
   neumf-prepare --source=tfds --tfds_name=movielens/latest-small-ratings \
       --tfds_manual_dir=/data/archives --output_dir=/tmp/latest-small
+  neumf-prepare --source=movielens --input=ml-100k/u1.base --eval_input=ml-100k/u1.test \
+      --split=given --context=hour,weekday,tenure,item_age --output_dir=/tmp/u1
+  neumf-prepare --source=csv --input=log.csv --user_column=user --item_column=item \
+      --timestamp_column=ts --context=hour --context_columns=device:categorical \
+      --output_dir=/tmp/with-context
 """
 
 import os
