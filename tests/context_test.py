@@ -90,8 +90,11 @@ def test_bad_context_columns_are_refused_before_reading_the_log(tmp_path):
   log = _write(tmp_path / "log.csv", [("a", "x", 1, T0, "tv")], "user,item,rating,ts,device")
   config = dict(output_dir=str(tmp_path / "o"), source="csv", input=(log,), user_column="user",
                 item_column="item", rating_column="rating", timestamp_column="ts")
-  with pytest.raises(ConfigError, match="multi_hot.*one value per interaction"):
-    preparation.prepare(PrepareConfig(**config, context_columns="device:multi_hot:|"))
+  with pytest.raises(ConfigError, match="'device:bucketized:1': bucketized needs a bucket"):
+    preparation.prepare(PrepareConfig(**config, context_columns="device:bucketized:1"))
+  with pytest.raises(ConfigError, match="'hour' is also a derived --context feature"):
+    preparation.prepare(PrepareConfig(**config, context=("hour",),
+                                      context_columns="hour:categorical"))
   with pytest.raises(ValueError, match=r"log\.csv:2: .*numeric context 'device'.*'tv'"):
     preparation.prepare(PrepareConfig(**config, context_columns="device:numeric"))
   with pytest.raises(ValueError, match=r"no context \(--context_columns\) column 'devices'"):
@@ -127,18 +130,20 @@ def test_derived_time_features_by_hand_from_the_row_and_the_training_rows_only(t
 
 
 def test_declared_columns_are_encoded_from_the_training_rows(tmp_path):
-  header = "user,item,rating,ts,device,price"
-  train_rows = [("a", "x", 4, T0, "tv", 10), ("a", "y", 3, T0, "tv", 30),
-                ("b", "x", 5, T0, "phone", ""), ("b", "y", 5, T0, "", 20)]
-  eval_rows = [("a", "w", 2, T0, "watch", 50), ("b", "w", 2, T0, "phone", "")]
+  header = "user,item,rating,ts,device,price,tags"
+  train_rows = [("a", "x", 4, T0, "tv", 10, "new|hd"), ("a", "y", 3, T0, "tv", 30, "hd"),
+                ("b", "x", 5, T0, "phone", "", ""), ("b", "y", 5, T0, "", 20, "hd|new|hd")]
+  eval_rows = [("a", "w", 2, T0, "watch", 50, "old|new|3d|hd"), ("b", "w", 2, T0, "phone", "",
+                                                                  "old")]
   out = str(tmp_path / "data")
   preparation.prepare(PrepareConfig(
       output_dir=out, source="csv", input=(_write(tmp_path / "t.csv", train_rows, header),),
       eval_input=(_write(tmp_path / "e.csv", eval_rows, header),), split="given",
       user_column="user", item_column="item", rating_column="rating", timestamp_column="ts",
-      context_columns="device:categorical,price:numeric", num_shards=1))
+      context_columns="device:categorical,price:numeric,tags:multi_hot:|", num_shards=1))
   data = artifacts.PreparedData(out)
   assert data.feature_vocabulary("context", "device") == ["tv", "phone"]  # watch: eval only
+  assert data.feature_vocabulary("context", "tags") == ["hd", "new"]  # by rows, then value
   entry = {e["name"]: e for e in data.metadata.features}["price"]
   assert (entry["mean"], entry["missing"]) == (20.0, 0)
   examples = {**_examples(out, schema.TRAIN), **_examples(out, schema.EVAL)}
@@ -149,6 +154,14 @@ def test_declared_columns_are_encoded_from_the_training_rows(tmp_path):
   std = np.std([10.0, 30.0, 20.0])
   assert examples[("a", "y")]["context_price"] == pytest.approx(10.0 / std)
   assert examples[("b", "x")]["context_price"] == 0.0  # missing: the mean
+  # Multi-hot: the longest list's width (4, an eval row's), values sorted, 0-padded.
+  assert examples[("a", "x")]["context_tags"].tolist() == [1, 2, 0, 0]
+  assert examples[("b", "y")]["context_tags"].tolist() == [1, 2, 0, 0]
+  assert examples[("b", "x")]["context_tags"].tolist() == [0, 0, 0, 0]
+  assert examples[("a", "<oov>")]["context_tags"].tolist() == [1, 2, 0, 0]  # old, 3d unknown
+  entry = {e["name"]: e for e in data.metadata.features}["tags"]
+  assert (entry["kind"], entry["width"], entry["vocab_size"], entry["missing"]) == (
+      "multi_hot", 4, 3, 1)
 
 
 def test_sampled_negatives_carry_their_positives_context():
@@ -164,17 +177,21 @@ def test_sampled_negatives_carry_their_positives_context():
 
 
 def _decided_by_context(tmp_path):
-  """A log where the device alone decides the rating: 5 on a TV, 1 on a phone."""
+  """A log where the device alone decides the rating: 5 on a TV, 1 on a phone (and tags that
+  say nothing: a multi-hot context column along)."""
   rng = np.random.default_rng(0)
   pairs = rng.permutation(30 * 20)[:500]
-  rows = [(f"u{p // 20}", f"i{p % 20}", 5 if d else 1, T0 + int(t), "tv" if d else "phone")
+  tags = ["a", "b|c", "", "a|c"]
+  rows = [(f"u{p // 20}", f"i{p % 20}", 5 if d else 1, T0 + int(t), "tv" if d else "phone",
+           tags[p % 4])
           for p, d, t in zip(pairs, rng.integers(0, 2, 500), rng.integers(0, 90 * DAY, 500))]
   out = str(tmp_path / "data")
   preparation.prepare(PrepareConfig(
       output_dir=out, source="csv",
-      input=(_write(tmp_path / "log.csv", rows, "user,item,rating,ts,device"),),
+      input=(_write(tmp_path / "log.csv", rows, "user,item,rating,ts,device,tags"),),
       user_column="user", item_column="item", rating_column="rating", timestamp_column="ts",
-      context_columns="device:categorical", eval_fraction=0.2, num_shards=2, seed=1))
+      context_columns="device:categorical,tags:multi_hot:|", eval_fraction=0.2, num_shards=2,
+      seed=1))
   return out
 
 
@@ -207,11 +224,13 @@ _SERVE = textwrap.dedent("""
     loaded = tf.saved_model.load(sys.argv[1])
     args = json.loads(sys.stdin.read())
     users, items = tf.constant(args["users"]), tf.constant(args["items"])
-    device = tf.constant(args["devices"])
-    scored = loaded.signatures["score_context"](user=users, item=items, context_device=device)
+    device, tags = tf.constant(args["devices"]), tf.constant(args["tags"])
+    scored = loaded.signatures["score_context"](user=users, item=items, context_device=device,
+                                                context_tags=tags)
     plain = loaded.signatures["serving_default"](user=users, item=items)
     ranked = {d: loaded.signatures["recommend_context"](
-        user=tf.constant([args["users"][0]]), k=tf.constant(5), context_device=tf.constant([d]))
+        user=tf.constant([args["users"][0]]), k=tf.constant(5), context_device=tf.constant([d]),
+        context_tags=tf.constant([["a", "c"]]))
         for d in ("tv", "phone")}
     print(json.dumps({"rating": scored["rating"].numpy().tolist(),
                       "plain": plain["rating"].numpy().tolist(),
@@ -228,8 +247,9 @@ def test_the_exports_context_signatures_in_a_fresh_process_equal_the_restored_mo
   data = artifacts.PreparedData(data_dir)
   users, items = data.vocabularies()
   devices = ["tv", "phone", "", "watch"]  # missing, and a value never seen
+  tags = [["a", ""], ["c", "b"], ["", ""], ["zzz", "a"]]  # missing, and a value never seen
   request = {"users": [users[0], users[1], users[2], "nobody"],
-             "items": [items[0], items[1], items[2], items[3]], "devices": devices}
+             "items": [items[0], items[1], items[2], items[3]], "devices": devices, "tags": tags}
   result = subprocess.run([sys.executable, "-c", _SERVE, config.resolved_export_dir],
                           input=json.dumps(request), capture_output=True, text=True,
                           check=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
@@ -237,18 +257,27 @@ def test_the_exports_context_signatures_in_a_fresh_process_equal_the_restored_mo
   assert {"score_context", "recommend_context", "serving_default"} <= set(served["signatures"])
 
   model = run_dir.load_trained_model(config.model_dir, data)
-  indices = {"tv": 1, "phone": 2, "": 0, "watch": 0}
+  devices_vocabulary = data.feature_vocabulary("context", "device")
+  indices = {d: devices_vocabulary.index(d) + 1 for d in ("tv", "phone")} | {"": 0, "watch": 0}
+  tag_index = {t: n + 1 for n, t in enumerate(data.feature_vocabulary("context", "tags"))}
+  width = {e["name"]: e for e in data.metadata.features}["tags"]["width"]
+  coded = np.zeros((4, width), np.int64)
+  for row, values in enumerate(tags):
+    known = sorted(tag_index[t] for t in values if t in tag_index)
+    coded[row, :len(known)] = known
   batch = {schema.USER: np.array([0, 1, 2, len(users)]), schema.ITEM: np.arange(4),
-           "context_device": np.array([indices[d] for d in devices])}
+           "context_device": np.array([indices[d] for d in devices]), "context_tags": coded}
   low, high = data.metadata.rating_min, data.metadata.rating_max
   np.testing.assert_allclose(served["rating"], np.clip(model(batch), low, high), rtol=1e-5)
-  del batch["context_device"]  # serving_default: without context, every value missing
+  del batch["context_device"], batch["context_tags"]  # serving_default: without context
   np.testing.assert_allclose(served["plain"], np.clip(model(batch), low, high), rtol=1e-5)
   assert served["rating"][0] > 4 and served["rating"][1] < 2  # the context decides
   for device in ("tv", "phone"):
+    both = np.zeros((1, width), np.int64)
+    both[0, :2] = sorted((tag_index["a"], tag_index["c"]))
     scores = np.array(model.score_all(
         tf.constant([0], tf.int64), context={"context_device": tf.constant(
-            [indices[device]], tf.int64)}))[0]
+            [indices[device]], tf.int64), "context_tags": tf.constant(both)}))[0]
     seen = data.train_positives
     scores[seen["indices"][seen["indptr"][0]:seen["indptr"][1]]] = -np.inf
     top = np.argsort(-scores, kind="stable")[:5]

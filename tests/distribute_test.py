@@ -27,12 +27,14 @@ def _data():
   return {schema.USER: users, schema.ITEM: items,
           schema.RATING: (1.0 + users % 5).astype("float32"),  # learnable from the user
           schema.LABEL: (users % 2).astype("float32"),
-          # Context (read by the *_context models): an index and a number per example.
-          "context_hour": rng.integers(0, 5, n), "context_price": rng.normal(size=n)}
+          # Context (read by the *_context models): an index, a number and a list per example.
+          "context_hour": rng.integers(0, 5, n), "context_price": rng.normal(size=n),
+          "context_tags": rng.integers(0, 4, (n, 2))}
 
 
 CONTEXT = [schema.FeatureInfo("context", "hour", "bucketized", 5),
-           schema.FeatureInfo("context", "price", "numeric")]
+           schema.FeatureInfo("context", "price", "numeric"),
+           schema.FeatureInfo("context", "tags", "multi_hot", 4, width=2)]
 
 
 def _interactions():

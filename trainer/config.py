@@ -219,8 +219,8 @@ class PrepareConfig:
       "and the training rows only."))
   context_columns: Optional[str] = _flag(None, help=(
       "csv: per-interaction columns of the log, name:kind[:argument],... with kind "
-      "categorical, numeric or bucketized:BUCKETS, e.g. device:categorical,price:numeric; "
-      "an empty field is a missing value."))
+      "categorical, multi_hot:SEPARATOR, numeric or bucketized:BUCKETS, e.g. "
+      "device:categorical,price:numeric,tags:multi_hot:|; an empty field is a missing value."))
   # rarer categorical values map to the out-of-vocabulary index
   min_feature_count: int = _flag(1, lower_bound=1, help=(
       "Categorical and multi-hot values on fewer entities map to the out-of-vocabulary index."))

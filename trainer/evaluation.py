@@ -160,7 +160,7 @@ def _sampled_step(score: Callable, k: int, corrections: Optional[Dict[str, np.nd
     positive = score({schema.USER: users, schema.ITEM: items, **context})  # [b]
     competitors = tf.reshape(score({
         schema.USER: tf.repeat(users, n), schema.ITEM: tf.reshape(negatives, [-1]),
-        **{k: tf.repeat(v, n) for k, v in context.items()}}), [-1, n])
+        **{k: tf.repeat(v, n, axis=0) for k, v in context.items()}}), [-1, n])
     rank, hit, ndcg = rank_hit_ndcg(positive, competitors, None, k)
     sums = tf.stack([tf.reduce_sum(hit), tf.reduce_sum(ndcg), tf.cast(tf.size(hit), tf.float32)])
     if not corrections:
@@ -312,7 +312,7 @@ def ranking_evaluators(config: TrainConfig, strategy: tf.distribute.Strategy,
         lambda ctx: sampled_dataset(
             sampled["users"], sampled["positives"], sampled["negatives"],
             config.eval_batch_for(replicas), ctx,
-            {key: sampled[key] for key, _ in data.context_keys(config.features)
+            {key: sampled[key] for key, _, _ in data.context_keys(config.features)
              if key in sampled}))
     out[SAMPLED] = _named(protocols[SAMPLED], sampled_data, SAMPLED)
   full_batch = full_batch_size(metadata.num_items, replicas)

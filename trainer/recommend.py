@@ -30,8 +30,9 @@ def _define_flags() -> None:
                     "interacted with since training, latest first, in place of their training "
                     "history (the `recommend_recent` signature).")
   flags.DEFINE_list("context", None, "Models trained with context: the request's context as "
-                    "name=value pairs, e.g. hour=21,weekday=4,device=tv (the "
-                    "`recommend_context` signature); features not given are missing.")
+                    "name=value pairs, e.g. hour=21,weekday=4,device=tv,tags=a|b (the "
+                    "`recommend_context` signature; a multi-hot feature's values separated by "
+                    "|); features not given are missing.")
   flags.mark_flags_as_required(["export_dir", "user"])
 
 
@@ -81,8 +82,10 @@ def context_inputs(signature, pairs, batch: int):
   inputs = {}
   for name, spec in specs.items():
     value = given.get(name)
-    if spec.dtype == tf.string:
-      inputs[f"context_{name}"] = tf.constant([value or ""] * batch)
+    if spec.dtype == tf.string:  # a multi-hot feature's values separated by "|"
+      text = value or ""
+      inputs[f"context_{name}"] = tf.constant(
+          [text.split("|")] * batch if spec.shape.rank == 2 else [text] * batch)
       continue
     try:
       number = float(value) if value not in (None, "") else np.nan

@@ -164,10 +164,10 @@ class PreparedData:
             if i.side == schema.CONTEXT]
 
   def context_keys(self, selection: str = "all"):
-    """(key, dtype) of the selected context features, as the records carry them (what
-    `pipeline.make_dataset` parses)."""
-    return [(schema.context_key(i.name), "float32" if i.kind == "numeric" else "int64")
-            for i in self.context_infos(selection)]
+    """(key, dtype, width) of the selected context features, as the records carry them (what
+    `pipeline.make_dataset` parses; width 0: one value per example, else a multi-hot's)."""
+    return [(schema.context_key(i.name), "float32" if i.kind == "numeric" else "int64",
+             i.width if i.kind == "multi_hot" else 0) for i in self.context_infos(selection)]
 
   def feature_vocabulary(self, side: str, name: str) -> List[str]:
     """The values of a categorical or multi-hot feature: line n is index n + 1."""

@@ -12,9 +12,11 @@ Two sources of context, declared at preparation:
     evaluation row never sees its own future: a row earlier than its user's first training
     interaction, or of a user (item) without any, has the missing value.
   --context_columns=device:categorical,price:numeric,...   columns of the log (csv), of the
-    side features' kinds but multi_hot: a categorical vocabulary of the values on at least
-    --min_feature_count training rows, most frequent first; numeric standardised by the
-    training rows' mean and deviation; bucketized at the training rows' quantiles.
+    side features' kinds: categorical, a vocabulary of the values on at least
+    --min_feature_count training rows, most frequent first; multi_hot:SEP, the same for the
+    values a row lists (e.g. `tags:multi_hot:|`), as many per row as the log's longest list;
+    numeric standardised by the training rows' mean and deviation; bucketized at the training
+    rows' quantiles.
 
 Every statistic (vocabularies, means, quantiles, first interactions) is of the training rows
 only, gathered in one pass over the scratch rows once the split is known (`ContextStats.fit`),
@@ -49,7 +51,7 @@ def column_name(name: str) -> str:
 
 
 def declared_specs(config: PrepareConfig) -> List[features.FeatureSpec]:
-  """The --context_columns, parsed; multi_hot is refused, and names may not repeat --context's.
+  """The --context_columns, parsed; names may not repeat --context's.
 
   Raises:
     ValueError: naming --context_columns and the offending entry.
@@ -58,9 +60,6 @@ def declared_specs(config: PrepareConfig) -> List[features.FeatureSpec]:
     return []
   specs = list(features.parse_specs(config.context_columns, "context_columns"))
   for spec in specs:
-    if spec.kind == "multi_hot":
-      raise ValueError(f"--context_columns: {spec.describe()!r}: a context column is "
-                       "categorical, numeric or bucketized (one value per interaction)")
     if spec.name in config.context:
       raise ValueError(f"--context_columns: {spec.name!r} is also a derived --context feature")
   return specs
@@ -95,6 +94,8 @@ class ContextStats:
     self.derived = list(config.context)
     self.codes = {s.name: IdEncoder() for s in self.declared if s.kind == "categorical"}
     self._index: Dict[str, np.ndarray] = {}  # categorical: provisional code -> index
+    self._tokens: Dict[str, Dict[str, int]] = {}  # multi_hot: value -> index
+    self._width: Dict[str, int] = {}  # multi_hot: values per row at most
     self._vocabulary: Dict[str, List[str]] = {}
     self._moments: Dict[str, tuple] = {}  # numeric: (mean, std)
     self._edges: Dict[str, tuple] = dict((n, _DERIVED_EDGES[n]) for n in self.derived)
@@ -122,6 +123,8 @@ class ContextStats:
     never = np.iinfo(np.int64).max
     first_user, first_item = np.full(num_users, never), np.full(num_items, never)
     counts = {name: np.zeros(encoder.size, np.int64) for name, encoder in self.codes.items()}
+    listed = {s.name: {} for s in self.declared if s.kind == "multi_hot"}  # value -> rows
+    width = {name: 1 for name in listed}
     sums = {s.name: np.zeros(3) for s in self.declared if s.kind == "numeric"}
     samples = {s.name: [] for s in self.declared if s.kind == "bucketized"}
     stride = max(1, -(-total_rows // _SAMPLE_ROWS))  # every stride-th input row is sampled
@@ -135,6 +138,14 @@ class ContextStats:
         np.minimum.at(first_item, rows["item"][train], rows["ts"][train])
       for name in counts:
         counts[name] += np.bincount(rows[column_name(name)][train], minlength=len(counts[name]))
+      for spec in self.declared:
+        if spec.kind == "multi_hot":
+          tokens = _tokens(rows[column_name(spec.name)], spec.separator)
+          width[spec.name] = max([width[spec.name]] + [len(t) for t in tokens])
+          seen = listed[spec.name]
+          for t in (t for t, kept in zip(tokens, train) if kept):
+            for value in t:
+              seen[value] = seen.get(value, 0) + 1
       for name, total_so_far in sums.items():
         value = rows[column_name(name)][train]
         value = value[np.isfinite(value)]
@@ -151,6 +162,11 @@ class ContextStats:
       index = np.zeros(len(count), np.int64)
       index[order] = np.arange(1, len(order) + 1)
       self._index[name], self._vocabulary[name] = index, raw[order].tolist()
+    for name, seen in listed.items():
+      kept = sorted((v for v, c in seen.items() if c >= self.config.min_feature_count),
+                    key=lambda v: (-seen[v], v))
+      self._tokens[name] = {v: n + 1 for n, v in enumerate(kept)}
+      self._vocabulary[name], self._width[name] = kept, width[name]
     for name, (n, total_sum, squares) in sums.items():
       mean = total_sum / n if n else 0.0
       std = float(np.sqrt(max(squares / n - mean * mean, 0.0))) if n else 1.0
@@ -176,6 +192,13 @@ class ContextStats:
       value = rows[column_name(spec.name)]
       if spec.kind == "categorical":
         out[spec.name] = self._index[spec.name][value]
+      elif spec.kind == "multi_hot":
+        lookup = self._tokens[spec.name]
+        array = np.zeros((len(value), self._width[spec.name]), np.int64)
+        for row, tokens in enumerate(_tokens(value, spec.separator)):
+          codes = sorted({lookup[t] for t in tokens if t in lookup})[:array.shape[1]]
+          array[row, :len(codes)] = codes
+        out[spec.name] = array
       elif spec.kind == "numeric":
         mean, std = self._moments[spec.name]
         out[spec.name] = np.where(np.isfinite(value), (value - mean) / std, 0.0).astype(
@@ -184,6 +207,8 @@ class ContextStats:
         out[spec.name] = bucketize(value, self._edges[spec.name])
     for name, value in out.items():
       missing = (value == 0) if value.dtype == np.int64 else np.zeros(len(value), bool)
+      if missing.ndim == 2:
+        missing = missing.all(axis=1)
       self._missing[name] = self._missing.get(name, 0) + int(np.sum(missing & train))
     return {schema.context_key(name): value for name, value in out.items()}
 
@@ -197,8 +222,10 @@ class ContextStats:
     for spec in self.declared:
       entry = {"side": schema.CONTEXT, "name": spec.name, "kind": spec.kind,
                "column": spec.column, "missing": self._missing.get(spec.name, 0)}
-      if spec.kind == "categorical":
+      if spec.kind in ("categorical", "multi_hot"):
         entry["vocab_size"] = len(self._vocabulary[spec.name]) + 1
+        if spec.kind == "multi_hot":
+          entry["width"], entry["separator"] = self._width[spec.name], spec.separator
       elif spec.kind == "numeric":
         entry["mean"], entry["std"] = self._moments[spec.name]
       else:
@@ -208,5 +235,10 @@ class ContextStats:
     return out
 
   def vocabularies(self) -> Dict[str, List[str]]:
-    """{categorical feature: its values, line n being index n + 1}."""
+    """{categorical or multi-hot feature: its values, line n being index n + 1}."""
     return dict(self._vocabulary)
+
+
+def _tokens(values: np.ndarray, separator: str) -> List[List[str]]:
+  """Each row's listed values (stripped, empty ones dropped)."""
+  return [[t.strip() for t in str(v).split(separator) if t.strip()] for v in values]

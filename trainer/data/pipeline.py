@@ -140,7 +140,7 @@ def negative_sampler(num_items: int, num_negatives: int, seed: int,
 
     zeros = tf.zeros([b * num_negatives], tf.float32)
     # A negative is scored in its positive's context: the context features are repeated.
-    context = {key: tf.repeat(value, num_negatives + 1) for key, value in batch.items()
+    context = {key: tf.repeat(value, num_negatives + 1, axis=0) for key, value in batch.items()
                if key.startswith(schema.CONTEXT + "_")}
     return {schema.USER: tf.repeat(users, num_negatives + 1),
             schema.ITEM: interleave(items, negatives),
@@ -157,7 +157,7 @@ def make_dataset(file_pattern: str, global_batch_size: int, training: bool,
                  add_negatives: Optional[Callable] = None, start_step: int = 0,
                  file_examples: Optional[Sequence[int]] = None,
                  worker: Optional[Tuple[int, tf.Tensor, tf.Tensor]] = None,
-                 context: Sequence[Tuple[str, str]] = ()) -> tf.data.Dataset:
+                 context: Sequence[Tuple[str, str, int]] = ()) -> tf.data.Dataset:
   """Builds the dataset of one input pipeline.
 
   Training data is an endless sequence of epochs, each a fresh shuffle keyed by (seed, epoch):
@@ -185,7 +185,7 @@ def make_dataset(file_pattern: str, global_batch_size: int, training: bool,
       batches from `start_step` on, this worker's are those whose index is `index` modulo
       `num_workers` (start_step a multiple of it), less the first `skip` of them (tensors:
       one dataset function serves every worker). Elements are then (batch, global index).
-    context: (key, dtype) of the context features the records carry
+    context: (key, dtype, width) of the context features the records carry
       (`PreparedData.context_keys`): parsed into each batch under their keys.
 
   Returns:
@@ -254,8 +254,9 @@ def _records(file_names: tf.data.Dataset, num_files: int) -> tf.data.Dataset:
                                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-def _parse(blocks: tf.data.Dataset, context: Sequence[Tuple[str, str]] = ()) -> tf.data.Dataset:
-  context = [(key, tf.as_dtype(dtype)) for key, dtype in context]
+def _parse(blocks: tf.data.Dataset,
+           context: Sequence[Tuple[str, str, int]] = ()) -> tf.data.Dataset:
+  context = [(key, tf.as_dtype(dtype), width) for key, dtype, width in context]
   return blocks.batch(_RECORDS_PER_PARSE).map(
       lambda serialized: records.parse_blocks(serialized, context),
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -263,7 +264,7 @@ def _parse(blocks: tf.data.Dataset, context: Sequence[Tuple[str, str]] = ()) -> 
 
 def _epochs(files: List[str], file_examples: Optional[Sequence[int]], seed: int,
             shuffle_buffer_blocks: int, start_example: int,
-            context: Sequence[Tuple[str, str]] = ()) -> tf.data.Dataset:
+            context: Sequence[Tuple[str, str, int]] = ()) -> tf.data.Dataset:
   """Endless epochs of training examples (unbatched blocks), starting `start_example`
   examples into the sequence an uninterrupted run reads."""
   file_names = tf.constant(files)

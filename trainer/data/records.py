@@ -70,8 +70,9 @@ def encode_blocks(users: np.ndarray, items: np.ndarray, ratings: np.ndarray,
     items: int dense item indices, shape [n].
     ratings: float ratings, shape [n].
     block_size: examples per record, 1..BLOCK_SIZE.
-    context: {key: [n] int64 (non-negative indices) or float32 values}: per-example context
-      features, packed like the others under their keys (`schema.context_key`).
+    context: {key: [n] int64 (non-negative indices) or float32 values, or [n, width] int64
+      (multi-hot, row-major)}: per-example context features, packed like the others under
+      their keys (`schema.context_key`).
 
   Returns:
     ceil(n / block_size) serialized records, in order.
@@ -89,10 +90,12 @@ def encode_blocks(users: np.ndarray, items: np.ndarray, ratings: np.ndarray,
   for key, value in sorted((context or {}).items()):
     if len(value) != n:
       raise ValueError(f"context {key!r} has {len(value)} values for {n} examples")
-    if np.issubdtype(np.asarray(value).dtype, np.integer):
-      extra.append((_field(1, key.encode()), _varints(value), None))
+    value = np.asarray(value)
+    width = value.shape[1] if value.ndim == 2 else 1  # multi-hot: [n, width], row-major
+    if np.issubdtype(value.dtype, np.integer):
+      extra.append((_field(1, key.encode()), _varints(value.ravel()), None, width))
     else:
-      extra.append((_field(1, key.encode()), None, np.asarray(value, "<f4").tobytes()))
+      extra.append((_field(1, key.encode()), None, value.astype("<f4").tobytes(), width))
   records = []
   for start in range(0, n, block_size):
     end = min(start + block_size, n)
@@ -102,12 +105,12 @@ def encode_blocks(users: np.ndarray, items: np.ndarray, ratings: np.ndarray,
                 + _field(1, item_key + _field(2, _field(3, _field(1, item_list))))
                 + _field(1, rating_key + _field(2, _field(2, _field(
                     1, float_data[4 * start:4 * end])))))
-    for key, ints, floats in extra:
+    for key, ints, floats, width in extra:
       if ints is not None:
         data, offsets = ints
-        value = _field(3, _field(1, data[offsets[start]:offsets[end]].tobytes()))
+        value = _field(3, _field(1, data[offsets[start * width]:offsets[end * width]].tobytes()))
       else:
-        value = _field(2, _field(1, floats[4 * start:4 * end]))
+        value = _field(2, _field(1, floats[4 * start * width:4 * end * width]))
       features += _field(1, key + _field(2, value))
     records.append(_field(1, features))
   return records
@@ -123,18 +126,23 @@ def encode_block(users: np.ndarray, items: np.ndarray, ratings: np.ndarray) -> b
 
 
 def parse_blocks(serialized: tf.Tensor,
-                 context: Sequence[Tuple[str, tf.DType]] = ()) -> Dict[str, tf.Tensor]:
+                 context: Sequence[Tuple[str, tf.DType, int]] = ()) -> Dict[str, tf.Tensor]:
   """Parses a batch of block records into flat example tensors.
 
   Args:
     serialized: string tensor of shape [num_records].
-    context: (key, dtype) of the context features the records carry (int64 or float32).
+    context: (key, dtype, width) of the context features the records carry (int64 or
+      float32; width 0 for one value per example, else a multi-hot's values per example).
 
   Returns:
     A dict with `user`, `item` (int64) and `rating` (float32), each of shape [num_examples]:
     the blocks' examples concatenated in order; and each context feature by its key.
   """
   spec = dict(_FEATURE_SPEC)
-  spec.update({key: tf.io.RaggedFeature(dtype) for key, dtype in context})
+  spec.update({key: tf.io.RaggedFeature(dtype) for key, dtype, _ in context})
   parsed = tf.io.parse_example(serialized, spec)
-  return {name: value.flat_values for name, value in parsed.items()}
+  out = {name: value.flat_values for name, value in parsed.items()}
+  for key, _, width in context:
+    if width:
+      out[key] = tf.reshape(out[key], [-1, width])
+  return out

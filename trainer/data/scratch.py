@@ -94,7 +94,9 @@ class Scratch:
         continue
       # Concatenated from memory-mapped parts: never the parts and the whole in memory at once.
       pieces = [np.load(self._path(bucket, p, name), mmap_mode="r") for p in range(parts)]
-      out[name] = np.concatenate(pieces, out=np.empty(sum(map(len, pieces)), pieces[0].dtype))
+      # (The widest dtype of the parts: string columns' widths differ from part to part.)
+      out[name] = np.concatenate(pieces, out=np.empty(sum(map(len, pieces)),
+                                                      np.result_type(*pieces)))
     return out
 
   def replace(self, bucket: int, columns: Dict[str, np.ndarray]) -> None:

@@ -35,8 +35,8 @@ class Chunk:
   timestamps: Optional[np.ndarray]  # [n] int64, or None when the source has none
   file_index: int  # index into Source.files
   lines: np.ndarray  # [n] int64: each row's line number in that file (row number if no file)
-  # Declared context columns (--context_columns): {name: [n] str (categorical) or float64
-  # (numeric, bucketized; NaN where empty)}.
+  # Declared context columns (--context_columns): {name: [n] str (categorical, multi_hot) or
+  # float64 (numeric, bucketized; NaN where empty)}.
   context: Dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
   def __len__(self) -> int:
@@ -257,7 +257,7 @@ class DelimitedSource(Source):
     context = {}
     for spec, position in zip(self.context_specs, positions[4:]):
       raw = [r[position].strip() for r in rows]
-      if spec.kind == "categorical":
+      if spec.kind in ("categorical", "multi_hot"):
         context[spec.name] = np.array(raw, dtype=str)
         continue
       present = [k for k, v in enumerate(raw) if v]
