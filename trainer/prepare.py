@@ -16,15 +16,12 @@ Examples:
       --output_dir=/tmp/with-context
 """
 
-import os
 import sys
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # before TensorFlow loads: hide C++ INFO
 
 from absl import app, flags, logging  # noqa: E402
 
 from trainer import config as config_lib  # noqa: E402
-from trainer import cli, errors, malloc, strict_json  # noqa: E402
+from trainer import cli, errors, malloc, quiet, strict_json  # noqa: E402
 
 
 def main(argv):
@@ -33,7 +30,8 @@ def main(argv):
   try:
     config = cli.config_from(config_lib.PrepareConfig, flags.FLAGS)
     malloc.return_freed_memory()  # a process that prepares: keep its peak low (malloc.py)
-    from trainer.data import preparation  # TensorFlow loads here, after flag checks
+    quiet.import_tensorflow(flags.FLAGS.verbosity)  # here, after the flags' checks
+    from trainer.data import preparation
     metadata = preparation.prepare(config)
   except (errors.TrainerError, ValueError) as e:  # ValueError: bad input, naming file and line
     code = e.exit_code if isinstance(e, errors.TrainerError) else errors.USAGE_EXIT_CODE

@@ -11,11 +11,9 @@ user's top-k items with their scores:
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # before TensorFlow loads: hide C++ INFO
-
 from absl import app, flags  # noqa: E402
 
-from trainer import cli  # noqa: E402
+from trainer import cli, quiet  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -98,6 +96,7 @@ def context_inputs(signature, pairs, batch: int):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  quiet.import_tensorflow(FLAGS.verbosity)
   try:
     results = recommend(FLAGS.export_dir, FLAGS.user, FLAGS.k, FLAGS.recent, FLAGS.context)
   except ValueError as e:

@@ -10,12 +10,10 @@ diverged, 131 when another task of the cluster was lost, 132 when storage stayed
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # before TensorFlow loads: hide C++ INFO
-
 from absl import app, flags, logging  # noqa: E402
 
 from trainer import config as config_lib  # noqa: E402
-from trainer import cli, errors, malloc, strict_json  # noqa: E402
+from trainer import cli, errors, malloc, quiet, strict_json  # noqa: E402
 
 
 def main(argv):
@@ -24,7 +22,8 @@ def main(argv):
   cluster = None
   try:
     config = cli.config_from(config_lib.TrainConfig, flags.FLAGS)
-    from trainer import distribute  # TensorFlow loads here, after the flags' checks
+    quiet.import_tensorflow(flags.FLAGS.verbosity)  # here, after the flags' checks
+    from trainer import distribute
     cluster = distribute.cluster_config()
     role = cluster["task"]["type"] if cluster else None
     # A ps task holds tables: freed memory goes back (malloc.py); a process that trains keeps
