@@ -47,9 +47,10 @@ def test_a_run_prints_our_lines_only_and_verbosity_brings_tensorflows_back(tmp_p
       logged = _LOG_LINE.match(line)
       assert logged is None or logged.group(1) in OURS, (name, line)
   # What is left is ours, counted: the accounts of preparation and its JSON; training's
-  # strategy, plan, progress, epoch, best, export and final lines and its JSON; the ranking.
+  # strategy, plan, progress, epoch, phases, best, export and final lines and its JSON; the
+  # ranking.
   assert len(quiet_run["prepare"]) == 4, quiet_run["prepare"]
-  assert len(quiet_run["train"]) <= 10, quiet_run["train"]
+  assert len(quiet_run["train"]) <= 15, quiet_run["train"]
   assert any("Exported SavedModel" in line for line in quiet_run["train"])
   assert len(quiet_run["recommend"]) == 4, quiet_run["recommend"]
   verbose_run = _demo(tmp_path / "verbose", "--verbosity=1")

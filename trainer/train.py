@@ -28,6 +28,7 @@ from trainer.checkpointer import BestTracker, Checkpointer, TrainingState, best_
 from trainer.config import TrainConfig
 from trainer.data import artifacts
 from trainer.errors import ConfigError, LostPeerError, StorageError
+from trainer.phases import Phases
 
 
 def _load_pretrained(model: keras.Model, config: TrainConfig,
@@ -147,13 +148,17 @@ def _run(config: TrainConfig, strategy: tf.distribute.Strategy,
   logging.info("Training %s (%s): %d epochs x %d steps of %d examples on %d replica(s), "
                "task %s", config.model, config.task, config.epochs, runner.steps_per_epoch,
                config.batch_size, strategy.num_replicas_in_sync, distribute.task_role(strategy))
-  progress = _train_epochs(config, state, runner, evaluate, tracker, board, history)
+  phases = Phases()
+  with phases.phase("train", "Training, each epoch evaluated", announce=False):
+    progress = _train_epochs(config, state, runner, evaluate, tracker, board, history)
   # Serve and report the best epoch's model (or, --nokeep_best, the last one's).
   best = (checkpointer.restore_best(int(state.epoch.numpy())) if config.keep_best else None)
   if best:
     logging.info("Best %s %.4f: %s", tracker.metric, float(state.best.numpy()), best)
-  final = {**evaluate(), **objective.baselines(eval_strategy, data)}
-  _export(config, strategy, objective, data, model)
+  with phases.phase("final_evaluation", "Final evaluation and baselines"):
+    final = {**evaluate(), **objective.baselines(eval_strategy, data)}
+  with phases.phase("export", f"Exporting the SavedModel to {config.resolved_export_dir}"):
+    _export(config, strategy, objective, data, model)
   checkpointer.clean_up()
   if not distribute.is_chief(strategy):
     logging.info("Task %s is not the chief: its checkpoints and export went to temporary "
@@ -161,6 +166,7 @@ def _run(config: TrainConfig, strategy: tf.distribute.Strategy,
   result = summarize(config, strategy, objective, state, model, progress,
                      best_epoch(best), tracker.metric, final)
   result.update(_time_to_target(config, objective, tracker.metric, history))
+  result.update(phase_seconds=phases.seconds, phase_peak_rss_mb=phases.peak_rss_mb)
   if chief:
     result["report"] = fileio.retry(
         lambda: report.write_report(history, config.model_dir, _report_title(config, result),
