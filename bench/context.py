@@ -21,7 +21,6 @@ Every figure is the mean over --seeds training seeds, with the range; the machin
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -29,16 +28,10 @@ import time
 
 import numpy as np
 
+import machine  # bench/machine.py, beside this script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIME_CONTEXT = "hour,weekday,tenure,item_age"
-
-
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    return platform.processor() or platform.machine()
 
 
 def _run(module: str, *args: str) -> dict:
@@ -145,7 +138,7 @@ def main() -> None:
                       help="u1: the recipe's --features, to which the context is added")
   parser.add_argument("--work_dir", default=None)
   args = parser.parse_args()
-  print(f"Machine: {_cpu_model()}, {os.cpu_count()} CPUs")
+  print(f"Machine: {machine.cpu_name()}, {os.cpu_count()} CPUs")
   work = args.work_dir or tempfile.mkdtemp(prefix="neumf-context-")
   {"planted": planted, "u1": u1, "latest_small": latest_small}[args.what](args, work)
 

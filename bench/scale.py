@@ -21,6 +21,8 @@ import sys
 import tempfile
 import time
 
+import machine  # bench/machine.py, beside this script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USERS_20M, ITEMS_20M = 138_493, 26_744
 
@@ -32,14 +34,6 @@ with open(sys.argv[1], "w") as f:
   f.write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
 sys.exit(code)
 """
-
-
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    return "unknown CPU"
 
 
 def _run(peak_file: str, *command: str) -> float:
@@ -89,8 +83,8 @@ def main() -> None:
   parser.add_argument("train_flags", nargs="*", help="more neumf-train flags, after --")
   args = parser.parse_args()
   work = args.work_dir or tempfile.mkdtemp(prefix="neumf-scale-")
-  print(f"Machine: {_cpu_model()}, {os.cpu_count()} CPUs; {args.model}, {args.task}, batch "
-        f"{args.batch_size}, one epoch")
+  print(f"Machine: {machine.cpu_name()}, {os.cpu_count()} CPUs; {args.model}, {args.task}, "
+        f"batch {args.batch_size}, one epoch")
   print("| ratings | users | items | prepare s (peak MB) | epoch s (peak MB) | "
         "evaluation s (peak MB) | export s (peak MB) | export / epoch |")
   print("|---|---|---|---|---|---|---|---|")

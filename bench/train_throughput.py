@@ -28,6 +28,8 @@ import subprocess
 import sys
 import tempfile
 
+import machine  # bench/machine.py, beside this script
+
 # Per-model flags: seed_mlp as specified; neumf as the NCF paper's factor 8 (GMF 8, MLP
 # embeddings 32, tower 32-16-8).
 MODEL_FLAGS = {
@@ -113,15 +115,6 @@ def measure_training(data_dir: str, name: str, batch: int, devices: int, flags: 
   return {"rates": rates, "batch": batch}
 
 
-def cpu_name() -> str:
-  """The CPU's model name where Linux tells it (figures differ by machine)."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    return "CPU model unknown"
-
-
 def _run_child(args, root: str, env, what: str):
   """Runs this script with `--child ARGS` in a fresh Python process (logical devices and
   malloc settings are fixed at start-up); returns the JSON of its last output line, or exits
@@ -180,7 +173,7 @@ def main():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=root)
   matmul_flops = _run_child(["matmul"], root, env, "measuring the matmul rate")
-  print(f"{cpu_name()}, {os.cpu_count()} CPUs; fp32 matmul (TensorFlow, 2048 x 2048): "
+  print(f"{machine.cpu_name()}, {os.cpu_count()} CPUs; fp32 matmul (TensorFlow, 2048 x 2048): "
         f"{matmul_flops / 1e9:,.0f} GFLOP/s", flush=True)
   with tempfile.TemporaryDirectory() as data_dir:
     prepare = [sys.executable, "-m", "trainer.prepare", f"--output_dir={data_dir}/data",
