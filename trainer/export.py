@@ -83,35 +83,28 @@ def export_saved_model(model: keras.Model, export_dir: str, data: artifacts.Prep
   if isinstance(model, models.MF) and model.history:  # recommend from recent items
     module.recommend_recent = _recommend_recent_function(module, model, data.metadata)
     signatures[RECOMMEND_RECENT] = module.recommend_recent
-  item_features = model.feature_sides.get(schema.ITEM)
-  if item_features is not None:  # cold start: items described by their features alone
-    encoder = FeatureEncoder(item_features.infos, data)
-    module.item_feature_encoder = encoder
-    module.score_features = _score_features_function(module, model, data.metadata, objective,
-                                                     encoder)
-    module.recommend_features = _recommend_features_function(module, model, data.metadata,
-                                                             encoder)
-    signatures.update({SCORE_FEATURES: module.score_features,
-                       RECOMMEND_FEATURES: module.recommend_features})
-  user_features = model.feature_sides.get(schema.USER)
-  if user_features is not None:  # cold start: new users described by their profile
-    encoder = FeatureEncoder(user_features.infos, data)
-    module.user_feature_encoder = encoder
-    module.score_user_features = _score_user_features_function(module, model, data.metadata,
-                                                               objective, encoder)
-    module.recommend_user_features = _recommend_user_features_function(module, model,
-                                                                       data.metadata, encoder)
-    signatures.update({SCORE_USER_FEATURES: module.score_user_features,
-                       RECOMMEND_USER_FEATURES: module.recommend_user_features})
-  if model.context_infos:  # each request in its own context
-    encoder = FeatureEncoder(model.context_infos, data)
-    module.context_encoder = encoder
-    module.score_context = _score_context_function(module, model, data.metadata, objective,
-                                                   encoder)
-    module.recommend_context = _recommend_context_function(module, model, data.metadata,
-                                                           encoder)
-    signatures.update({SCORE_CONTEXT: module.score_context,
-                       RECOMMEND_CONTEXT: module.recommend_context})
+  sides = {side: tables.infos for side, tables in model.feature_sides.items()}
+  described = (  # (features, encoder's attribute, (score signature), (recommend signature))
+      # cold start: items described by their features alone
+      (sides.get(schema.ITEM), "item_feature_encoder",
+       (SCORE_FEATURES, _score_features_function),
+       (RECOMMEND_FEATURES, _recommend_features_function)),
+      # cold start: new users described by their profile
+      (sides.get(schema.USER), "user_feature_encoder",
+       (SCORE_USER_FEATURES, _score_user_features_function),
+       (RECOMMEND_USER_FEATURES, _recommend_user_features_function)),
+      # each request in its own context
+      (model.context_infos, "context_encoder", (SCORE_CONTEXT, _score_context_function),
+       (RECOMMEND_CONTEXT, _recommend_context_function)))
+  for infos, attribute, (score, score_function), (recommend, recommend_function) in described:
+    if not infos:
+      continue
+    encoder = FeatureEncoder(infos, data)
+    setattr(module, attribute, encoder)
+    signatures[score] = score_function(module, model, data.metadata, objective, encoder)
+    signatures[recommend] = recommend_function(module, model, data.metadata, encoder)
+    setattr(module, score, signatures[score])
+    setattr(module, recommend, signatures[recommend])
   tf.saved_model.save(module, export_dir, signatures=signatures)
   logging.info("Exported SavedModel with signatures %s to %s", ", ".join(signatures),
                export_dir)
