@@ -31,7 +31,7 @@ import tensorflow as tf
 from trainer import metrics, models, schema
 from trainer.config import TrainConfig
 from trainer.data import artifacts, pipeline
-from trainer.metrics import FULL, SAMPLED, rank_hit_ndcg
+from trainer.metrics import FULL, SAMPLED, hit_ndcg, rank_hit_ndcg
 
 Evaluator = Callable[[], Dict[str, float]]
 # Context features that describe the scored item (trainer.data.context): left missing when a
@@ -193,14 +193,21 @@ def _full_step(score_all: Callable, positives: tf.RaggedTensor, k: int, num_item
     known = tf.cast(items < num_items, tf.float32)
     items = tf.minimum(items, num_items - 1)
     scores = tf.cast(score_all(users, _ranking_context(batch)), tf.float32)  # [b, num_items]
+    positive = tf.gather(scores, items, batch_dims=1)  # [b]
+    # The rank among the competitors, without building a [b, num_items] mask of them: the
+    # items scored at least as high (ties against the model), less those of the user's
+    # training positives (distinct within a user), less the item itself (unless it is one of
+    # them, already taken off). The same count as masking, in one pass over the scores.
+    ahead = tf.reduce_sum(tf.cast(scores >= positive[:, None], tf.int32), axis=1)
     seen = tf.gather(positives, users)  # ragged [b, None]
-    coordinates = tf.stack([seen.value_rowids(), seen.flat_values], axis=1)
-    excluded = tf.scatter_nd(coordinates, tf.ones_like(seen.flat_values, tf.bool),
-                             tf.cast(tf.stack([b, num_items]), tf.int64))
-    itself = tf.one_hot(items, num_items, on_value=True, off_value=False, dtype=tf.bool)
-    mask = tf.logical_not(tf.logical_or(excluded, itself))
-    positive = tf.gather(scores, items, batch_dims=1)
-    _, hit, ndcg = rank_hit_ndcg(positive, scores, mask, k)
+    row = seen.value_rowids()
+    seen_scores = tf.gather_nd(scores, tf.stack([row, seen.flat_values], axis=1))
+    row_positive = tf.gather(positive, row)
+    seen_ahead = tf.math.unsorted_segment_sum(
+        tf.cast(seen_scores >= row_positive, tf.int32), row, b)
+    itself_seen = tf.math.unsorted_segment_sum(
+        tf.cast(tf.equal(seen.flat_values, tf.gather(items, row)), tf.int32), row, b)
+    hit, ndcg = hit_ndcg(ahead - seen_ahead - 1 + itself_seen, k)
     return tf.stack([tf.reduce_sum(hit * known), tf.reduce_sum(ndcg * known),
                      tf.cast(tf.size(hit), tf.float32)])
 

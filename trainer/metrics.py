@@ -92,8 +92,13 @@ def rank_hit_ndcg(positive: tf.Tensor, competitors: tf.Tensor, mask: Optional[tf
   if mask is not None:
     beats = tf.logical_and(beats, mask)
   rank = tf.reduce_sum(tf.cast(beats, tf.int32), axis=1)
+  return (rank, *hit_ndcg(rank, k))
+
+
+def hit_ndcg(rank: tf.Tensor, k: int):
+  """HR@k and NDCG@k terms of 0-based ranks [b]: (hit [b] float32, ndcg [b] float32)."""
   hit = tf.cast(rank < k, tf.float32)
   ndcg = hit * (math.log(2.0) / tf.math.log(tf.cast(rank, tf.float32) + 2.0))
-  return rank, hit, ndcg
+  return hit, ndcg
 
 
