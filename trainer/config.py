@@ -252,6 +252,24 @@ class PrepareConfig:
              f"--split={self.split!r} is not one of {', '.join(SPLIT_PROTOCOLS)}")
     _require(self.duplicates in DUPLICATE_POLICIES,
              f"--duplicates={self.duplicates!r} is not one of {', '.join(DUPLICATE_POLICIES)}")
+    self._validate_source()
+    if (self.rating_min is None) != (self.rating_max is None):
+      raise ConfigError("--rating_min and --rating_max go together")
+    if self.rating_min is not None:
+      _require(self.rating_min <= self.rating_max,
+               f"--rating_min={self.rating_min} is above --rating_max={self.rating_max}")
+    _require(self.num_shards >= 1, f"--num_shards={self.num_shards} must be at least 1")
+    _require(self.target_shard_mb is None or self.target_shard_mb > 0,
+             f"--target_shard_mb={self.target_shard_mb} must be positive")
+    _require(self.min_user_interactions >= 1,
+             f"--min_user_interactions={self.min_user_interactions} must be at least 1")
+    self._validate_features()
+    self._validate_context()
+    self._validate_split()
+    return self
+
+  def _validate_source(self) -> None:
+    """The flags of each --source: its inputs, columns, sizes."""
     if self.source in ("synthetic", "tfds"):
       _require(not self.input,
                f"--input={','.join(self.input)!r} is given but --source={self.source} reads no "
@@ -283,21 +301,8 @@ class PrepareConfig:
                "movielens/100k-ratings")
     else:
       _require(self.tfds_name is None, "--tfds_name applies to --source=tfds only")
-    if (self.rating_min is None) != (self.rating_max is None):
-      raise ConfigError("--rating_min and --rating_max go together")
-    if self.rating_min is not None:
-      _require(self.rating_min <= self.rating_max,
-               f"--rating_min={self.rating_min} is above --rating_max={self.rating_max}")
-    _require(self.num_shards >= 1, f"--num_shards={self.num_shards} must be at least 1")
-    _require(self.target_shard_mb is None or self.target_shard_mb > 0,
-             f"--target_shard_mb={self.target_shard_mb} must be positive")
-    _require(self.min_user_interactions >= 1,
-             f"--min_user_interactions={self.min_user_interactions} must be at least 1")
-    _require(self.eval_negatives >= 0,
-             f"--eval_negatives={self.eval_negatives} must not be negative")
-    _require(self.eval_negatives == 0 or self.split == "leave_one_out",
-             f"--eval_negatives={self.eval_negatives} needs --split=leave_one_out")
-    self._validate_features()
+
+  def _validate_context(self) -> None:
     unknown = [c for c in self.context if c not in DERIVED_CONTEXT]
     _require(not unknown, f"--context={','.join(self.context)}: {unknown[0] if unknown else ''!r}"
              f" is not one of {', '.join(DERIVED_CONTEXT)}")
@@ -305,6 +310,13 @@ class PrepareConfig:
              f"--context={','.join(self.context)} names a feature twice")
     _require(self.context_columns is None or self.source == "csv",
              f"--context_columns applies to --source=csv only, not --source={self.source}")
+
+  def _validate_split(self) -> None:
+    """The flags of each --split protocol."""
+    _require(self.eval_negatives >= 0,
+             f"--eval_negatives={self.eval_negatives} must not be negative")
+    _require(self.eval_negatives == 0 or self.split == "leave_one_out",
+             f"--eval_negatives={self.eval_negatives} needs --split=leave_one_out")
     if self.split == "given":
       _require(bool(self.eval_input), "--split=given needs --eval_input (the evaluation rows' "
                "files)")
@@ -321,8 +333,6 @@ class PrepareConfig:
     if self.split in ("random", "temporal", "cold_items") and self.temporal_cutoff is None:
       _require(0.0 < self.eval_fraction < 1.0,
                f"--eval_fraction={self.eval_fraction} must be strictly between 0 and 1")
-    return self
-
 
   def _validate_features(self) -> None:
     _require(self.min_feature_count >= 1,
