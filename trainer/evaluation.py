@@ -179,7 +179,7 @@ def _ranking_context(batch) -> Dict[str, tf.Tensor]:
   """The eval row's context for ranking, but for what describes the held-out item itself (its
   age): every competitor is ranked in that context, and it would tell which one is held out."""
   return {key: tf.zeros_like(value) if key in ITEM_CONTEXT else value
-          for key, value in batch.items() if key.startswith(schema.CONTEXT + "_")}
+          for key, value in schema.context_of(batch).items()}
 
 
 def _full_step(score_all: Callable, positives: tf.RaggedTensor, k: int, num_items: int):

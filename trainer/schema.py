@@ -66,6 +66,11 @@ def context_key(name: str) -> str:
   return f"{CONTEXT}_{name}"
 
 
+def context_of(batch: Mapping[str, Any]) -> Dict[str, Any]:
+  """The context features of a batch: its entries under `context_key`s."""
+  return {key: value for key, value in batch.items() if key.startswith(CONTEXT + "_")}
+
+
 BLOCK_SIZE = 1024
 
 METADATA_FILE = "metadata.json"

@@ -155,27 +155,35 @@ class ContextStats:
         keep = np.isfinite(value) & (rows["row"][train] % stride == 0)
         kept.append(value[keep])
     self._first_user, self._first_item = first_user, first_item
-    for name, count in counts.items():
+    for name, count in counts.items():  # (the empty value is the missing one)
       raw = self.codes[name].raw_ids()
-      eligible = np.flatnonzero((count >= self.config.min_feature_count) & (raw != ""))
-      order = eligible[np.lexsort((raw[eligible], -count[eligible]))]
-      index = np.zeros(len(count), np.int64)
-      index[order] = np.arange(1, len(order) + 1)
-      self._index[name], self._vocabulary[name] = index, raw[order].tolist()
+      kept = self._kept(dict(zip(raw[raw != ""].tolist(), count[raw != ""].tolist())))
+      rank = {value: n + 1 for n, value in enumerate(kept)}
+      self._index[name] = np.array([rank.get(value, 0) for value in raw.tolist()], np.int64)
+      self._vocabulary[name] = kept
     for name, seen in listed.items():
-      kept = sorted((v for v, c in seen.items() if c >= self.config.min_feature_count),
-                    key=lambda v: (-seen[v], v))
+      kept = self._kept(seen)
       self._tokens[name] = {v: n + 1 for n, v in enumerate(kept)}
       self._vocabulary[name], self._width[name] = kept, width[name]
+    self._settle_numbers(sums, samples)
+
+  def _kept(self, counts: Dict[str, int]) -> List[str]:
+    """A vocabulary: the values of at least --min_feature_count training rows, most frequent
+    first, ties by value (index n + 1 is its n-th value; 0 is missing)."""
+    kept = [v for v, c in counts.items() if c >= self.config.min_feature_count]
+    return sorted(kept, key=lambda v: (-counts[v], v))
+
+  def _settle_numbers(self, sums: Dict[str, np.ndarray], samples: Dict[str, list]) -> None:
+    """Numeric features' moments and bucketized ones' edges, from the training rows' tallies."""
     for name, (n, total_sum, squares) in sums.items():
       mean = total_sum / n if n else 0.0
       std = float(np.sqrt(max(squares / n - mean * mean, 0.0))) if n else 1.0
       self._moments[name] = (float(mean), std if std > 0 else 1.0)
-    for spec in self.declared:
-      if spec.kind == "bucketized":
-        values = np.concatenate(samples[spec.name]) if samples[spec.name] else np.zeros(0)
-        self._edges[spec.name] = tuple(float(e) for e in np.unique(np.quantile(
-            values, np.linspace(0, 1, spec.buckets + 1)[1:-1]))) if len(values) else ()
+    for name, kept in samples.items():
+      values = np.concatenate(kept) if kept else np.zeros(0)
+      buckets = next(s.buckets for s in self.declared if s.name == name)
+      self._edges[name] = tuple(float(e) for e in np.unique(np.quantile(
+          values, np.linspace(0, 1, buckets + 1)[1:-1]))) if len(values) else ()
 
   def encode(self, rows: Dict[str, np.ndarray], train: np.ndarray) -> Dict[str, np.ndarray]:
     """{batch key: [n] int64 index (categorical, bucketized) or float32 (numeric)} of rows

@@ -140,8 +140,8 @@ def negative_sampler(num_items: int, num_negatives: int, seed: int,
 
     zeros = tf.zeros([b * num_negatives], tf.float32)
     # A negative is scored in its positive's context: the context features are repeated.
-    context = {key: tf.repeat(value, num_negatives + 1, axis=0) for key, value in batch.items()
-               if key.startswith(schema.CONTEXT + "_")}
+    context = {key: tf.repeat(value, num_negatives + 1, axis=0)
+               for key, value in schema.context_of(batch).items()}
     return {schema.USER: tf.repeat(users, num_negatives + 1),
             schema.ITEM: interleave(items, negatives),
             schema.RATING: interleave(batch[schema.RATING], zeros),
