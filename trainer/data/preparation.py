@@ -269,6 +269,8 @@ def _pass_dedupe(scratch: Scratch, config: PrepareConfig, source: sources.Source
   num_users, num_items = ids.users.size, ids.items.size
   stats = _Stats(np.zeros(num_users, np.int64), np.zeros(num_items, np.int64),
                  np.zeros(num_users, np.int64), np.zeros(num_items, np.int64))
+  if not splitter.training_vocabulary:  # every row counts for the vocabularies: the same arrays
+    stats.vocab_user_count, stats.vocab_item_count = stats.user_count, stats.item_count
   progress = Progress("dedupe", total_rows)
   for b in range(scratch.num_buckets):
     rows = scratch.read(b)
@@ -279,9 +281,10 @@ def _pass_dedupe(scratch: Scratch, config: PrepareConfig, source: sources.Source
     stats.duplicates += removed
     stats.user_count += np.bincount(rows["user"], minlength=num_users)
     stats.item_count += np.bincount(rows["item"], minlength=num_items)
-    train = ~splitter.held_out(rows) if splitter.training_vocabulary else slice(None)
-    stats.vocab_user_count += np.bincount(rows["user"][train], minlength=num_users)
-    stats.vocab_item_count += np.bincount(rows["item"][train], minlength=num_items)
+    if splitter.training_vocabulary:
+      train = ~splitter.held_out(rows)
+      stats.vocab_user_count += np.bincount(rows["user"][train], minlength=num_users)
+      stats.vocab_item_count += np.bincount(rows["item"][train], minlength=num_items)
     splitter.observe(rows)
     if removed:
       scratch.replace(b, rows)

@@ -8,7 +8,8 @@ import tensorflow as tf
 from keras import layers, ops
 
 from trainer import schema
-from trainer.models.side_features import FeatureEmbedding, FeatureTables, _infos, combine
+from trainer.models.side_features import (FeatureEmbedding, FeatureTables, combine,
+                                          feature_infos)
 from trainer.models.layers import Embedding, RowBlockNormal, Score
 
 
@@ -35,7 +36,7 @@ class Recommender(keras.Model):
       self.feature_sides[side] = layer
     # Context features (FeatureInfos of side `context`, or their dicts): their values come
     # with each example (`context_<name>` keys), and their embedding joins the user side.
-    self.context_infos = _infos(context or ())
+    self.context_infos = feature_infos(context or ())
 
   def _side_features(self, parts: Sequence[int]) -> None:
     """One feature embedding per side, as wide as the side's representations together

@@ -62,7 +62,7 @@ def combine(infos: Sequence[FeatureInfo],
           "numeric": tf.stack(numeric, 1) if numeric else tf.zeros([batch, 0], tf.float32)}
 
 
-def _infos(infos: Sequence) -> List[FeatureInfo]:
+def feature_infos(infos: Sequence) -> List[FeatureInfo]:
   """FeatureInfos, from themselves or from their config dicts (a layer rebuilt from config)."""
   return [i if isinstance(i, FeatureInfo) else FeatureInfo(**i) for i in infos]
 
@@ -89,7 +89,7 @@ class FeatureTables(layers.Layer):
 
   def __init__(self, infos: Sequence, rows: int, tables: Optional[Mapping] = None, **kwargs):
     super().__init__(**kwargs)
-    self.infos = _infos(infos)
+    self.infos = feature_infos(infos)
     self.rows = rows
     sizes = _sizes(self.infos)
     values = None
@@ -187,7 +187,7 @@ class FeatureEmbedding(layers.Layer):
 
   def __init__(self, infos: Sequence, dim: int, **kwargs):
     super().__init__(**kwargs)
-    self.infos = _infos(infos)
+    self.infos = feature_infos(infos)
     self.dim = dim
     sizes = _sizes(self.infos)
     init = keras.initializers.RandomNormal(stddev=0.01)
