@@ -167,6 +167,11 @@ class PrepareConfig:
       "interactions at or after a time cut; cold_items: a hash-random --eval_fraction of the "
       "items with all their interactions (cold start: scored from side features); given: "
       "--input trains, --eval_input evaluates (e.g. MovieLens' u1.base and u1.test)."))
+  base_data_dir: Optional[str] = _flag(None, help=(
+      "A prepared data directory whose vocabularies (users, items, feature and context "
+      "values) this one keeps, index for index, appending the new log's new entries; numeric "
+      "and bucketized features keep its statistics. A model trained on it warm-starts here "
+      "(neumf-train --warm_start_from)."))
   # given: the evaluation rows' files (same source kind and columns as --input)
   eval_input: Tuple[str, ...] = _flag((), help=(
       "--split=given: the evaluation rows' files or globs (comma-separated), of the same kind "
@@ -312,6 +317,10 @@ class PrepareConfig:
              f"--context_columns applies to --source=csv only, not --source={self.source}")
 
   def _validate_split(self) -> None:
+    _require(self.base_data_dir is None or self.base_data_dir.rstrip("/")
+             != self.output_dir.rstrip("/"),
+             f"--base_data_dir={self.base_data_dir!r} is --output_dir: prepare the new data "
+             "beside its base (a model trained on the base warm-starts from it)")
     """The flags of each --split protocol."""
     _require(self.eval_negatives >= 0,
              f"--eval_negatives={self.eval_negatives} must not be negative")

@@ -200,6 +200,12 @@ class Metadata:
   # in the records.
   features: Sequence[Dict[str, Any]] = dataclasses.field(default_factory=list)
   feature_files: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)
+  # What the model's rows mean (trainer.data.lineage): a digest of the vocabularies and the
+  # features' statistics; and, prepared on a base (--base_data_dir), the lineage: the base's
+  # directory and fingerprint, every ancestor's fingerprint, per vocabulary its old, new and
+  # absent entries.
+  vocabulary_fingerprint: str = ""
+  lineage: Dict[str, Any] = dataclasses.field(default_factory=dict)
   schema_version: int = SCHEMA_VERSION
 
   def to_json(self) -> str:

@@ -32,7 +32,7 @@ import numpy as np
 
 from trainer import schema
 from trainer.config import PrepareConfig
-from trainer.data import features
+from trainer.data import features, lineage
 from trainer.data.scratch import IdEncoder, Scratch
 
 DAY = 86_400
@@ -88,8 +88,11 @@ class ContextStats:
   values (pass 1), the training rows' statistics (`fit`), each row's encoding (`encode`), and
   what the metadata and the vocabulary files record."""
 
-  def __init__(self, config: PrepareConfig, declared: Sequence[features.FeatureSpec]):
+  def __init__(self, config: PrepareConfig, declared: Sequence[features.FeatureSpec],
+               base: Optional[lineage.Base] = None):
     self.config = config
+    self.base = base  # a prepared directory whose vocabularies and statistics are kept
+    self.lineage_counts: Dict[str, Dict[str, int]] = {}  # on a base: {name: old, new, absent}
     self.declared = list(declared)
     self.derived = list(config.context)
     self.codes = {s.name: IdEncoder() for s in self.declared if s.kind == "categorical"}
@@ -102,6 +105,8 @@ class ContextStats:
     self._first_user: Optional[np.ndarray] = None
     self._first_item: Optional[np.ndarray] = None
     self._missing: Dict[str, int] = {}
+    for spec in self.declared:  # a kind other than the base's: refused before any pass
+      lineage.base_statistics(base, schema.CONTEXT, spec.name, spec.kind, ())
 
   def __bool__(self) -> bool:
     return bool(self.declared or self.derived)
@@ -157,21 +162,31 @@ class ContextStats:
     self._first_user, self._first_item = first_user, first_item
     for name, count in counts.items():  # (the empty value is the missing one)
       raw = self.codes[name].raw_ids()
-      kept = self._kept(dict(zip(raw[raw != ""].tolist(), count[raw != ""].tolist())))
+      kept = self._kept(dict(zip(raw[raw != ""].tolist(), count[raw != ""].tolist())), name)
       rank = {value: n + 1 for n, value in enumerate(kept)}
       self._index[name] = np.array([rank.get(value, 0) for value in raw.tolist()], np.int64)
       self._vocabulary[name] = kept
     for name, seen in listed.items():
-      kept = self._kept(seen)
+      kept = self._kept(seen, name)
       self._tokens[name] = {v: n + 1 for n, v in enumerate(kept)}
       self._vocabulary[name], self._width[name] = kept, width[name]
     self._settle_numbers(sums, samples)
 
-  def _kept(self, counts: Dict[str, int]) -> List[str]:
+  def _kept(self, counts: Dict[str, int], name: str) -> List[str]:
     """A vocabulary: the values of at least --min_feature_count training rows, most frequent
-    first, ties by value (index n + 1 is its n-th value; 0 is missing)."""
+    first, ties by value (index n + 1 is its n-th value; 0 is missing); on a base, the
+    base's values first."""
     kept = [v for v, c in counts.items() if c >= self.config.min_feature_count]
-    return sorted(kept, key=lambda v: (-counts[v], v))
+    kept = sorted(kept, key=lambda v: (-counts[v], v))
+    if self.base is None:
+      return kept
+    spec = next(s for s in self.declared if s.name == name)
+    if lineage.base_statistics(self.base, schema.CONTEXT, name, spec.kind, ()) is None:
+      self.lineage_counts[name] = {"old": 0, "new": len(kept), "absent": 0}
+      return kept
+    kept, self.lineage_counts[name] = lineage.extend(
+        self.base.vocabularies[lineage.vocabulary_name(schema.CONTEXT, name)], kept)
+    return kept
 
   def _settle_numbers(self, sums: Dict[str, np.ndarray], samples: Dict[str, list]) -> None:
     """Numeric features' moments and bucketized ones' edges, from the training rows' tallies."""
@@ -184,6 +199,14 @@ class ContextStats:
       buckets = next(s.buckets for s in self.declared if s.name == name)
       self._edges[name] = tuple(float(e) for e in np.unique(np.quantile(
           values, np.linspace(0, 1, buckets + 1)[1:-1]))) if len(values) else ()
+    for spec in self.declared:  # on a base, its statistics: a learnt row keeps its meaning
+      kept = lineage.base_statistics(self.base, schema.CONTEXT, spec.name, spec.kind,
+                                     {"numeric": ("mean", "std"),
+                                      "bucketized": ("edges",)}.get(spec.kind, ()))
+      if kept and spec.kind == "numeric":
+        self._moments[spec.name] = (kept["mean"], kept["std"])
+      elif kept and spec.kind == "bucketized":
+        self._edges[spec.name] = tuple(kept["edges"])
 
   def encode(self, rows: Dict[str, np.ndarray], train: np.ndarray) -> Dict[str, np.ndarray]:
     """{batch key: [n] int64 index (categorical, bucketized) or float32 (numeric)} of rows

@@ -38,7 +38,7 @@ import tensorflow as tf
 
 from trainer import schema
 from trainer.config import PrepareConfig
-from trainer.data import values
+from trainer.data import lineage, values
 
 KINDS = ("categorical", "multi_hot", "numeric", "bucketized")
 _NUMERIC_KINDS = ("numeric", "bucketized")  # parsed as numbers when the file is read
@@ -383,16 +383,23 @@ class EncodedFeatures:
   entities_without_row: int  # IDs of the log with no feature row (every feature missing)
   path: str = ""  # where the features came from (a file, or tfds:<name>)
   bad_rows_by_reason: Dict[str, int] = dataclasses.field(default_factory=dict)
+  # Prepared on a base: {categorical or multi-hot feature: {old, new, absent}} values.
+  lineage_counts: Dict[str, Dict[str, int]] = dataclasses.field(default_factory=dict)
 
 
-def encode(raw: RawFeatures, dense_ids: Sequence[str], min_count: int) -> EncodedFeatures:
+def encode(raw: RawFeatures, dense_ids: Sequence[str], min_count: int,
+           base: Optional["lineage.Base"] = None) -> EncodedFeatures:
   """Encodes raw features into tables over the log's dense IDs.
 
   Args:
     raw: the side's feature file, read.
     dense_ids: the vocabulary: raw ID of dense index n.
     min_count: values seen on fewer entities map to the out-of-vocabulary index 0.
+    base: a prepared directory whose value vocabularies and statistics a feature of the same
+      name keeps (`trainer.data.lineage`).
 
+  Raises:
+    ValueError: a feature is of another kind in `base`.
   """
   index = {raw_id: n for n, raw_id in enumerate(dense_ids)}
   row_of = np.full(len(dense_ids) + 1, -1, np.int64)  # dense ID -> row of the file
@@ -403,8 +410,10 @@ def encode(raw: RawFeatures, dense_ids: Sequence[str], min_count: int) -> Encode
       unmatched += 1
     else:
       row_of[n] = k
-  arrays, vocabularies, info = {}, {}, []
+  arrays, vocabularies, info, counts = {}, {}, [], {}
   for spec in raw.specs:
+    kept = lineage.base_statistics(base, raw.side, spec.name, spec.kind,
+                                   _KEPT_STATISTICS[spec.kind])
     column = raw.values[spec.name]
     if spec.kind in _NUMERIC_KINDS:  # by dense ID; NaN where the file has no row
       values = np.where(row_of >= 0, column[np.maximum(row_of, 0)], np.nan)
@@ -412,15 +421,20 @@ def encode(raw: RawFeatures, dense_ids: Sequence[str], min_count: int) -> Encode
     else:
       values = [column[k] if k >= 0 else None for k in row_of.tolist()]
       missing = int(sum(v is None for v in values[:-1]))
-    array, vocabulary, extra = _ENCODERS[spec.kind](spec, values, min_count)
+    if kept is not None and spec.kind in ("categorical", "multi_hot"):
+      kept = base.vocabularies[lineage.vocabulary_name(raw.side, spec.name)]
+    array, vocabulary, extra = _ENCODERS[spec.kind](spec, values, min_count, kept)
     arrays[spec.name] = array
     if vocabulary is not None:
       vocabularies[spec.name] = vocabulary
+      if base is not None:
+        counts[spec.name] = extra.pop("lineage", {"old": 0, "new": len(vocabulary),
+                                                  "absent": 0})
     info.append({"side": raw.side, "name": spec.name, "kind": spec.kind, "missing": missing,
                  **extra})
   return EncodedFeatures(raw.side, raw.specs, arrays, vocabularies, info, unmatched,
                       int(np.sum(row_of[:-1] < 0)), raw.path,
-                      dict(raw.bad.by_reason) if raw.bad is not None else {})
+                      dict(raw.bad.by_reason) if raw.bad is not None else {}, counts)
 
 
 def _vocabulary(tokens: List[List[str]], min_count: int) -> List[str]:
@@ -433,39 +447,58 @@ def _vocabulary(tokens: List[List[str]], min_count: int) -> List[str]:
   return sorted(kept, key=lambda v: (-counts[v], v))
 
 
-def _encode_categorical(spec, values, min_count):
-  vocabulary = _vocabulary([[v] for v in values if v is not None], min_count)
+# The statistics a feature keeps from a base (`encode`'s `base`): a categorical or multi-hot
+# feature its vocabulary, extended.
+_KEPT_STATISTICS = {"categorical": (), "multi_hot": (), "numeric": ("mean", "std"),
+                    "bucketized": ("edges",)}
+
+
+def _on_base(vocabulary: List[str], base: Optional[List[str]]) -> Tuple[List[str], dict]:
+  """The vocabulary, or (on a base) the base's extended by it; and the lineage counts."""
+  if base is None:
+    return vocabulary, {}
+  extended, counts = lineage.extend(base, vocabulary)
+  return extended, {"lineage": counts}
+
+
+def _encode_categorical(spec, values, min_count, base=None):
+  vocabulary, extra = _on_base(_vocabulary([[v] for v in values if v is not None], min_count),
+                               base)
   lookup = {v: n + 1 for n, v in enumerate(vocabulary)}
   array = np.array([lookup.get(v, 0) if v is not None else 0 for v in values], np.int32)
-  return array, vocabulary, {"vocab_size": len(vocabulary) + 1}
+  return array, vocabulary, {"vocab_size": len(vocabulary) + 1, **extra}
 
 
-def _encode_multi_hot(spec, values, min_count):
+def _encode_multi_hot(spec, values, min_count, base=None):
   tokens = [[t.strip() for t in v.split(spec.separator) if t.strip()] if v is not None else []
             for v in values]
-  vocabulary = _vocabulary(tokens, min_count)
+  vocabulary, extra = _on_base(_vocabulary(tokens, min_count), base)
   lookup = {v: n + 1 for n, v in enumerate(vocabulary)}
   width = max(1, max(len(t) for t in tokens))
   array = np.zeros((len(values), width), np.int32)
   for row, entity in enumerate(tokens):
     codes = sorted({lookup[t] for t in entity if t in lookup})
     array[row, :len(codes)] = codes
-  return array, vocabulary, {"vocab_size": len(vocabulary) + 1, "width": width}
+  return array, vocabulary, {"vocab_size": len(vocabulary) + 1, "width": width, **extra}
 
 
-def _encode_numeric(spec, numbers, min_count):
+def _encode_numeric(spec, numbers, min_count, base=None):
   present = numbers[np.isfinite(numbers)]
   mean = float(present.mean()) if len(present) else 0.0
   std = float(present.std()) if len(present) else 1.0
   std = std if std > 0 else 1.0
+  if base is not None:
+    mean, std = base["mean"], base["std"]
   array = np.where(np.isfinite(numbers), (numbers - mean) / std, 0.0).astype(np.float32)
   return array, None, {"mean": mean, "std": std}
 
 
-def _encode_bucketized(spec, numbers, min_count):
+def _encode_bucketized(spec, numbers, min_count, base=None):
   present = np.isfinite(numbers)
   edges = np.unique(np.quantile(numbers[present], np.linspace(0, 1, spec.buckets + 1)[1:-1])
                     ) if present.any() else np.zeros(0)
+  if base is not None:
+    edges = np.asarray(base["edges"], np.float64)
   array = np.where(present, 1 + np.searchsorted(edges, np.where(present, numbers, 0.0),
                                                 side="right"), 0).astype(np.int32)
   return array, None, {"vocab_size": len(edges) + 2, "edges": [float(e) for e in edges]}

@@ -29,7 +29,7 @@ from absl import logging
 
 from trainer import fileio, schema
 from trainer.config import ConfigError, PrepareConfig
-from trainer.data import context, features, sources, splits, synthetic, writer
+from trainer.data import context, features, lineage, sources, splits, synthetic, writer
 from trainer.data.scratch import (BUCKET_ROWS, IdEncoder, Progress, Scratch, frequency_order,
                                   prefetched)
 
@@ -121,8 +121,12 @@ def prepare(config: PrepareConfig) -> schema.Metadata:
     fileio.check_gcs_access(pattern, "input", write=False)
   for pattern in config.eval_input:
     fileio.check_gcs_access(pattern, "eval_input", write=False)
+  if config.base_data_dir:
+    fileio.check_gcs_access(config.base_data_dir, "base_data_dir", write=False)
   try:
     declared = context.declared_specs(config)
+    base = lineage.load(config.base_data_dir) if config.base_data_dir else None
+    contexts = context.ContextStats(config, declared, base)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   source = make_source(config, declared)
@@ -134,18 +138,19 @@ def prepare(config: PrepareConfig) -> schema.Metadata:
   if config.context and not source.has_timestamps:
     raise ConfigError(f"--context={','.join(config.context)} is derived from timestamps, and "
                       "the input has none (--timestamp_column)")
-  contexts = context.ContextStats(config, declared)
   started = time.time()
   scratch_dir = tempfile.mkdtemp(prefix="neumf-prepare-")
   try:
-    return _prepare(config, source, splitter, raw_features, contexts, scratch_dir, started)
+    return _prepare(config, source, splitter, raw_features, contexts, scratch_dir, started,
+                    base)
   finally:
     shutil.rmtree(scratch_dir, ignore_errors=True)
 
 
 def _prepare(config: PrepareConfig, source: sources.Source, splitter: splits.Splitter,
              raw_features: List[features.RawFeatures], contexts: context.ContextStats,
-             scratch_dir: str, started: float) -> schema.Metadata:
+             scratch_dir: str, started: float,
+             base: Optional[lineage.Base] = None) -> schema.Metadata:
   """The passes, in order; everything lands in a temporary folder, published at the end."""
   formats = source.id_format or (None, None)
   ids = _Ids(IdEncoder(formats[0]), IdEncoder(formats[1]))
@@ -153,7 +158,7 @@ def _prepare(config: PrepareConfig, source: sources.Source, splitter: splits.Spl
   total = _pass_read(source, ids, scratch, started, contexts)
   splitter.begin(ids.users.size, total)
   stats = _pass_dedupe(scratch, config, source, ids, splitter, total)
-  vocab = _dense_vocabulary(scratch, config, stats, ids, splitter)
+  vocab = _dense_vocabulary(scratch, config, stats, ids, splitter, base)
   kept_rows = int(stats.user_count[vocab.kept_user].sum())
   stats.rows_filtered = int(stats.user_count[~vocab.kept_user].sum())
   if contexts:  # the training rows' statistics of the context
@@ -168,9 +173,12 @@ def _prepare(config: PrepareConfig, source: sources.Source, splitter: splits.Spl
                      f"{written.num_eval} evaluation rows of {kept_rows}; both need at least "
                      "one" + splitter.empty_message())
   names = written.shard_names + _write_side_files(scratch, config, vocab, written, tmp_dir)
-  tables = [features.encode(raw, vocab.raw_users if raw.side == schema.USER
-                            else vocab.raw_items, config.min_feature_count)
-            for raw in raw_features]
+  try:
+    tables = [features.encode(raw, vocab.raw_users if raw.side == schema.USER
+                              else vocab.raw_items, config.min_feature_count, base)
+              for raw in raw_features]
+  except ValueError as e:  # a feature of another kind than the base's
+    raise ConfigError(str(e)) from None
   names += [writer.write_feature_table(table, tmp_dir, scratch.directory) for table in tables]
   names += [schema.feature_vocab_file(t.side, name) for t in tables for name in t.vocabularies]
   for name, values in contexts.vocabularies().items():
@@ -178,6 +186,7 @@ def _prepare(config: PrepareConfig, source: sources.Source, splitter: splits.Spl
     fileio.write_lines(fileio.join(tmp_dir, names[-1]), values)
   metadata = _metadata(config, source, splitter, vocab, stats, written, tables,
                        contexts.infos() if contexts else [])
+  metadata = _with_lineage(metadata, vocab, tables, contexts, base)
   fileio.write_text_atomic(fileio.join(tmp_dir, schema.METADATA_FILE), metadata.to_json())
   writer.publish(tmp_dir, config.output_dir, names)
   elapsed = time.time() - started
@@ -301,6 +310,8 @@ class _Vocabulary:
   raw_items: np.ndarray  # [num_items]
   user_index: np.ndarray  # [provisional users] -> dense index, -1 when dropped
   item_index: np.ndarray  # [provisional items] -> dense index, -1 when never kept
+  # On a base: {users, items: {old, new, absent}} (`lineage.on_base`).
+  lineage_counts: Dict[str, Dict[str, int]] = dataclasses.field(default_factory=dict)
 
   @property
   def num_users(self) -> int:
@@ -312,10 +323,12 @@ class _Vocabulary:
 
 
 def _dense_vocabulary(scratch: Scratch, config: PrepareConfig, stats: _Stats, ids: _Ids,
-                      splitter: splits.Splitter) -> _Vocabulary:
+                      splitter: splits.Splitter,
+                      base: Optional[lineage.Base] = None) -> _Vocabulary:
   """Pass 3 (only with --min_user_interactions: recount items over the users kept), then the
   dense indices: most frequent first, ties by raw ID. IDs without a row that counts for the
-  vocabulary (`_Stats.vocab_*`) get none (index -1: out of vocabulary)."""
+  vocabulary (`_Stats.vocab_*`) get none (index -1: out of vocabulary). On a base, its IDs
+  keep their indices and the new ones follow, in that order among themselves."""
   kept_user = stats.user_count >= config.min_user_interactions
   if not kept_user.any():
     raise ValueError(f"--min_user_interactions={config.min_user_interactions} leaves no user "
@@ -333,12 +346,39 @@ def _dense_vocabulary(scratch: Scratch, config: PrepareConfig, stats: _Stats, id
   raw_users, raw_items = ids.users.raw_ids(), ids.items.raw_ids()
   user_order = frequency_order(np.where(kept_user, stats.vocab_user_count, 0), raw_users)
   item_order = frequency_order(item_count, raw_items)
+  if base is not None:
+    dense_users, user_index, user_counts = lineage.on_base(base.users, user_order, raw_users)
+    dense_items, item_index, item_counts = lineage.on_base(base.items, item_order, raw_items)
+    return _Vocabulary(kept_user, dense_users, dense_items, user_index, item_index,
+                       {lineage.USERS: user_counts, lineage.ITEMS: item_counts})
   user_index = np.full(len(raw_users), -1, np.int64)
   user_index[user_order] = np.arange(len(user_order))
   item_index = np.full(len(raw_items), -1, np.int64)
   item_index[item_order] = np.arange(len(item_order))
   return _Vocabulary(kept_user, raw_users[user_order], raw_items[item_order], user_index,
                      item_index)
+
+
+def _with_lineage(metadata: schema.Metadata, vocab: _Vocabulary,
+                  tables: Sequence[features.EncodedFeatures], contexts: context.ContextStats,
+                  base: Optional[lineage.Base]) -> schema.Metadata:
+  """The metadata with its vocabulary fingerprint and (on a base) its lineage."""
+  vocabularies = {lineage.vocabulary_name(t.side, name): values
+                  for t in tables for name, values in t.vocabularies.items()}
+  vocabularies.update({lineage.vocabulary_name(schema.CONTEXT, name): values
+                       for name, values in contexts.vocabularies().items()})
+  fingerprint = lineage.fingerprint(vocab.raw_users.tolist(), vocab.raw_items.tolist(),
+                                    metadata.features, vocabularies)
+  if base is None:
+    return dataclasses.replace(metadata, vocabulary_fingerprint=fingerprint)
+  counts = dict(vocab.lineage_counts)
+  for t in tables:
+    counts.update({lineage.vocabulary_name(t.side, name): c
+                   for name, c in t.lineage_counts.items()})
+  counts.update({lineage.vocabulary_name(schema.CONTEXT, name): c
+                 for name, c in contexts.lineage_counts.items()})
+  return dataclasses.replace(metadata, vocabulary_fingerprint=fingerprint,
+                             lineage=lineage.lineage(base, counts))
 
 
 @dataclasses.dataclass
