@@ -118,8 +118,10 @@ class Checkpointer:
                                           **state.variables())
     self._manager = tf.train.CheckpointManager(self.checkpoint, self._task_directory,
                                                max_to_keep=config.max_checkpoints)
-    self._best_manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model),
-                                                    self._task_best_directory, max_to_keep=1)
+    # The best model with its optimizer's slots: a warm start continues from both.
+    self._best_manager = tf.train.CheckpointManager(
+        tf.train.Checkpoint(model=model, optimizer=optimizer), self._task_best_directory,
+        max_to_keep=1)
     self._last_save = time.time()
 
   # ------------------------------------------------------------------ restore

@@ -436,6 +436,13 @@ class TrainConfig:
       "directory holds), none (IDs only), or a comma-separated list of names or side:name "
       "(e.g. item:genres,age)."))
   top_k: int = _flag(10, "K of HR@K and NDCG@K.", lower_bound=1)
+  warm_start_from: Optional[str] = _flag(None, help=(
+      "The model_dir of an earlier run of the same model, trained on the data --data_dir was "
+      "prepared on (--base_data_dir) or on this data: its weights and optimizer slots start "
+      "this run, row by row; new IDs and values start fresh (README, \"Retraining every "
+      "day\")."))
+  warm_start_checkpoint: str = _flag("best", choices=("best", "latest"), help=(
+      "--warm_start_from's best checkpoint, or its latest."))
   pretrained_gmf_dir: Optional[str] = _flag(None, "neumf: model_dir of a trained gmf run.")
   pretrained_mlp_dir: Optional[str] = _flag(None, "neumf: model_dir of a trained mlp run.")
   alpha: float = _flag(0.5, "neumf with pretraining: weight of the GMF output.")
@@ -562,6 +569,13 @@ class TrainConfig:
              "--pretrained_gmf_dir/--pretrained_mlp_dir apply to --model=neumf only")
     _require(all(p is None for p in pretrained) or all(p is not None for p in pretrained),
              "--pretrained_gmf_dir and --pretrained_mlp_dir go together")
+    _require(self.warm_start_from is None or self.pretrained_gmf_dir is None,
+             "--warm_start_from and --pretrained_gmf_dir/--pretrained_mlp_dir both say where "
+             "the weights start: give one")
+    _require(self.warm_start_from is None or self.warm_start_from.rstrip("/")
+             != self.model_dir.rstrip("/"),
+             f"--warm_start_from={self.warm_start_from!r} is --model_dir: a run resumes from "
+             "its own checkpoints without it")
     if self.target_metric is not None or self.target_value is not None:
       _require(self.target_metric in METRICS,
                f"--target_metric={self.target_metric!r} is not one of {', '.join(METRICS)}")

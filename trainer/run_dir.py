@@ -93,6 +93,7 @@ def storage_locations(config: TrainConfig):
           ("export_dir", config.export_dir, True),
           ("checkpoint_dir", config.checkpoint_dir, True),
           ("tensorboard_dir", config.log_dir, True),
+          ("warm_start_from", config.warm_start_from, False),
           ("pretrained_gmf_dir", config.pretrained_gmf_dir, False),
           ("pretrained_mlp_dir", config.pretrained_mlp_dir, False))
 

@@ -23,7 +23,7 @@ import tensorflow as tf
 from absl import logging
 
 from trainer import (distribute, evaluation, export, fileio, loop, models, objectives,
-                     optimizers, parameter_server, report, run_dir, strict_json)
+                     optimizers, parameter_server, report, run_dir, strict_json, warm_start)
 from trainer.checkpointer import BestTracker, Checkpointer, TrainingState, best_epoch
 from trainer.config import TrainConfig
 from trainer.data import artifacts
@@ -95,6 +95,7 @@ def train_and_evaluate(config: TrainConfig,
   objective.check_replicas(strategy.num_replicas_in_sync)
   run_dir.check_storage(config)
   data = _open_data(config, objective)
+  warm = _warm_start_source(config, data)
   if config.deterministic:
     tf.config.experimental.enable_op_determinism()
   keras.utils.set_random_seed(config.seed)
@@ -111,7 +112,17 @@ def train_and_evaluate(config: TrainConfig,
                       if coordinated else model.trainable_variables)
       state = TrainingState.create(
           parameter_server.num_workers(strategy) if coordinated else 0)
-    return _run(config, strategy, objective, data, model, optimizer, state)
+    return _run(config, strategy, objective, data, model, optimizer, state, warm)
+
+
+def _warm_start_source(config: TrainConfig,
+                       data: artifacts.PreparedData) -> Optional[warm_start.Source]:
+  """With --warm_start_from, what it copies, checked before any work; None without it, or
+  when the run resumes from its own checkpoints (which already hold the warm start)."""
+  if not config.warm_start_from or (
+      not config.overwrite and tf.train.latest_checkpoint(config.resolved_checkpoint_dir)):
+    return None
+  return warm_start.check(config, data)
 
 
 def _open_data(config: TrainConfig, objective: objectives.Objective) -> artifacts.PreparedData:
@@ -129,10 +140,11 @@ def _open_data(config: TrainConfig, objective: objectives.Objective) -> artifact
 
 def _run(config: TrainConfig, strategy: tf.distribute.Strategy,
          objective: objectives.Objective, data: artifacts.PreparedData, model: keras.Model,
-         optimizer: keras.optimizers.Optimizer, state: TrainingState) -> Dict[str, object]:
+         optimizer: keras.optimizers.Optimizer, state: TrainingState,
+         warm: Optional[warm_start.Source] = None) -> Dict[str, object]:
   """Wiring: restore, train and evaluate epoch by epoch, export the best model, report."""
   checkpointer = Checkpointer(config, strategy, model, optimizer, state)
-  _restore_or_initialise(config, checkpointer, model, data, state)
+  warmed = _restore_or_initialise(config, checkpointer, model, optimizer, data, state, warm)
   coordinated = parameter_server.is_parameter_server(strategy)
   runner = (loop.CoordinatedEpochRunner if coordinated else loop.EpochRunner)(
       config, strategy, objective, data, model, optimizer, state, checkpointer)
@@ -167,6 +179,8 @@ def _run(config: TrainConfig, strategy: tf.distribute.Strategy,
                      best_epoch(best), tracker.metric, final)
   result.update(_time_to_target(config, objective, tracker.metric, history))
   result.update(phase_seconds=phases.seconds, phase_peak_rss_mb=phases.peak_rss_mb)
+  if warmed:
+    result["warm_start"] = warmed
   if chief:
     result["report"] = fileio.retry(
         lambda: report.write_report(history, config.model_dir, _report_title(config, result),
@@ -199,18 +213,25 @@ def _report_title(config: TrainConfig, result: Dict[str, object]) -> str:
 
 
 def _restore_or_initialise(config: TrainConfig, checkpointer: Checkpointer, model: keras.Model,
-                           data: artifacts.PreparedData, state: TrainingState) -> None:
-  """Resumes from the latest checkpoint, or starts NeuMF from pretrained GMF and MLP runs."""
+                           optimizer: keras.optimizers.Optimizer, data: artifacts.PreparedData,
+                           state: TrainingState, warm: Optional[warm_start.Source]
+                           ) -> Optional[Dict[str, object]]:
+  """Resumes from the latest checkpoint, or warm-starts (returning what it copied), or
+  starts NeuMF from pretrained GMF and MLP runs."""
   latest = checkpointer.restore_latest()
+  warmed = None
   if latest:
     logging.info("Resumed from %s (epoch %d of %d done, step %d)", latest,
                  int(state.epoch.numpy()), config.epochs, int(state.step.numpy()))
+  elif warm is not None:
+    warmed = warm_start.apply(warm, config, data, model, optimizer)
   elif config.pretrained_gmf_dir:
     _load_pretrained(model, config, data)
   if int(state.step.numpy()) and (len(data.metadata.train_shard_examples)
                                   != data.metadata.num_shards):
     raise ConfigError(f"--data_dir={config.data_dir} was prepared by an older version (no "
                       "per-shard example counts): prepare it again to resume mid-run")
+  return warmed
 
 
 @dataclasses.dataclass

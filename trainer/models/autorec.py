@@ -65,12 +65,12 @@ class AutoRec(Recommender):
     # stop existing autorec checkpoints from restoring); read it as `interactions`.
     self.history = InteractionTable(sizes[side] + 1, self.encoder_rows, interactions,
                                     name=f"{side}_interactions")
-    self.encoder = Embedding(self.encoder_rows, embedding_dim, name="encoder",
+    self.encoder = Embedding(self.encoder_rows, embedding_dim, name="encoder", vocabulary=self.other,
                              embeddings_initializer=keras.initializers.GlorotUniform())
     self.encoder_bias = self.add_weight(shape=(embedding_dim,), name="encoder_bias",
                                         initializer=keras.initializers.Zeros())
     # The decoder's rows, named by their side (user_embedding for I-AutoRec).
-    self.decoder = self._embedding(sizes[self.other], embedding_dim, f"{self.other}_embedding")
+    self.decoder = self._embedding(self.other, embedding_dim, f"{self.other}_embedding")
     self._add_biases()
     self._side_features([embedding_dim, 1])  # [encoding or decoder row ; bias] per side
 

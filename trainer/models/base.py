@@ -125,17 +125,20 @@ class Recommender(keras.Model):
     penalized.append(rows)
     return rows if term is None else rows + term
 
-  def _embedding(self, rows: int, dim: int, name: str) -> Embedding:
-    # +1: the out-of-vocabulary row. Small normal init, as in the NCF reference code.
-    return Embedding(rows + 1, dim, name=name, embeddings_initializer=RowBlockNormal(0.01))
+  def _embedding(self, side: str, dim: int, name: str) -> Embedding:
+    """A table of `side`'s IDs (user or item), +1: the out-of-vocabulary row. Small normal
+    init, as in the NCF reference code."""
+    rows = self.num_users if side == schema.USER else self.num_items
+    return Embedding(rows + 1, dim, name=name, embeddings_initializer=RowBlockNormal(0.01),
+                     vocabulary=side)
 
   def _add_biases(self) -> None:
     """User, item (zeros) and global (`output_bias`) biases: mf's and autorec's."""
     zeros = keras.initializers.Zeros()
     self.user_bias = Embedding(self.num_users + 1, 1, embeddings_initializer=zeros,
-                               name="user_bias")
+                               name="user_bias", vocabulary=schema.USER)
     self.item_bias = Embedding(self.num_items + 1, 1, embeddings_initializer=zeros,
-                               name="item_bias")
+                               name="item_bias", vocabulary=schema.ITEM)
     self.global_bias = self.add_weight(
         shape=(), initializer=keras.initializers.Constant(self.output_bias), name="global_bias")
 

@@ -22,8 +22,11 @@ class Embedding(layers.Embedding):
   (README, "Design choices, measured").
   """
 
-  def __init__(self, *args, **kwargs):
+  def __init__(self, *args, vocabulary: Optional[str] = None, **kwargs):
     super().__init__(*args, **kwargs)
+    # Whose IDs index the rows ("user" or "item": row n is dense ID n, the last row the
+    # out-of-vocabulary one), what a warm start maps a table's rows by.
+    self.vocabulary = vocabulary
     # Built now, not at the first call: Keras would then create the table later, outside any
     # scope of ours (deferred to the end of its symbolic build), and under a parameter server
     # only tables created in `id_tables()` are sharded over the ps tasks.
@@ -62,6 +65,9 @@ class Embedding(layers.Embedding):
     return {name: (child.value if isinstance(child, keras.Variable)
                    and parameter_server.is_sharded(child.value) else child)
             for name, child in children.items()}
+
+  def get_config(self):
+    return {**super().get_config(), "vocabulary": self.vocabulary}
 
   def call(self, inputs):
     if inputs.dtype not in ("int32", "int64"):

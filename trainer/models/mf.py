@@ -38,12 +38,12 @@ class MF(Recommender):
     super().__init__(num_users, num_items, **kwargs)
     self.embedding_dim = embedding_dim
     self.history = history
-    self.user_embedding = self._embedding(num_users, embedding_dim, "user_embedding")
-    self.item_embedding = self._embedding(num_items, embedding_dim, "item_embedding")
+    self.user_embedding = self._embedding(schema.USER, embedding_dim, "user_embedding")
+    self.item_embedding = self._embedding(schema.ITEM, embedding_dim, "item_embedding")
     if history:
       self.history_table = HistoryTable(num_users, num_items, history, positives,
                                         name="history_table")
-      self.history_embedding = self._embedding(num_items, embedding_dim, "history_embedding")
+      self.history_embedding = self._embedding(schema.ITEM, embedding_dim, "history_embedding")
       self.recency_weights = self.add_weight(shape=(history,), name="recency_weights",
                                              initializer=keras.initializers.Ones())
     self._add_biases()

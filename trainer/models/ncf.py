@@ -24,8 +24,8 @@ class GMF(Recommender):
   def __init__(self, num_users: int, num_items: int, embedding_dim: int = 8, **kwargs):
     super().__init__(num_users, num_items, **kwargs)
     self.embedding_dim = embedding_dim
-    self.user_embedding = self._embedding(num_users, embedding_dim, "gmf_user_embedding")
-    self.item_embedding = self._embedding(num_items, embedding_dim, "gmf_item_embedding")
+    self.user_embedding = self._embedding(schema.USER, embedding_dim, "gmf_user_embedding")
+    self.item_embedding = self._embedding(schema.ITEM, embedding_dim, "gmf_item_embedding")
     self._side_features([embedding_dim])
     self.score = self._output()
 
@@ -60,8 +60,8 @@ class MLP(Recommender):
     self.embedding_dim = embedding_dim
     self.layer_sizes = tuple(int(n) for n in layers)
     self.dropout = dropout
-    self.user_embedding = self._embedding(num_users, embedding_dim, "mlp_user_embedding")
-    self.item_embedding = self._embedding(num_items, embedding_dim, "mlp_item_embedding")
+    self.user_embedding = self._embedding(schema.USER, embedding_dim, "mlp_user_embedding")
+    self.item_embedding = self._embedding(schema.ITEM, embedding_dim, "mlp_item_embedding")
     self._side_features([embedding_dim])
     self.tower = _tower(self, self.layer_sizes, dropout, "mlp")
     self.score = self._output()
@@ -90,11 +90,11 @@ class NeuMF(Recommender):
     self.mlp_embedding_dim = mlp_embedding_dim
     self.layer_sizes = tuple(int(n) for n in layers)
     self.dropout = dropout
-    self.gmf_user_embedding = self._embedding(num_users, embedding_dim, "gmf_user_embedding")
-    self.gmf_item_embedding = self._embedding(num_items, embedding_dim, "gmf_item_embedding")
-    self.mlp_user_embedding = self._embedding(num_users, mlp_embedding_dim,
+    self.gmf_user_embedding = self._embedding(schema.USER, embedding_dim, "gmf_user_embedding")
+    self.gmf_item_embedding = self._embedding(schema.ITEM, embedding_dim, "gmf_item_embedding")
+    self.mlp_user_embedding = self._embedding(schema.USER, mlp_embedding_dim,
                                               "mlp_user_embedding")
-    self.mlp_item_embedding = self._embedding(num_items, mlp_embedding_dim,
+    self.mlp_item_embedding = self._embedding(schema.ITEM, mlp_embedding_dim,
                                               "mlp_item_embedding")
     self._side_features([embedding_dim, mlp_embedding_dim])  # [GMF ; MLP] per side
     self.tower = _tower(self, self.layer_sizes, dropout, "mlp")

@@ -7,6 +7,7 @@
 import keras
 from keras import layers, ops
 
+from trainer import schema
 from trainer.models.base import Recommender
 from trainer.models.layers import Embedding
 
@@ -21,8 +22,10 @@ class SeedMLP(Recommender):
     self.embedding_dim = embedding_dim
     self.hidden_units = hidden_units
     # Keras's default uniform initialiser here, as in the classic regressor.
-    self.user_embedding = Embedding(num_users + 1, embedding_dim, name="user_embedding")
-    self.item_embedding = Embedding(num_items + 1, embedding_dim, name="item_embedding")
+    self.user_embedding = Embedding(num_users + 1, embedding_dim, name="user_embedding",
+                                    vocabulary=schema.USER)
+    self.item_embedding = Embedding(num_items + 1, embedding_dim, name="item_embedding",
+                                    vocabulary=schema.ITEM)
     self._side_features([embedding_dim])
     self.hidden = layers.Dense(hidden_units, activation="relu", name="hidden")
     self.rating = self._output("rating")
