@@ -78,7 +78,10 @@ def check(config: TrainConfig, data: artifacts.PreparedData) -> Source:
       differs.
   """
   flag = f"--warm_start_from={config.warm_start_from}"
-  old = run_dir.load_config(config.warm_start_from)
+  try:
+    old = run_dir.load_config(config.warm_start_from)
+  except ConfigError as e:
+    raise ConfigError(f"{flag}: {e}") from None
   fields = ("model", "task") + SHAPING_FIELDS[config.model]
   differ = [f"{name}={getattr(old, name)!r} there, {getattr(config, name)!r} here"
             for name in fields if getattr(old, name) != getattr(config, name)]
@@ -258,8 +261,8 @@ def _write(leaves: Sequence, value: np.ndarray) -> None:
     row += rows
 
 
-def _segments_for(variable, owner, source: Source, data: artifacts.PreparedData,
-                  config: TrainConfig) -> Optional[Segments]:
+def _segments_for(variable, owner, source: Source,
+                  data: artifacts.PreparedData) -> Optional[Segments]:
   """How `variable`'s rows map (None: copied whole)."""
   if isinstance(owner, Embedding) and owner.vocabulary in (schema.USER, schema.ITEM):
     return _id_segments(*(int(m.num_users if owner.vocabulary == schema.USER
@@ -312,7 +315,7 @@ def apply(source: Source, config: TrainConfig, data: artifacts.PreparedData,
       raise ConfigError(f"--warm_start_from={source.model_dir}: {source.checkpoint} has no "
                         f"{variable.path} (checkpoint key {'/'.join(path or ['?'])})")
     old = saved.value(node)
-    segments = _segments_for(variable, owners.get(id(variable)), source, data, config)
+    segments = _segments_for(variable, owners.get(id(variable)), source, data)
     fresh = _read(variable)
     _check_shape(source, variable, old, fresh, segments)
     _write(_leaves(variable), _remap(old, fresh, segments))
