@@ -252,7 +252,7 @@ def test_a_warm_start_into_two_and_three_ps_shards_equals_one_device(days, m0, t
            json.dumps(cluster), config.to_json(), str(shards)], cwd=REPO_ROOT,
           capture_output=True, text=True, timeout=300,
           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
-                   PYTHONPATH=os.pathsep.join([REPO_ROOT, os.path.join(REPO_ROOT, "tests")])))
+                   PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.path.join(REPO_ROOT, "tests")])))
     finally:
       for p in servers:
         p.kill()

@@ -1,5 +1,6 @@
 """ParameterServerStrategy with real chief, worker and ps processes on 127.0.0.1."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -327,3 +328,42 @@ def test_a_diverging_run_stops_the_cluster_with_exit_code_3(ps_data, tmp_path):
   assert out.strip() == ""
   assert not os.path.exists(os.path.join(model_dir, "metrics.json"))
   assert not os.path.exists(os.path.join(model_dir, "export"))
+
+
+def test_a_model_trained_over_ps_shards_warm_starts_on_one_device(cluster_run, ps_data,
+                                                                  tmp_path):
+  """The cluster run's tables (2 shards) and their per-shard lazy Adam slots, into one device's
+  model of data prepared on its data (more users): rows and slots copied, shards joined."""
+  from tensorflow.core.protobuf import trackable_object_graph_pb2
+  from trainer import run_dir
+  from trainer.data import artifacts
+  from warm_helpers import warm_started, weights_and_slots
+  model_dir, _ = cluster_run
+  d1 = str(tmp_path / "d1")
+  preparation.prepare(PrepareConfig(output_dir=d1, num_users=340, num_items=120,
+                                    num_ratings=7000, num_shards=4, seed=4,
+                                    base_data_dir=ps_data))
+  config = dataclasses.replace(run_dir.load_config(model_dir), data_dir=d1,
+                               model_dir=str(tmp_path / "m1"), warm_start_from=model_dir,
+                               ps_shards=0, strategy="default")
+  new = weights_and_slots(*warm_started(config))
+  best_dir = f"{run_dir.load_config(model_dir).resolved_checkpoint_dir}/best"
+  old_model = run_dir.load_trained_model(model_dir, artifacts.PreparedData(ps_data), best_dir)
+  best = tf.train.latest_checkpoint(best_dir)
+  reader = tf.train.load_checkpoint(best)
+  graph = trackable_object_graph_pb2.TrackableObjectGraph()
+  graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
+  by_name = {a.full_name: a.checkpoint_key for n in graph.nodes for a in n.attributes}
+  n0 = artifacts.PreparedData(ps_data).metadata.num_users
+  for weight in old_model.trainable_weights:
+    if not weight.path.startswith("user_"):
+      continue
+    np.testing.assert_array_equal(new[weight.path]["value"][:n0], weight.numpy()[:n0])
+    # Keras names a shard's slot after the shard: lazy_adam/<table>_part_<k>_0_momentum.
+    stem = weight.path.replace("/", "_")
+    momentum = np.concatenate([reader.get_tensor(by_name[f"lazy_adam/{stem}_part_{k}_0_momentum"])
+                               for k in range(2)])
+    assert momentum.any()
+    np.testing.assert_array_equal(new[weight.path]["momentum"][:n0], momentum[:n0])
+    np.testing.assert_array_equal(new[weight.path]["momentum"][-1], momentum[-1])  # OOV
+    assert not new[weight.path]["momentum"][n0:-1].any()
