@@ -31,6 +31,8 @@ DEFAULTS = {
     "PS": "2",  # parameter-server TFJob (k8s/tfjob_ps.yaml): ps replicas, CPU and memory each
     "PS_CPU": "4",
     "PS_MEMORY": "64Gi",
+    "SCHEDULE": "0 3 * * *",  # daily retraining (k8s/cronjob.yaml), UTC
+    "LOOKBACK_DAYS": "7",
 }
 
 

@@ -280,3 +280,61 @@ def test_local_debug_dry_run_gives_a_parameter_server_cluster():
   assert len(lines) == len(roles)
   for (task_type, index), line in zip(roles, lines):
     assert f'\\"type\\":\\ \\"{task_type}\\"\\,\\ \\"index\\":\\ {index}' in line, line
+
+
+_DAILY = ["--set", "ROOT=gs://bucket/daily", "--set", "LOG_INPUT=gs://bucket/log/*.csv",
+          "--set", "PREPARE_FLAGS=--source=csv --user_column=user --item_column=item",
+          "--set", "TRAIN_FLAGS=--model=mf --epochs=2"]
+
+
+def test_the_daily_cronjob_validates_and_chains_the_days():
+  cron = _rendered("cronjob.yaml", *_DAILY)
+  kubernetes_validate.validate(cron, K8S_VERSION, strict=True)
+  assert cron["spec"]["schedule"] == "0 3 * * *"
+  assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+  pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+  assert pod["securityContext"]["runAsNonRoot"]
+  script = pod["containers"][0]["args"][0]
+  assert '--base_data_dir="$root/data/$previous"' in script
+  assert '--warm_start_from="$root/runs/$previous"' in script
+  assert 'root="gs://bucket/daily"' in script and "${" not in script
+  broken = _rendered("cronjob.yaml", *_DAILY)
+  broken["spec"]["jobTemplate"]["spec"]["backofLimit"] = 4  # a misspelt field
+  with pytest.raises(kubernetes_validate.ValidationError):
+    kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
+
+
+@pytest.mark.slow
+def test_the_daily_cronjobs_script_warm_starts_today_from_the_latest_day(tmp_path):
+  """The CronJob's own script, run here: day one bootstrapped by hand two days ago (yesterday
+  missed), today prepared on it and warm-started from its model."""
+  import datetime
+  import json
+  import os
+  from conftest import run_cli
+  log = tmp_path / "log.csv"
+  rows = [f"u{u},i{i},{1 + (u * i) % 5}\n" for u in range(30) for i in range(12) if (u + i) % 3]
+  log.write_text("user,item,rating\n" + "".join(rows[:200]))
+  root = tmp_path / "daily"
+  day = (datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=2)).date()
+  prepare = "--source=csv --user_column=user --item_column=item --rating_column=rating"
+  train = "--model=mf --epochs=1 --batch_size=32 --embedding_dim=4 --optimizer=lazy_adam"
+  run_cli("trainer.prepare", *prepare.split(), f"--input={log}",
+          f"--output_dir={root}/data/{day}")
+  run_cli("trainer.task", *train.split(), f"--data_dir={root}/data/{day}",
+          f"--model_dir={root}/runs/{day}")
+  log.write_text("user,item,rating\n" + "".join(rows))  # the log grew
+  cron = _rendered("cronjob.yaml", *_DAILY, "--set", f"ROOT={root}", "--set",
+                   f"LOG_INPUT={log}", "--set", f"PREPARE_FLAGS={prepare}", "--set",
+                   f"TRAIN_FLAGS={train}")
+  script = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"][0]
+  done = subprocess.run(["/bin/sh", "-c", script], capture_output=True, text=True,
+                        timeout=600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+  assert done.returncode == 0, done.stderr[-3000:]
+  today = datetime.datetime.now(datetime.timezone.utc).date()
+  assert f"Today {today}, on {day}" in done.stdout
+  metrics = json.loads((root / "runs" / str(today) / "metrics.json").read_text())
+  assert metrics["warm_start"]["from"] == f"{root}/runs/{day}"
+  lineage = json.loads((root / "data" / str(today) / "metadata.json").read_text())["lineage"]
+  assert lineage["base_data_dir"] == f"{root}/data/{day}"
+  assert lineage["vocabularies"]["users"]["new"] > 0
