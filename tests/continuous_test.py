@@ -118,16 +118,17 @@ def _m0_state(m0):
   model, optimizer = built(m0)
   best = tf.train.latest_checkpoint(os.path.join(m0.resolved_checkpoint_dir, "best"))
   tf.train.Checkpoint(model=model, optimizer=optimizer).restore(best).assert_consumed()
-  return weights_and_slots(model, optimizer)
+  return weights_and_slots(model, optimizer), int(optimizer.iterations.numpy())
 
 
 def test_a_warm_start_copies_old_rows_and_slots_and_starts_new_rows_fresh(days, m0, tmp_path):
-  old = _m0_state(m0)
+  old, old_updates = _m0_state(m0)
   config = _warm_config(days, m0, tmp_path)
   model, optimizer = warm_started(config)
   new = weights_and_slots(model, optimizer)
   fresh = weights_and_slots(*built(config))  # what a run from scratch starts from
-  assert int(optimizer.iterations.numpy()) == 0  # the step counter starts anew
+  assert int(optimizer.iterations.numpy()) == 0  # the step counter starts anew...
+  assert int(optimizer.warm_start_steps.numpy()) == old_updates > 0  # ...Adam's t continues
   assert int(model.num_users) == 8 and int(model.num_items) == 6
   sizes = {"user": (6, 8), "item": (5, 6)}
   checked = set()

@@ -441,8 +441,9 @@ class TrainConfig:
       "prepared on (--base_data_dir) or on this data: its weights and optimizer slots start "
       "this run, row by row; new IDs and values start fresh (README, \"Retraining every "
       "day\")."))
-  warm_start_checkpoint: str = _flag("best", choices=("best", "latest"), help=(
-      "--warm_start_from's best checkpoint, or its latest."))
+  warm_start_checkpoint: str = _flag("exported", choices=("exported", "best", "latest"), help=(
+      "Which of --warm_start_from's checkpoints: the one it exported (its best epoch's, or "
+      "with --nokeep_best its last), its best, or its latest."))
   pretrained_gmf_dir: Optional[str] = _flag(None, "neumf: model_dir of a trained gmf run.")
   pretrained_mlp_dir: Optional[str] = _flag(None, "neumf: model_dir of a trained mlp run.")
   alpha: float = _flag(0.5, "neumf with pretraining: weight of the GMF output.")

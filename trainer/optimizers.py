@@ -182,7 +182,8 @@ class LazyAdam(keras.optimizers.Optimizer):
   For a row r of a sparse gradient with summed per-row gradient g (duplicates aggregated):
     m_r = b1 m_r + (1 - b1) g;  v_r = b2 v_r + (1 - b2) g^2
     w_r -= lr sqrt(1 - b2^t) / (1 - b1^t) * m_r / (sqrt(v_r) + eps)
-  which is Keras Adam's formula, applied to the touched rows.
+  which is Keras Adam's formula, applied to the touched rows. After a warm start, t counts
+  the updates of the run the moments came from too (`warm_start_steps`).
 
   The arithmetic runs in TensorFlow's fused, multi-threaded Adam kernel (ResourceApplyAdam):
   on the variables themselves for a dense gradient; for a sparse one, on scratch variables
@@ -201,11 +202,17 @@ class LazyAdam(keras.optimizers.Optimizer):
     super().build(var_list)
     self._momentums, self._velocities = self.add_optimizer_variables(
         var_list, ["momentum", "velocity"])
+    # Updates made before this run's first step by the run it warm-started from (whose
+    # moments it took): the bias correction continues from them, while the step counter and
+    # the learning-rate schedule start anew (trainer/warm_start.py). Created after the slots,
+    # so the checkpoint keys of the slots are those of runs before it.
+    self.warm_start_steps = self.add_variable(shape=(), dtype="int64", initializer="zeros",
+                                              name="warm_start_steps")
     self._rows = _RowBuffers(var_list)
 
   def update_step(self, gradient, variable, learning_rate):
     dtype = variable.dtype
-    step = ops.cast(self.iterations + 1, dtype)
+    step = ops.cast(self.iterations + 1 + self.warm_start_steps, dtype)
     b1, b2 = ops.cast(self.beta_1, dtype), ops.cast(self.beta_2, dtype)
     hyper = dict(beta1_power=ops.power(b1, step), beta2_power=ops.power(b2, step),
                  lr=ops.cast(learning_rate, dtype), beta1=b1, beta2=b2,
