@@ -59,6 +59,11 @@ def test_preparation_on_a_base_keeps_every_index_and_counts_old_new_and_absent(d
       "item:genre": {"old": 3, "new": 1, "absent": 0},
       "context:device": {"old": 2, "new": 1, "absent": 0}}
   assert meta.num_users == 8 and meta.num_items == 6
+  # A numeric feature keeps the base's mean and deviation (prepared afresh, day 1's differ).
+  price = {d: next(f for f in artifacts.load_metadata(days[d]).features if f["name"] == "price")
+           for d in ("d0", "d1", "fresh")}
+  assert (price["d1"]["mean"], price["d1"]["std"]) == (price["d0"]["mean"], price["d0"]["std"])
+  assert price["fresh"]["mean"] > price["d0"]["mean"] + 5
   # The same log prepared afresh orders its vocabularies by frequency: other indices.
   fresh = open(os.path.join(days["fresh"], "users.vocab")).read().split()
   assert sorted(fresh) == sorted(set(users) - {"u6"})
@@ -160,6 +165,8 @@ def test_a_warm_start_copies_old_rows_and_slots_and_starts_new_rows_fresh(days, 
     assert new[path]["value"].shape[0] == kept + 1
     np.testing.assert_array_equal(new[path]["value"][kept:], fresh[path]["value"][kept:])
     assert not new[path]["momentum"][kept:].any()
+  np.testing.assert_array_equal(new["context_features/numeric_projection"]["value"],
+                                old["context_features/numeric_projection"]["value"])
   # New rows follow --seed: the same seed gives the same rows, another seed others.
   again = weights_and_slots(*warm_started(config))
   assert digest(again) == digest(new)
@@ -182,7 +189,8 @@ def test_two_replicas_warm_start_as_one_device(days, m0, tmp_path, mirrored_stra
     (dict(embedding_dim=16), r"embedding_dim=8 there, 16 here"),
     (dict(history=3), r"history=0 there, 3 here"),
     (dict(features="none"), r"trained with features context:device \(categorical\), "
-                            r"item:genre \(categorical\), this run has none"),
+                            r"context:price \(numeric\), item:genre \(categorical\), this run "
+                            r"has none"),
 ])
 def test_a_model_that_cannot_be_mapped_is_refused_before_any_work(days, m0, tmp_path, changes,
                                                                   message):

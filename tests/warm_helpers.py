@@ -21,7 +21,7 @@ from trainer.config import TrainConfig
 from trainer.data import artifacts
 
 # Day 0: users u1-u6, items i1-i5. Day 1: u6 is gone, u7 and u8 come, item i6 appears; the
-# context value "watch" and the genre "doc" are new.
+# context value "watch" and the genre "doc" are new, and the new rows' prices are higher.
 _DAY0 = [(u, i, 1 + (u * 3 + i) % 5, 1000 + 10 * u + i, "tv" if (u + i) % 2 else "phone")
          for u in range(1, 7) for i in range(1, 6)]
 _DAY1 = ([row for row in _DAY0 if row[0] != 6]
@@ -36,8 +36,9 @@ def write_logs(directory) -> Dict[str, str]:
   for name, rows in (("day0", _DAY0), ("day1", _DAY1)):
     paths[name] = str(directory / f"{name}.csv")
     with open(paths[name], "w") as f:
-      f.write("user,item,rating,ts,device\n")
-      f.writelines(f"u{u},i{i},{r},{t},{d}\n" for u, i, r, t, d in rows)
+      f.write("user,item,rating,ts,device,price\n")
+      f.writelines(f"u{u},i{i},{r},{t},{d},{t % 7 + (50 if t > 5000 else 0)}\n"
+                   for u, i, r, t, d in rows)
   paths["items"] = str(directory / "items.csv")
   with open(paths["items"], "w") as f:
     f.write("item,genre\n")
@@ -47,7 +48,7 @@ def write_logs(directory) -> Dict[str, str]:
 
 def prepare_flags(paths, log: str, output_dir: str, *extra: str) -> list:
   return ["--source=csv", f"--input={paths[log]}", "--user_column=user", "--item_column=item",
-          "--rating_column=rating", "--timestamp_column=ts", "--context_columns=device:categorical",
+          "--rating_column=rating", "--timestamp_column=ts", "--context_columns=device:categorical,price:numeric",
           f"--item_features={paths['items']}", "--item_id_column=item",
           "--item_feature_columns=genre:categorical", "--eval_fraction=0.3", "--seed=3",
           "--duplicates=keep_latest",
@@ -72,7 +73,7 @@ def warm_started(config: TrainConfig, strategy=None):
   """(model, optimizer) built and warm-started as `neumf-train --warm_start_from` does."""
   model, optimizer = built(config, strategy)
   data = artifacts.PreparedData(config.data_dir)
-  warm_start.apply(warm_start.check(config, data), config, data, model, optimizer)
+  warm_start.apply(warm_start.check(config, data), data, model, optimizer)
   return model, optimizer
 
 

@@ -224,7 +224,7 @@ def _restore_or_initialise(config: TrainConfig, checkpointer: Checkpointer, mode
     logging.info("Resumed from %s (epoch %d of %d done, step %d)", latest,
                  int(state.epoch.numpy()), config.epochs, int(state.step.numpy()))
   elif warm is not None:
-    warmed = warm_start.apply(warm, config, data, model, optimizer)
+    warmed = warm_start.apply(warm, data, model, optimizer)
   elif config.pretrained_gmf_dir:
     _load_pretrained(model, config, data)
   if int(state.step.numpy()) and (len(data.metadata.train_shard_examples)

@@ -237,11 +237,12 @@ class _Saved:
 # ----------------------------------------------------------------------------- the copy
 
 
-def _checkpoint_paths(model: keras.Model):
-  """{object: its path from a checkpoint's root} of the model's objects."""
-  root = tf.train.Checkpoint(model=model)
+def _checkpoint_paths(model: keras.Model) -> Dict[int, List[str]]:
+  """{id(object): its path from a checkpoint's root} of the model's objects: the names a
+  checkpoint of `tf.train.Checkpoint(model=...)` keys them by."""
+  root = tf.train.Checkpoint(model=model)  # (the view holds it weakly: alive while it walks)
   _, paths = graph_view.ObjectGraphView(root).breadth_first_traversal()
-  return {id(obj): [ref.name for ref in path] for obj, path in paths.items()}, root
+  return {id(obj): [ref.name for ref in path] for obj, path in paths.items()}
 
 
 def _leaves(variable) -> list:
@@ -290,8 +291,8 @@ def _owners(model: keras.Model) -> Dict[int, object]:
   return owners
 
 
-def apply(source: Source, config: TrainConfig, data: artifacts.PreparedData,
-          model: keras.Model, optimizer: keras.optimizers.Optimizer) -> Dict[str, object]:
+def apply(source: Source, data: artifacts.PreparedData, model: keras.Model,
+          optimizer: keras.optimizers.Optimizer) -> Dict[str, object]:
   """Copies M0's weights and slots into the freshly built `model` and its built `optimizer`.
 
   Returns:
@@ -301,7 +302,7 @@ def apply(source: Source, config: TrainConfig, data: artifacts.PreparedData,
     ConfigError: a weight of M0 has a shape the new model's cannot take, naming it.
   """
   saved = _Saved(source.checkpoint)
-  paths, _root = _checkpoint_paths(model)
+  paths = _checkpoint_paths(model)
   owners = _owners(model)
   inner = getattr(optimizer, "inner_optimizer", optimizer)
   slot_lists = [name for name in saved.slot_lists() if isinstance(getattr(inner, name, None),
