@@ -45,7 +45,8 @@ DATASETS = {
                "eval_rmse", 3, "--learning_rate=0.002"),
     "latest_small": ("ml-latest-small/ratings.csv", "userId,movieId,rating,timestamp",
                      "ml-latest-small/movies.csv", "configs/latest_small_implicit.flags",
-                     "eval_hr_full", 2, ""),
+                     "eval_hr_full", 2, ""),  # validation replay, seed 0: the recipe's learning
+    # rate +28% / -6%, 0.01 +28% / +28% (HR@10 on 700-1,200 rows: a few hits either way)
 }
 
 

@@ -274,13 +274,15 @@ def test_a_warm_start_into_two_and_three_ps_shards_equals_one_device(days, m0, t
 
 @pytest.mark.slow
 def test_a_killed_warm_started_run_resumes_exactly(tmp_path):
-  from resumable import DATA_FLAGS, Run, train_command
+  from resumable import Run, train_command
   d0, d1 = str(tmp_path / "d0"), str(tmp_path / "d1")
-  run_cli("trainer.prepare", f"--output_dir={d0}", *DATA_FLAGS)
-  run_cli("trainer.prepare", f"--output_dir={d1}", *DATA_FLAGS, f"--base_data_dir={d0}",
-          "--num_users=21000", "--num_ratings=32000")
+  data = ("--source=synthetic", "--num_items=500", "--num_shards=2", "--eval_fraction=0.02")
+  run_cli("trainer.prepare", f"--output_dir={d0}", *data, "--num_users=2000",
+          "--num_ratings=8000", "--seed=11")
+  run_cli("trainer.prepare", f"--output_dir={d1}", *data, f"--base_data_dir={d0}",
+          "--num_users=2400", "--num_ratings=10000", "--seed=12")
   run_cli("trainer.task", *train_command(d0, str(tmp_path / "m0"))[3:], "--epochs=1")
-  warm = (f"--warm_start_from={tmp_path / 'm0'}",)
+  warm = (f"--warm_start_from={tmp_path / 'm0'}", "--epochs=1")
   reference = last_json_line(run_cli("trainer.task", *train_command(
       d1, str(tmp_path / "reference"))[3:], *warm).stdout)
   command = train_command(d1, str(tmp_path / "model"), *warm)

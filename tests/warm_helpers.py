@@ -48,7 +48,8 @@ def write_logs(directory) -> Dict[str, str]:
 
 def prepare_flags(paths, log: str, output_dir: str, *extra: str) -> list:
   return ["--source=csv", f"--input={paths[log]}", "--user_column=user", "--item_column=item",
-          "--rating_column=rating", "--timestamp_column=ts", "--context_columns=device:categorical,price:numeric",
+          "--rating_column=rating", "--timestamp_column=ts",
+          "--context_columns=device:categorical,price:numeric",
           f"--item_features={paths['items']}", "--item_id_column=item",
           "--item_feature_columns=genre:categorical", "--eval_fraction=0.3", "--seed=3",
           "--duplicates=keep_latest",
@@ -91,10 +92,10 @@ def weights_and_slots(model, optimizer) -> Dict[str, Dict[str, np.ndarray]]:
     value = getattr(variable, "value", variable)
     leaves = value.variables if parameter_server.is_sharded(value) else [variable]
     slots = {}
+    index = optimizer._get_variable_index  # pylint: disable=protected-access
     for name, slot_list in (("momentum", optimizer._momentums),  # pylint: disable=protected-access
                             ("velocity", optimizer._velocities)):  # pylint: disable=protected-access
-      parts = [np.asarray(slot_list[optimizer._get_variable_index(leaf)].numpy())  # pylint: disable=protected-access
-               for leaf in leaves]
+      parts = [np.asarray(slot_list[index(leaf)].numpy()) for leaf in leaves]
       slots[name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
     out[variable.path] = {"value": whole(variable), **slots}
   return out

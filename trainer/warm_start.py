@@ -8,7 +8,7 @@ checkpoint M0 exported (its best epoch's, or with --nokeep_best its last; or
 - every ID and feature table, row by row: the rows of M0's IDs and feature values (which a
   directory prepared with `--base_data_dir` keeps at their indices, `trainer.data.lineage`)
   and each table's out-of-vocabulary row; new rows keep the new model's initial values
-  (seeded: the same for a given --seed, however the table is sharded);
+  (seeded by --seed; an ID table's are the same however it is sharded);
 - the optimizer's slots of those rows (lazy Adam's moments), read by the slots' place in M0's
   optimizer, never by order of creation; new rows' slots are zeros;
 - every other trainable weight (dense layers, biases, recency weights) as it is.
@@ -328,8 +328,8 @@ def apply(source: Source, data: artifacts.PreparedData, model: keras.Model,
                                "copied": int(sum(rows for *_, rows in segments))}
     leaves = _leaves(variable)
     for slot_list in slot_lists:
-      slots = [getattr(inner, slot_list)[inner._get_variable_index(leaf)]  # pylint: disable=protected-access
-               for leaf in leaves]
+      index = inner._get_variable_index  # pylint: disable=protected-access
+      slots = [getattr(inner, slot_list)[index(leaf)] for leaf in leaves]
       old_slot = saved.slot(slot_list, node, variable.path)
       _write(slots, _remap(old_slot, np.zeros(fresh.shape, old_slot.dtype), segments))
   summary = {"from": source.model_dir, "checkpoint": source.checkpoint,

@@ -106,7 +106,7 @@ class ContextStats:
     self._first_item: Optional[np.ndarray] = None
     self._missing: Dict[str, int] = {}
     for spec in self.declared:  # a kind other than the base's: refused before any pass
-      lineage.base_statistics(base, schema.CONTEXT, spec.name, spec.kind, ())
+      lineage.kept(base, schema.CONTEXT, spec.name, spec.kind)
 
   def __bool__(self) -> bool:
     return bool(self.declared or self.derived)
@@ -181,11 +181,8 @@ class ContextStats:
     if self.base is None:
       return kept
     spec = next(s for s in self.declared if s.name == name)
-    if lineage.base_statistics(self.base, schema.CONTEXT, name, spec.kind, ()) is None:
-      self.lineage_counts[name] = {"old": 0, "new": len(kept), "absent": 0}
-      return kept
-    kept, self.lineage_counts[name] = lineage.extend(
-        self.base.vocabularies[lineage.vocabulary_name(schema.CONTEXT, name)], kept)
+    base = lineage.kept(self.base, schema.CONTEXT, name, spec.kind)
+    kept, self.lineage_counts[name] = lineage.extend(base or [], kept)
     return kept
 
   def _settle_numbers(self, sums: Dict[str, np.ndarray], samples: Dict[str, list]) -> None:
@@ -200,9 +197,7 @@ class ContextStats:
       self._edges[name] = tuple(float(e) for e in np.unique(np.quantile(
           values, np.linspace(0, 1, buckets + 1)[1:-1]))) if len(values) else ()
     for spec in self.declared:  # on a base, its statistics: a learnt row keeps its meaning
-      kept = lineage.base_statistics(self.base, schema.CONTEXT, spec.name, spec.kind,
-                                     {"numeric": ("mean", "std"),
-                                      "bucketized": ("edges",)}.get(spec.kind, ()))
+      kept = lineage.kept(self.base, schema.CONTEXT, spec.name, spec.kind)
       if kept and spec.kind == "numeric":
         self._moments[spec.name] = (kept["mean"], kept["std"])
       elif kept and spec.kind == "bucketized":

@@ -412,8 +412,7 @@ def encode(raw: RawFeatures, dense_ids: Sequence[str], min_count: int,
       row_of[n] = k
   arrays, vocabularies, info, counts = {}, {}, [], {}
   for spec in raw.specs:
-    kept = lineage.base_statistics(base, raw.side, spec.name, spec.kind,
-                                   _KEPT_STATISTICS[spec.kind])
+    kept = lineage.kept(base, raw.side, spec.name, spec.kind)
     column = raw.values[spec.name]
     if spec.kind in _NUMERIC_KINDS:  # by dense ID; NaN where the file has no row
       values = np.where(row_of >= 0, column[np.maximum(row_of, 0)], np.nan)
@@ -421,8 +420,6 @@ def encode(raw: RawFeatures, dense_ids: Sequence[str], min_count: int,
     else:
       values = [column[k] if k >= 0 else None for k in row_of.tolist()]
       missing = int(sum(v is None for v in values[:-1]))
-    if kept is not None and spec.kind in ("categorical", "multi_hot"):
-      kept = base.vocabularies[lineage.vocabulary_name(raw.side, spec.name)]
     array, vocabulary, extra = _ENCODERS[spec.kind](spec, values, min_count, kept)
     arrays[spec.name] = array
     if vocabulary is not None:
@@ -445,12 +442,6 @@ def _vocabulary(tokens: List[List[str]], min_count: int) -> List[str]:
       counts[value] = counts.get(value, 0) + 1
   kept = [v for v, c in counts.items() if c >= min_count]
   return sorted(kept, key=lambda v: (-counts[v], v))
-
-
-# The statistics a feature keeps from a base (`encode`'s `base`): a categorical or multi-hot
-# feature its vocabulary, extended.
-_KEPT_STATISTICS = {"categorical": (), "multi_hot": (), "numeric": ("mean", "std"),
-                    "bucketized": ("edges",)}
 
 
 def _on_base(vocabulary: List[str], base: Optional[List[str]]) -> Tuple[List[str], dict]:

@@ -140,10 +140,16 @@ def lineage(base: Base, counts: Dict[str, Dict[str, int]]) -> Dict[str, Any]:
           "ancestors": base.ancestors, "vocabularies": dict(sorted(counts.items()))}
 
 
-def base_statistics(base: Optional[Base], side: str, name: str, kind: str,
-                    keys: Sequence[str]) -> Optional[Dict[str, Any]]:
-  """A feature's statistics (`keys` of its base entry: edges, or mean and std) to keep from
-  the base; None without a base or when the base has no such feature.
+# What a feature keeps from the base, by kind: its statistics (numeric, bucketized) or its
+# vocabulary, extended (categorical, multi-hot).
+KEPT_STATISTICS = {"categorical": (), "multi_hot": (), "numeric": ("mean", "std"),
+                   "bucketized": ("edges",)}
+
+
+def kept(base: Optional[Base], side: str, name: str, kind: str):
+  """What a feature keeps from the base: a categorical or multi-hot feature its vocabulary
+  (values of index 1..), a numeric one {mean, std}, a bucketized one {edges}; None without a
+  base or when the base has no feature of that name.
 
   Raises:
     ValueError: the base has the feature as another kind.
@@ -155,4 +161,6 @@ def base_statistics(base: Optional[Base], side: str, name: str, kind: str,
     raise ValueError(f"--base_data_dir={base.data_dir}: feature {side}:{name} is "
                      f"{info['kind']} there and {kind} here; a feature keeps its kind (give it "
                      "another name)")
-  return {k: info[k] for k in keys}
+  if kind in ("categorical", "multi_hot"):
+    return base.vocabularies[vocabulary_name(side, name)]
+  return {k: info[k] for k in KEPT_STATISTICS[kind]}

@@ -65,7 +65,8 @@ class AutoRec(Recommender):
     # stop existing autorec checkpoints from restoring); read it as `interactions`.
     self.history = InteractionTable(sizes[side] + 1, self.encoder_rows, interactions,
                                     name=f"{side}_interactions")
-    self.encoder = Embedding(self.encoder_rows, embedding_dim, name="encoder", vocabulary=self.other,
+    self.encoder = Embedding(self.encoder_rows, embedding_dim, name="encoder",
+                             vocabulary=self.other,
                              embeddings_initializer=keras.initializers.GlorotUniform())
     self.encoder_bias = self.add_weight(shape=(embedding_dim,), name="encoder_bias",
                                         initializer=keras.initializers.Zeros())
