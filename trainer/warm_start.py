@@ -8,7 +8,8 @@ checkpoint M0 exported (its best epoch's, or with --nokeep_best its last; or
 - every ID and feature table, row by row: the rows of M0's IDs and feature values (which a
   directory prepared with `--base_data_dir` keeps at their indices, `trainer.data.lineage`)
   and each table's out-of-vocabulary row; new rows keep the new model's initial values
-  (seeded by --seed; an ID table's are the same however it is sharded);
+  (seeded by --seed; a row-block-initialised table's, every ID table's but autorec's
+  encoder, are the same however it is sharded);
 - the optimizer's slots of those rows (lazy Adam's moments), read by the slots' place in M0's
   optimizer, never by order of creation; new rows' slots are zeros;
 - every other trainable weight (dense layers, biases, recency weights) as it is.
