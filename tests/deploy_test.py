@@ -338,3 +338,4 @@ def test_the_daily_cronjobs_script_warm_starts_today_from_the_latest_day(tmp_pat
   lineage = json.loads((root / "data" / str(today) / "metadata.json").read_text())["lineage"]
   assert lineage["base_data_dir"] == f"{root}/data/{day}"
   assert lineage["vocabularies"]["users"]["new"] > 0
+  assert "On the base" in done.stderr and '"lineage": {' in done.stdout  # logged and printed

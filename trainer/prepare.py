@@ -45,7 +45,9 @@ def main(argv):
                     "bad_rows_skipped": metadata.bad_rows_skipped,
                     "bad_rows_by_reason": metadata.bad_rows_by_reason,
                     "duplicates_merged": metadata.duplicates_merged,
-                    "rows_filtered": metadata.rows_filtered}, sort_keys=True))
+                    "rows_filtered": metadata.rows_filtered,
+                    **({"lineage": metadata.lineage["vocabularies"]} if metadata.lineage
+                       else {})}, sort_keys=True))
 
 
 def run():

@@ -195,6 +195,10 @@ def _prepare(config: PrepareConfig, source: sources.Source, splitter: splits.Spl
                vocab.num_items, config.split, config.output_dir, elapsed,
                total / max(elapsed, 1e-9))
   logging.info("%s", accounts_line(metadata))
+  if metadata.lineage:
+    logging.info("On the base %s: %s", metadata.lineage["base_data_dir"], "; ".join(
+        f"{name} {c['old']} kept + {c['new']} new ({c['absent']} of the kept absent here)"
+        for name, c in metadata.lineage["vocabularies"].items()))
   return metadata
 
 
