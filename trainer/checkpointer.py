@@ -70,9 +70,11 @@ class TrainingState:
   since_best: tf.Variable  # epochs since it improved
   # Parameter-server training only: the global batches each worker has trained.
   worker_batches: Optional[tf.Variable] = None
+  # Input from the tf.data service only: the current epoch's positives trained so far.
+  epoch_examples: Optional[tf.Variable] = None
 
   @classmethod
-  def create(cls, num_workers: int = 0) -> "TrainingState":
+  def create(cls, num_workers: int = 0, served: bool = False) -> "TrainingState":
     """Fresh counters; create them under the strategy's scope, like the model."""
     make = lambda value, dtype, name: tf.Variable(value, dtype=dtype, trainable=False,  # noqa
                                                   name=name)
@@ -81,7 +83,8 @@ class TrainingState:
                best=make(float("nan"), tf.float64, "best"),
                since_best=make(0, tf.int64, "since_best"),
                worker_batches=(make([0] * num_workers, tf.int64, "worker_batches")
-                               if num_workers else None))
+                               if num_workers else None),
+               epoch_examples=make(0, tf.int64, "epoch_examples") if served else None)
 
   def variables(self) -> dict:
     """The counters by name (not `dataclasses.asdict`, which would copy the variables)."""

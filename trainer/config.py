@@ -507,6 +507,21 @@ class TrainConfig:
       "parameter_server with --ps_shards=0: the smallest shard, in MiB (a smaller table stays"
       " whole on one ps task)."))
 
+  # Parameter-server input from the tf.data service (trainer/input_service.py).
+  input_service: bool = _flag(False, help=(
+      "parameter_server: feed the workers from TensorFlow's tf.data service (the chief runs "
+      "the dispatcher, each worker task a data worker): each example is read, parsed and "
+      "given negatives once, not once per worker. Recommended for every parameter-server "
+      "cluster (README, 'Input for many workers')."))
+  input_service_port: int = _flag(5050, lower_bound=1, help=(
+      "--input_service: the dispatcher's port, on the chief's host."))
+  data_worker_port: int = _flag(0, lower_bound=0, help=(
+      "--input_service: each worker task's data worker port (0: any free port)."))
+  data_workers: int = _flag(0, lower_bound=0, help=(
+      "--input_service: the batches come from this many data-only tasks "
+      "(neumf-data-worker), not from the worker tasks: for when parsing, not training, is "
+      "the limit."))
+
   @property
   def resolved_export_dir(self) -> str:
     return self.export_dir or _join(self.model_dir, "export")
@@ -551,6 +566,10 @@ class TrainConfig:
                  "storage_retries"):
       value = getattr(self, name)
       _require(value >= 0, f"--{name}={value} must not be negative")
+    for name in ("input_service_port", "data_worker_port"):
+      _require(getattr(self, name) < 65536, f"--{name}={getattr(self, name)} is not a port")
+    _require(self.input_service or not self.data_workers,
+             f"--data_workers={self.data_workers} needs --input_service")
     _require(self.learning_rate > 0, f"--learning_rate={self.learning_rate} must be positive")
     _require(0.0 <= self.dropout < 1.0, f"--dropout={self.dropout} must be in [0, 1)")
     _require(not self.history or MODEL_SPECS[self.model].history,

@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import objectives, parameter_server
+from trainer import objectives, parameter_server, schema
 from trainer.checkpointer import Checkpointer, TrainingState
 from trainer.config import TrainConfig
 from trainer.data import artifacts, pipeline
@@ -172,6 +172,7 @@ class EpochRunner:
                model: keras.Model, optimizer: keras.optimizers.Optimizer,
                state: TrainingState, checkpointer: Checkpointer):
     self.config, self.state, self.checkpointer = config, state, checkpointer
+    self.data, self.objective = data, objective
     self.guard = DivergenceGuard(config, data.metadata, model)
     self.steps_per_epoch = steps_per_epoch(config, data)
     make_dataset = functools.partial(
@@ -220,6 +221,10 @@ class EpochRunner:
     return EpochStats(loss_sum / per_epoch, seconds, steps,
                       steps * config.batch_size / max(seconds, 1e-9))
 
+  def report(self) -> Dict[str, object]:
+    """What metrics.json says of the input beside the common fields: nothing here."""
+    return {}
+
   def _train_steps(self, n: int) -> Tuple[float, bool]:
     """Runs `n` steps: (their mean loss, whether a checkpoint is due by any task's clock)."""
     loss, agreed = self.train_loop(self.iterator, tf.constant(n),
@@ -265,6 +270,133 @@ class CoordinatedEpochRunner(EpochRunner):
     np.add.at(counts, np.asarray(batch_indices) % self.workers, 1)
     self.state.worker_batches.assign(counts)
     return float(np.mean(np.asarray(losses, np.float64))), self.checkpointer.due_by_clock()
+
+
+class ServedEpochRunner(CoordinatedEpochRunner):
+  """CoordinatedEpochRunner with input from the tf.data service (`trainer.input_service`,
+  whose docstring says what is exact): each epoch is one shared job that every worker
+  consumes; the chief counts the positives each step trained (`state.epoch_examples`, kept in
+  checkpoints) and ends the epoch when all were trained, or, after a loss, when the job has
+  nothing left."""
+
+  def _start(self, strategy, objective, model, optimizer, make_dataset):
+    from trainer import distribute, input_service  # pylint: disable=import-outside-toplevel
+    config, data = self.config, self.data
+    self.coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
+    self.workers = parameter_server.num_workers(strategy)
+    self.positives_per_step = config.batch_size // objective.examples_per_positive
+    make_epoch = functools.partial(
+        pipeline.served_epoch, data.train_pattern,
+        global_batch_size=self.positives_per_step, seed=config.seed,
+        shuffle_buffer_blocks=config.shuffle_buffer_blocks,
+        add_negatives=objective.negative_sampler(data),
+        context=data.context_keys(config.features))
+    address = input_service.dispatcher_address(distribute.cluster_config(),
+                                               config.input_service_port)
+    self.feed = input_service.EpochFeed(f"grpc://{address}",
+                                        input_service.run_id(config.model_dir), make_epoch)
+    self.step = make_served_step(model, optimizer, strategy, config.batch_size, objective)
+    self.examples_per_epoch: Dict[int, int] = {}
+
+  def run(self, epoch: int) -> EpochStats:
+    config, state = self.config, self.state
+    expected = self.data.metadata.num_train
+    start = time.time()
+    trained = resumed_at = int(state.epoch_examples.numpy())
+    loss_sum, global_step = float(state.epoch_loss.numpy()), int(state.step.numpy())
+    iterators = self.feed.per_worker_iterators(self.coordinator, epoch)
+    first_step = global_step
+    while trained < expected:
+      left = -(-(expected - trained) // self.positives_per_step)
+      n = max(min(config.log_every_steps, left,
+                  self.checkpointer.steps_until_due(global_step) or left), 2 * self.workers)
+      losses, positives = self._served_steps(iterators, n)
+      if not positives.any():  # the job has nothing left: what is not trained was lost
+        break
+      loss = float(np.mean(losses[positives > 0]))
+      steps = int((positives > 0).sum())
+      self.guard.check_loss(loss, epoch + 1, global_step - first_step + 1,
+                            global_step - first_step + steps, global_step + steps)
+      trained, global_step = trained + int(positives.sum()), global_step + steps
+      loss_sum += float(np.sum(losses))
+      state.step.assign(global_step)
+      state.epoch_loss.assign(loss_sum)
+      state.epoch_examples.assign(trained)
+      self._log_served(epoch, trained, resumed_at, expected, loss, start)
+      every = config.checkpoint_every_steps  # rounds may step over its multiples
+      if trained < expected and (every and (global_step - steps) // every < global_step // every
+                                 or self.checkpointer.due_by_clock()):
+        self.guard.check_weights(epoch + 1, global_step)
+        self.checkpointer.save(global_step)
+        logging.info("Saved checkpoint %d (epoch %d, %d of %d examples)", global_step,
+                     epoch + 1, trained, expected)
+    self._end_epoch(epoch, trained, expected)
+    seconds = time.time() - start
+    # A step's loss is its examples' loss over the global batch: summed over the epoch and
+    # divided by the epoch's batches' worth of positives, the mean loss per full batch.
+    return EpochStats(loss_sum * self.positives_per_step / max(trained, 1), seconds,
+                      global_step - first_step,
+                      (trained - resumed_at) * self.objective.examples_per_positive
+                      / max(seconds, 1e-9))
+
+  def _served_steps(self, iterators, n: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Schedules `n` steps; returns each one's loss and positives (0: it found no batch)."""
+    results = [self.coordinator.schedule(self.step, args=(iterators,)) for _ in range(n)]
+    self.coordinator.join()
+    losses, positives = zip(*self.coordinator.fetch(results))
+    return np.asarray(losses, np.float64), np.asarray(positives, np.int64)
+
+  def _end_epoch(self, epoch: int, trained: int, expected: int) -> None:
+    self.examples_per_epoch[epoch + 1] = trained
+    self.state.epoch_examples.assign(0)
+    if trained == expected:
+      logging.info("Epoch %d trained each of the %d training examples once", epoch + 1,
+                   expected)
+    else:
+      logging.warning("Epoch %d trained %d of the %d training examples: %d missed (a data or "
+                      "training worker, or the chief, was lost during the epoch; none is "
+                      "repeated)", epoch + 1, trained, expected, expected - trained)
+
+  def _log_served(self, epoch: int, trained: int, resumed_at: int, expected: int, loss: float,
+                  start: float) -> None:
+    config = self.config
+    rate = (trained - resumed_at) / max(time.time() - start, 1e-9)  # positives per second
+    remaining = expected - trained + (config.epochs - epoch - 1) * expected
+    logging.info("epoch %d/%d examples %d/%d loss %.4f %.0f examples/s ETA %s", epoch + 1,
+                 config.epochs, trained, expected, loss,
+                 rate * self.objective.examples_per_positive,
+                 _format_eta(remaining / max(rate, 1e-9)))
+
+  def report(self) -> Dict[str, object]:
+    counts = self.examples_per_epoch
+    return {"input_service": {
+        "train_examples": self.data.metadata.num_train,
+        "examples_per_epoch": {str(e): n for e, n in sorted(counts.items())},
+        "missed": sum(self.data.metadata.num_train - n for n in counts.values())}}
+
+
+def make_served_step(model: keras.Model, optimizer: keras.optimizers.Optimizer,
+                     strategy: tf.distribute.Strategy, global_batch_size: int,
+                     objective: objectives.Objective) -> Callable:
+  """Returns `step(iterator) -> (loss, positives)`: a coordinated step over the next batch of
+  a shared tf.data service job, or (0, 0) without training when the job has none left."""
+  step_fn = _make_step_fn(model, optimizer, objective, global_batch_size,
+                          parameter_server.trainable_leaves(model.trainable_variables))
+  per_positive = objective.examples_per_positive
+
+  @tf.function
+  def step(iterator):
+    batch = iterator.get_next_as_optional()
+
+    def train():
+      value = batch.get_value()
+      loss = strategy.run(step_fn, args=(value,))
+      return loss, tf.shape(value[schema.USER], out_type=tf.int64)[0] // per_positive
+
+    return tf.cond(batch.has_value(), train,
+                   lambda: (tf.constant(0.0), tf.constant(0, tf.int64)))
+
+  return step
 
 
 def make_coordinated_step(model: keras.Model, optimizer: keras.optimizers.Optimizer,

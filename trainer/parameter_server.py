@@ -32,7 +32,7 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import tensorflow as tf
 from absl import logging
@@ -123,8 +123,10 @@ def _set_threads(cluster: Dict[str, Any]) -> None:
     tf.config.threading.set_inter_op_parallelism_threads(wanted)
 
 
-def serve(cluster: Dict[str, Any]) -> None:
-  """Runs this ps or worker task's server until the process is stopped."""
+def serve(cluster: Dict[str, Any], data_worker: Optional[Callable[[str], Any]] = None) -> None:
+  """Runs this ps or worker task's server until the process is stopped; a worker task with
+  `data_worker` also runs `data_worker(its host)` (a tf.data service data worker, started
+  after the server: it waits for the chief's dispatcher, and the chief for the server)."""
   os.environ.setdefault("GRPC_FAIL_FAST", "use_caller")
   _set_threads(cluster)
   task = cluster["task"]
@@ -133,7 +135,10 @@ def serve(cluster: Dict[str, Any]) -> None:
                                 protocol="grpc", start=True)
   logging.info("Serving as %s:%d of a parameter-server cluster at %s", task["type"],
                task["index"], server.target)
-  server.join()
+  serving = [server]  # each serves while referenced
+  if data_worker is not None and task["type"] == "worker":
+    serving.append(data_worker(cluster["cluster"]["worker"][task["index"]].rsplit(":", 1)[0]))
+  serving[0].join()
 
 
 def is_sharded(value) -> bool:

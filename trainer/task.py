@@ -16,6 +16,9 @@ from trainer import config as config_lib  # noqa: E402
 from trainer import cli, errors, malloc, quiet, strict_json  # noqa: E402
 
 
+_SERVING = []  # servers of this process (each serves while referenced)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -29,10 +32,15 @@ def main(argv):
     # A ps task holds tables: freed memory goes back (malloc.py); a process that trains keeps
     # it for the next step's tensors.
     malloc.return_freed_memory() if role == "ps" else malloc.keep_freed_memory()
-    if distribute.uses_parameter_servers(config.strategy, cluster) and role in ("ps", "worker"):
+    parameter_servers = distribute.uses_parameter_servers(config.strategy, cluster)
+    if parameter_servers and role in ("ps", "worker"):
       from trainer import parameter_server
-      parameter_server.serve(cluster)  # until stopped: the chief drives the cluster
+      parameter_server.serve(cluster, _data_worker(config, cluster))  # until stopped
       return
+    if parameter_servers and config.input_service:  # before the workers wait for it
+      from trainer import input_service
+      _SERVING.append(input_service.start_dispatcher(config.model_dir,
+                                                     config.input_service_port))
     distribute.configure_cpu_devices(config.num_cpu_devices)
     # The strategy comes first: MultiWorkerMirroredStrategy must exist before other ops run.
     strategy = distribute.get_strategy(config.strategy, config.num_cpu_devices,
@@ -47,6 +55,16 @@ def main(argv):
     _fail(f"{e}. {errors.RESUME_HINT}" if retry else str(e), e.exit_code,
           now="ps" in ((cluster or {}).get("cluster") or {}))
   print(strict_json.dumps(metrics, sort_keys=True))
+
+
+def _data_worker(config: config_lib.TrainConfig, cluster):
+  """What a worker task of a parameter-server cluster runs beside its server: a data worker
+  of the chief's dispatcher with --input_service (unless --data_workers tasks do), or none."""
+  if not config.input_service or config.data_workers:
+    return None
+  from trainer import input_service
+  dispatcher = input_service.dispatcher_address(cluster, config.input_service_port)
+  return lambda host: input_service.start_data_worker(dispatcher, host, config.data_worker_port)
 
 
 def _fail(message: str, exit_code: int, now: bool = False) -> None:

@@ -91,6 +91,9 @@ def train_and_evaluate(config: TrainConfig,
     raise ConfigError("--strategy=parameter_server does not support "
                       f"{'--jit_compile' if config.jit_compile else '--mixed_precision=float16'}"
                       " (the coordinated step is neither compiled nor loss-scaled)")
+  if config.input_service and not parameter_server.is_parameter_server(strategy):
+    raise ConfigError("--input_service needs a parameter-server cluster (TF_CONFIG with ps "
+                      "tasks): without one each worker already reads only its own files")
   objective = objectives.for_config(config)
   objective.check_replicas(strategy.num_replicas_in_sync)
   run_dir.check_storage(config)
@@ -111,7 +114,8 @@ def train_and_evaluate(config: TrainConfig,
       optimizer.build(parameter_server.trainable_leaves(model.trainable_variables)
                       if coordinated else model.trainable_variables)
       state = TrainingState.create(
-          parameter_server.num_workers(strategy) if coordinated else 0)
+          parameter_server.num_workers(strategy) if coordinated else 0,
+          served=config.input_service)
     return _run(config, strategy, objective, data, model, optimizer, state, warm)
 
 
@@ -146,7 +150,8 @@ def _run(config: TrainConfig, strategy: tf.distribute.Strategy,
   checkpointer = Checkpointer(config, strategy, model, optimizer, state)
   warmed = _restore_or_initialise(config, checkpointer, model, optimizer, data, state, warm)
   coordinated = parameter_server.is_parameter_server(strategy)
-  runner = (loop.CoordinatedEpochRunner if coordinated else loop.EpochRunner)(
+  runner = (loop.ServedEpochRunner if config.input_service else
+            loop.CoordinatedEpochRunner if coordinated else loop.EpochRunner)(
       config, strategy, objective, data, model, optimizer, state, checkpointer)
   # Under a parameter server the chief evaluates by itself, reading rows from the ps tasks.
   eval_strategy = tf.distribute.get_strategy() if coordinated else strategy
@@ -179,6 +184,7 @@ def _run(config: TrainConfig, strategy: tf.distribute.Strategy,
                      best_epoch(best), tracker.metric, final)
   result.update(_time_to_target(config, objective, tracker.metric, history))
   result.update(phase_seconds=phases.seconds, phase_peak_rss_mb=phases.peak_rss_mb)
+  result.update(runner.report())
   if warmed:
     result["warm_start"] = warmed
   if chief:

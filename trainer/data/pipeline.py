@@ -212,6 +212,54 @@ def make_dataset(file_pattern: str, global_batch_size: int, training: bool,
   return ds.prefetch(tf.data.AUTOTUNE)
 
 
+def served_epoch(file_pattern: str, epoch: int, global_batch_size: int, seed: int = 0,
+                 shuffle_buffer_blocks: int = 256, add_negatives: Optional[Callable] = None,
+                 context: Sequence[Tuple[str, str, int]] = ()) -> tf.data.Dataset:
+  """Epoch `epoch` of training batches as the tf.data service serves it (`input_service`).
+
+  Splittable for DYNAMIC sharding: its source is the epoch's list of files (shuffled by
+  (seed, epoch)), which the dispatcher hands out one by one; each data worker reads its files'
+  blocks, shuffles them, parses and mixes groups, batches and samples negatives. What would
+  tie it to a position in the stream is keyed by content instead: a group's mix and a batch's
+  negatives by (seed, epoch, a hash of its examples), the same whichever worker made it.
+  Batches are `global_batch_size` positives (with their negatives), but each data worker's
+  last one of the epoch is short: the epoch ends when the files do.
+  """
+  files = list_shards(file_pattern)
+  epoch_seed = tf.constant([seed, epoch], tf.int64)
+  order = tf.random.experimental.stateless_shuffle(tf.range(len(files)), seed=epoch_seed)
+  names = [files[i] for i in order.numpy()]
+  blocks = _records(tf.data.Dataset.from_tensor_slices(names), len(names)).shuffle(
+      shuffle_buffer_blocks, seed=seed)
+  mix_key = seed * 1_000_003 + epoch
+  ds = _parse(blocks, context).map(
+      lambda batch: _mix(batch, tf.stack([tf.constant(mix_key, tf.int64), content_key(batch)])),
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.rebatch(global_batch_size, drop_remainder=False)
+  if add_negatives is not None:
+    ds = ds.map(lambda batch: add_negatives(content_key(batch, epoch + 1), batch),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return ds.prefetch(tf.data.AUTOTUNE)
+
+
+# splitmix64's finaliser constants.
+_MIX_1, _MIX_2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def content_key(batch: Dict[str, tf.Tensor], salt: int = 0) -> tf.Tensor:
+  """An int64 key of a batch's (user, item) pairs, whatever their order: the sum of a 64-bit
+  hash of each pair (and `salt`)."""
+  users = tf.bitcast(batch[schema.USER], tf.uint64)
+  items = tf.bitcast(batch[schema.ITEM], tf.uint64)
+  h = users * tf.constant(_HASH_MULTIPLIER, tf.uint64) + items + tf.constant(salt, tf.uint64)
+  h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, tf.constant(30, tf.uint64)))
+  h = h * tf.constant(_MIX_1, tf.uint64)
+  h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, tf.constant(27, tf.uint64)))
+  h = h * tf.constant(_MIX_2, tf.uint64)
+  h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, tf.constant(31, tf.uint64)))
+  return tf.bitcast(tf.reduce_sum(h), tf.int64)
+
+
 def _with_negatives(ds: tf.data.Dataset, start_batch: int, add_negatives: Optional[Callable],
                     worker: Optional[Tuple[int, tf.Tensor, tf.Tensor]]) -> tf.data.Dataset:
   """The batches with their negatives (`add_negatives(global index, batch)`) and, under a
