@@ -50,6 +50,7 @@ setup(
             "neumf-prepare=trainer.prepare:run",
             "neumf-train=trainer.task:run",
             "neumf-recommend=trainer.recommend:run",
+            "neumf-data-worker=trainer.input_service:run",
         ],
     },
     classifiers=[

@@ -16,7 +16,7 @@ from cold_start_test import cold_data  # noqa: F401  (a fixture)
 from ps_restore import ITEMS, USERS
 from trainer import distribute, localhost
 from trainer.config import ConfigError, PrepareConfig
-from trainer.data import preparation
+from trainer.data import artifacts, preparation
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +81,8 @@ def finish_chief(processes, timeout=400):
 
 @pytest.fixture(scope="module")
 def cluster_run(ps_data, tmp_path_factory):
-  """A chief, 2 workers and 2 ps tasks, started as a user would: scripts/local_debug.sh."""
+  """A chief, 2 workers and 2 ps tasks, started as a user would: scripts/local_debug.sh,
+  whose parameter-server clusters read their input from the tf.data service."""
   model_dir = str(tmp_path_factory.mktemp("ps_run") / "model")
   done = subprocess.run(
       ["bash", os.path.join(REPO_ROOT, "scripts", "local_debug.sh"), "--data-dir", ps_data,
@@ -100,6 +101,13 @@ def test_a_chief_two_workers_and_two_ps_train_as_well_as_one_device(cluster_run,
                                   "--epochs=4").stdout)
   assert metrics["task_role"] == "chief:0"
   assert metrics["epochs"] == 4 and metrics["workers"] == 2
+  # The tf.data service fed both workers: each training example once per epoch, each eval
+  # example once (the chief evaluates by itself).
+  meta = artifacts.PreparedData(ps_data).metadata
+  assert metrics["input_service"] == {
+      "train_examples": meta.num_train, "missed": 0,
+      "examples_per_epoch": {str(e): meta.num_train for e in range(1, 5)}}
+  assert metrics["eval_examples"] == single["eval_examples"] == meta.num_eval
   # The ID tables trained in 2 shards, one on each ps task; nothing else was sharded.
   tables = metrics["sharded_tables"]
   assert sorted(tables) == sorted(f"{side}_{kind}/embeddings" for side in ("user", "item")
@@ -107,7 +115,6 @@ def test_a_chief_two_workers_and_two_ps_train_as_well_as_one_device(cluster_run,
   for shards in tables.values():
     assert sorted(device for *_, device in shards) == [
         f"/job:ps/replica:0/task:{i}/device:CPU:0" for i in range(2)]
-  from trainer.data import artifacts
   rows = artifacts.PreparedData(ps_data).metadata.num_users + 1
   assert [shard[:2] for shard in tables["user_embedding/embeddings"]] == [
       [rows - rows // 2, 8], [rows // 2, 8]]
@@ -152,7 +159,6 @@ def test_tables_are_sharded_and_restore_into_other_shard_counts_and_one_device(c
   single-device model: the same weights and the same scores, and each shard on its own ps."""
   model_dir, metrics = cluster_run
   three = _restore_sharded(model_dir, ps_data, num_ps=3, shards=3)
-  from trainer.data import artifacts
   rows = artifacts.PreparedData(ps_data).metadata.num_users + 1  # and the OOV row
   # "div" partitions: the first rows % 3 shards one row longer.
   assert [shape for shape, _ in three["shards"]] == [

@@ -515,8 +515,9 @@ class TrainConfig:
       "cluster (README, 'Input for many workers')."))
   input_service_port: int = _flag(5050, lower_bound=1, help=(
       "--input_service: the dispatcher's port, on the chief's host."))
-  data_worker_port: int = _flag(0, lower_bound=0, help=(
-      "--input_service: each worker task's data worker port (0: any free port)."))
+  data_worker_port: int = _flag(5051, lower_bound=0, help=(
+      "--input_service: each worker task's data worker port (0: any free port, for tasks "
+      "sharing a host; a fixed port lets a restarted worker take its place)."))
   data_workers: int = _flag(0, lower_bound=0, help=(
       "--input_service: the batches come from this many data-only tasks "
       "(neumf-data-worker), not from the worker tasks: for when parsing, not training, is "

@@ -36,6 +36,7 @@ Semantics (tested in tests/input_service_test.py):
 
 import argparse
 import sys
+import time
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import tensorflow as tf
@@ -44,9 +45,17 @@ from absl import logging
 from trainer import fileio
 
 JOURNAL_SUBDIR = "input_service"
-# A data worker unheard of for this long is dropped by the dispatcher (its files are lost to
-# the epoch; consumers stop waiting for it).
-_WORKER_TIMEOUT_MS = 20_000
+# A data worker unheard of for this long is dropped by the dispatcher. TensorFlow's defaults
+# (a heartbeat every 30 s, a check every 10 minutes, a timeout of an hour) would leave an
+# epoch stalled that long.
+_WORKER_TIMEOUT_MS = 5_000
+_HEARTBEAT_MS = 1_000
+_CHECK_MS = 1_000
+# Measured with TensorFlow 2.21 (README, "Input for many workers"): a data worker that comes
+# back at its address before the dispatcher has dropped it makes the epoch's job end at once
+# (most of the epoch missed); one that comes back after it costs only what it held. So a data
+# worker waits out the timeout before it registers, on its first start too (it cannot tell).
+_REGISTER_AFTER_S = _WORKER_TIMEOUT_MS / 1000 + 2 * _CHECK_MS / 1000
 _PROTOCOL = "grpc"
 
 
@@ -64,19 +73,21 @@ def start_dispatcher(model_dir: str, port: int) -> tf.data.experimental.service.
   server = tf.data.experimental.service.DispatchServer(
       tf.data.experimental.service.DispatcherConfig(
           port=port, protocol=_PROTOCOL, work_dir=journal, fault_tolerant_mode=True,
-          worker_timeout_ms=_WORKER_TIMEOUT_MS))
+          worker_timeout_ms=_WORKER_TIMEOUT_MS, job_gc_check_interval_ms=_CHECK_MS))
   logging.info("tf.data service dispatcher at port %d, journal %s", port, journal)
   return server
 
 
-def start_data_worker(dispatcher: str, host: str,
-                      port: int = 0) -> tf.data.experimental.service.WorkerServer:
+def start_data_worker(dispatcher: str, host: str, port: int = 0,
+                      wait: bool = True) -> tf.data.experimental.service.WorkerServer:
   """Starts a data worker of `dispatcher` (`host:port`), reachable by the trainers at `host`
-  (port 0: any free port)."""
+  (port 0: any free port), after waiting out the dispatcher's worker timeout (`wait`)."""
+  if wait:
+    time.sleep(_REGISTER_AFTER_S)
   server = tf.data.experimental.service.WorkerServer(
       tf.data.experimental.service.WorkerConfig(
           dispatcher_address=dispatcher, worker_address=f"{host}:%port%", port=port,
-          protocol=_PROTOCOL))
+          protocol=_PROTOCOL, heartbeat_interval_ms=_HEARTBEAT_MS))
   logging.info("tf.data service data worker of %s at %s:%s", dispatcher, host,
                port or "(any free port)")
   return server
@@ -128,7 +139,9 @@ def _parse_args(argv: Sequence[str]) -> Tuple[str, str, int]:
                       help="the dispatcher, host:port (the chief's host, --input_service_port)")
   parser.add_argument("--host", required=True,
                       help="this task's host name or address, as the training workers reach it")
-  parser.add_argument("--port", type=int, default=0, help="port to serve on (0: any free one)")
+  parser.add_argument("--port", type=int, default=5051,
+                      help="port to serve on (0: any free one; a fixed one lets a restarted "
+                           "data worker take its place)")
   args = parser.parse_args(argv)
   if ":" not in args.dispatcher or not args.dispatcher.rsplit(":", 1)[1].isdigit():
     parser.error(f"--dispatcher={args.dispatcher!r} is not host:port")

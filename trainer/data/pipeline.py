@@ -229,8 +229,12 @@ def served_epoch(file_pattern: str, epoch: int, global_batch_size: int, seed: in
   epoch_seed = tf.constant([seed, epoch], tf.int64)
   order = tf.random.experimental.stateless_shuffle(tf.range(len(files)), seed=epoch_seed)
   names = [files[i] for i in order.numpy()]
-  blocks = _records(tf.data.Dataset.from_tensor_slices(names), len(names)).shuffle(
-      shuffle_buffer_blocks, seed=seed)
+  # Two files at a time, pulled from the dispatcher one by one as they are needed: a parallel
+  # interleave would pull up to twice its width ahead (one data worker could take every file
+  # of a small epoch), and a data worker that dies loses the rest of the files it holds.
+  blocks = tf.data.Dataset.from_tensor_slices(names).interleave(
+      tf.data.TFRecordDataset, cycle_length=_SERVED_FILES_AT_ONCE).shuffle(
+          shuffle_buffer_blocks, seed=seed)
   mix_key = seed * 1_000_003 + epoch
   ds = _parse(blocks, context).map(
       lambda batch: _mix(batch, tf.stack([tf.constant(mix_key, tf.int64), content_key(batch)])),
@@ -242,6 +246,7 @@ def served_epoch(file_pattern: str, epoch: int, global_batch_size: int, seed: in
   return ds.prefetch(tf.data.AUTOTUNE)
 
 
+_SERVED_FILES_AT_ONCE = 2
 # splitmix64's finaliser constants.
 _MIX_1, _MIX_2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
