@@ -31,6 +31,9 @@ DEFAULTS = {
     "PS": "2",  # parameter-server TFJob (k8s/tfjob_ps.yaml): ps replicas, CPU and memory each
     "PS_CPU": "4",
     "PS_MEMORY": "64Gi",
+    "DATA_WORKERS": "0",  # data-only tf.data service workers (k8s/data_workers.yaml)
+    "DATA_WORKER_CPU": "8",
+    "DATA_WORKER_MEMORY": "16Gi",
     "SCHEDULE": "0 3 * * *",  # daily retraining (k8s/cronjob.yaml), UTC
     "LOOKBACK_DAYS": "7",
 }

@@ -7,14 +7,18 @@
 #   --kind         job (k8s/job.yaml, one pod) or tfjob (k8s/tfjob.yaml, Kubeflow training-operator)
 #   --workers      TFJob worker replicas (default 2)
 #   --ps           tfjob only: M parameter-server replicas and a chief (k8s/tfjob_ps.yaml,
-#                  ParameterServerStrategy; PS_CPU, PS_MEMORY size them)
+#                  ParameterServerStrategy, input from the tf.data service; PS_CPU, PS_MEMORY
+#                  size them)
+#   --data-workers with --ps: K data-only tf.data service pods (k8s/data_workers.yaml;
+#                  DATA_WORKER_CPU, DATA_WORKER_MEMORY size them)
 #   --set          any other value of the templates (MODEL, EPOCHS, BATCH_SIZE, CPU, MEMORY, ...)
 #   --dry-run      print the rendered manifests instead of applying them
-# The service account (k8s/serviceaccount.yaml) is applied too; GSA_EMAIL must be set for it.
+# The service account (k8s/serviceaccount.yaml) is applied too, GSA_EMAIL must be set for
+# it; with a TFJob, the NetworkPolicy that admits only the job's own pods (k8s/networkpolicy.yaml).
 set -euo pipefail
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
-kind="" dry_run=0 namespace="" ps=0 sets=()
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+kind="" dry_run=0 namespace="" ps=0 data_workers=0 sets=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --kind) kind="${2:?--kind needs a value}"; shift 2 ;;
@@ -23,6 +27,7 @@ while [[ $# -gt 0 ]]; do
     --model-dir) sets+=(--set "MODEL_DIR=${2:?--model-dir needs a value}"); shift 2 ;;
     --workers) sets+=(--set "WORKERS=${2:?--workers needs a value}"); shift 2 ;;
     --ps) ps="${2:?--ps needs a value}"; sets+=(--set "PS=${ps}"); shift 2 ;;
+    --data-workers) data_workers="${2:?--data-workers needs a value}"; sets+=(--set "DATA_WORKERS=${data_workers}"); shift 2 ;;
     --gpus) sets+=(--set "GPUS=${2:?--gpus needs a value}"); shift 2 ;;
     --accelerator) sets+=(--set "ACCELERATOR=${2:?--accelerator needs a value}"); shift 2 ;;
     --name) sets+=(--set "JOB_NAME=${2:?--name needs a value}"); shift 2 ;;
@@ -45,7 +50,15 @@ if (( ps > 0 )); then
 fi
 here="$(cd "$(dirname "$0")/.." && pwd)"
 render() { "${PYTHON:-python3}" "$here/scripts/render_manifest.py" "$@"; }
+[[ "$data_workers" =~ ^[0-9]+$ ]] || { echo "submit_k8s.sh: --data-workers must be a count, got '${data_workers}'" >&2; exit 2; }
+(( data_workers == 0 || ps > 0 )) || { echo "submit_k8s.sh: --data-workers needs --ps" >&2; exit 2; }
 manifests="$(render "$here/k8s/serviceaccount.yaml" "${sets[@]}")"$'\n---\n'"$(render "$here/k8s/${template}.yaml" "${sets[@]}")"
+if [[ "$kind" == tfjob ]]; then
+  manifests+=$'\n---\n'"$(render "$here/k8s/networkpolicy.yaml" "${sets[@]}")"
+fi
+if (( data_workers > 0 )); then
+  manifests+=$'\n---\n'"$(render "$here/k8s/data_workers.yaml" "${sets[@]}")"
+fi
 if [[ $dry_run == 1 ]]; then
   printf '%s\n' "$manifests"
 else

@@ -49,6 +49,9 @@ done
 [[ "$output_dir" == gs://* && "$data_dir" == gs://* ]] || { echo "submit_vertex.sh: --data-dir and --output-dir must be gs:// paths" >&2; exit 2; }
 
 args=("--data_dir=${data_dir}" "$@")
+# A parameter-server cluster reads its input from the tf.data service (dispatcher on the
+# chief, a data worker in each worker task).
+if (( ps > 0 )); then args=("--data_dir=${data_dir}" --input_service "$@"); fi
 pool() {  # one worker pool spec in YAML; $1 = replica count, $2 = cpu for a CPU-only pool
   echo "  - replicaCount: $1"
   echo "    machineSpec:"

@@ -139,6 +139,37 @@ def test_parameter_server_tfjob_validates_against_the_crd_schema():
     assert ("nvidia.com/gpu" in container["resources"]["limits"]) == (name == "Worker")
   assert specs["PS"]["template"]["spec"]["containers"][0]["resources"]["limits"][
       "memory"] == "64Gi"
+  # Input from the tf.data service: every task is told (the chief runs the dispatcher, the
+  # workers data workers), and the pods carry the label the NetworkPolicy admits.
+  ports = {}
+  for name, spec in specs.items():
+    container = spec["template"]["spec"]["containers"][0]
+    assert {"--input_service", "--data_workers=0"} <= set(container["args"]), name
+    assert spec["template"]["metadata"]["labels"]["neumf-trainer/job"] == "neumf-train"
+    ports[name] = {p["name"]: p["containerPort"] for p in container["ports"]}
+  assert ports["Chief"]["dispatcher"] == 5050 and ports["Worker"]["data-worker"] == 5051
+
+
+def test_the_network_policy_and_the_data_workers_validate_and_match_the_job():
+  policy = _rendered("networkpolicy.yaml", "--set", "JOB_NAME=j")
+  kubernetes_validate.validate(policy, K8S_VERSION, strict=True)
+  label = {"neumf-trainer/job": "j"}
+  assert policy["spec"]["podSelector"]["matchLabels"] == label
+  assert policy["spec"]["ingress"] == [{"from": [{"podSelector": {"matchLabels": label}}]}]
+  workers = _rendered("data_workers.yaml", "--set", "JOB_NAME=j", "--set", "DATA_WORKERS=3")
+  kubernetes_validate.validate(workers, K8S_VERSION, strict=True)
+  pod = workers["spec"]["template"]
+  assert workers["spec"]["replicas"] == 3
+  assert pod["metadata"]["labels"]["neumf-trainer/job"] == "j"
+  container = pod["spec"]["containers"][0]
+  assert container["command"] == ["neumf-data-worker"]
+  assert container["args"] == ["--dispatcher=j-chief-0:5050", "--host=$(POD_IP)", "--port=5051"]
+  for name in ("tfjob.yaml", "tfjob_ps.yaml"):
+    for spec in _rendered(name, "--set", "JOB_NAME=j")["spec"]["tfReplicaSpecs"].values():
+      assert spec["template"]["metadata"]["labels"]["neumf-trainer/job"] == "j", name
+  policy["spec"]["policyTypes"] = "Ingress"
+  with pytest.raises(kubernetes_validate.ValidationError):
+    kubernetes_validate.validate(policy, K8S_VERSION, strict=True)
 
 
 def test_a_broken_tfjob_fails_the_crd_schema():
@@ -186,6 +217,12 @@ def test_scripts_have_help_and_strict_mode(script):
     ("local_debug.sh", ["--data-dir", "d", "--model-dir", "m", "--ps", "x"],
      "--ps must be a count, got 'x'"),
     ("submit_k8s.sh", ["--kind", "job", "--ps", "2"], "--ps needs --kind tfjob"),
+    ("submit_k8s.sh", ["--kind", "tfjob", "--data-workers", "2"], "--data-workers needs --ps"),
+    ("local_debug.sh", ["--data-dir", "d", "--model-dir", "m", "--data-workers", "1"],
+     "--data-workers needs --ps"),
+    ("local_debug.sh", ["--data-dir", "d", "--model-dir", "m", "--ps", "1",
+                        "--per-worker-input", "--data-workers", "1"],
+     "--data-workers needs --ps and the tf.data service"),
     ("submit_vertex.sh", ["--project", "p", "--region", "r", "--image", "r/i:1", "--data-dir",
                           "gs://b/d", "--output-dir", "gs://b/o", "--ps", "2"],
      "--ps 2 needs --workers of at least 1"),
@@ -203,8 +240,9 @@ def test_submit_k8s_dry_run_renders_the_account_and_the_tfjob():
        "3", "--set", "GSA_EMAIL=t@p.iam.gserviceaccount.com", "--dry-run"],
       capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable})
   assert result.returncode == 0, result.stderr
-  account, tfjob = yaml.safe_load_all(result.stdout)
+  account, tfjob, policy = yaml.safe_load_all(result.stdout)
   assert account["kind"] == "ServiceAccount" and tfjob["kind"] == "TFJob"
+  assert policy["kind"] == "NetworkPolicy"
   assert tfjob["spec"]["tfReplicaSpecs"]["Worker"]["replicas"] == 3
 
 
@@ -231,9 +269,20 @@ def test_submit_k8s_and_vertex_add_parameter_servers():
        "2", "--ps", "3", "--set", "GSA_EMAIL=t@p.iam.gserviceaccount.com", "--dry-run"],
       capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable})
   assert result.returncode == 0, result.stderr
-  _, tfjob = yaml.safe_load_all(result.stdout)
+  _, tfjob, policy = yaml.safe_load_all(result.stdout)
   assert {k: v["replicas"] for k, v in tfjob["spec"]["tfReplicaSpecs"].items()} == {
       "Chief": 1, "Worker": 2, "PS": 3}
+  assert policy["kind"] == "NetworkPolicy"
+  result = subprocess.run(
+      ["bash", str(REPO_ROOT / "scripts" / "submit_k8s.sh"), "--kind", "tfjob", "--image",
+       "r/neumf-trainer:abc", "--data-dir", "gs://b/d", "--model-dir", "gs://b/m", "--ps", "1",
+       "--data-workers", "4", "--set", "GSA_EMAIL=t@p.iam.gserviceaccount.com", "--dry-run"],
+      capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable})
+  assert result.returncode == 0, result.stderr
+  *_, tfjob, _, workers = yaml.safe_load_all(result.stdout)
+  assert workers["kind"] == "Deployment" and workers["spec"]["replicas"] == 4
+  assert "--data_workers=4" in tfjob["spec"]["tfReplicaSpecs"]["Worker"]["template"]["spec"][
+      "containers"][0]["args"]
   result = subprocess.run(
       ["bash", str(REPO_ROOT / "scripts" / "submit_vertex.sh"), "--project", "p", "--region",
        "r", "--image", "r/neumf-trainer:abc", "--data-dir", "gs://b/d", "--output-dir",
@@ -242,6 +291,7 @@ def test_submit_k8s_and_vertex_add_parameter_servers():
   pools = yaml.safe_load(result.stdout.rsplit("\n", 2)[0])["workerPoolSpecs"]
   # Vertex's pool order: workerpool0 chief, 1 workers, 2 ps (CPU machines).
   assert [p["replicaCount"] for p in pools] == [1, 2, 3]
+  assert all("--input_service" in p["containerSpec"]["args"] for p in pools)
   assert pools[2]["machineSpec"] == {"machineType": "n1-highmem-16"}
 
 
@@ -280,6 +330,17 @@ def test_local_debug_dry_run_gives_a_parameter_server_cluster():
   assert len(lines) == len(roles)
   for (task_type, index), line in zip(roles, lines):
     assert f'\\"type\\":\\ \\"{task_type}\\"\\,\\ \\"index\\":\\ {index}' in line, line
+    assert "--input_service --input_service_port=" in line and "--data_worker_port=0" in line
+  result = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "local_debug.sh"), "--data-dir",
+                           "d", "--model-dir", "m", "--ps", "1", "--data-workers", "2",
+                           "--dry-run"], capture_output=True, text=True,
+                          env=dict(__import__("os").environ, PYTHON=sys.executable))
+  assert result.returncode == 0, result.stderr
+  *tasks, first, second = [line.strip() for line in result.stdout.strip().splitlines()]
+  assert all("--data_workers=2" in t for t in tasks) and len(tasks) == 3
+  port = tasks[0].split("--input_service_port=")[1].split()[0]
+  assert first == second
+  assert f"-m trainer.input_service --dispatcher 127.0.0.1:{port} --host 127.0.0.1" in first
 
 
 _DAILY = ["--set", "ROOT=gs://bucket/daily", "--set", "LOG_INPUT=gs://bucket/log/*.csv",

@@ -20,7 +20,7 @@ def main(data_dir: str, num_negatives: int, epochs: int) -> None:
   service = tf.data.experimental.service
   dispatcher = service.DispatchServer(service.DispatcherConfig(port=0))
   address = dispatcher.target.split("://")[1]
-  workers = [service.WorkerServer(service.WorkerConfig(  # noqa: F841  (serve while referenced)
+  servers = [service.WorkerServer(service.WorkerConfig(
       dispatcher_address=address, worker_address="127.0.0.1:%port%")) for _ in range(2)]
   data = artifacts.PreparedData(data_dir)
   add = (pipeline.negative_sampler(data.metadata.num_items, num_negatives, seed=5)
