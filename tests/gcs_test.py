@@ -156,3 +156,33 @@ def test_prepare_reads_a_csv_glob_from_gcs(gcs, storage_client):
   assert metadata["inputs"] == [f"gs://{BUCKET}/raw/part-{p}.csv" for p in range(3)]
   assert metadata["num_users"] == 40 and metadata["num_items"] == 23
   assert json.loads(result.stdout.strip().splitlines()[-1])["num_train"] == metadata["num_train"]
+
+
+_JOURNALED = """
+import os, sys
+import tensorflow as tf
+from trainer import input_service, localhost
+port = localhost.free_ports(1)[0]
+dispatcher = input_service.start_dispatcher(sys.argv[1], port)
+worker = input_service.start_data_worker(f"127.0.0.1:{port}", "127.0.0.1", wait=False)
+service = tf.data.experimental.service
+ds = tf.data.Dataset.range(10)
+dataset_id = service.register_dataset(dispatcher.target, ds, dataset_id="r")
+got = service.from_dataset_id(service.ShardingPolicy.DYNAMIC, dispatcher.target, dataset_id,
+                              element_spec=ds.element_spec, job_name="j")
+print(sorted(int(x) for x in got.as_numpy_iterator()), flush=True)
+os._exit(0)  # not the servers' teardown (tensorflow/tensorflow#113163)
+"""
+
+
+def test_the_input_services_journal_goes_to_a_gcs_model_dir(gcs, storage_client):
+  """--input_service's dispatcher journals under <model_dir>/input_service, gs:// included."""
+  import subprocess
+  import sys
+  from conftest import REPO_ROOT
+  done = subprocess.run([sys.executable, "-c", _JOURNALED, f"gs://{BUCKET}/svc"], cwd=REPO_ROOT,
+                        capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, **gcs.env(), PYTHONPATH=str(REPO_ROOT)))
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.stdout.strip().splitlines()[-1] == str(list(range(10)))
+  assert _names(storage_client, "svc/input_service/"), "no journal written"

@@ -13,20 +13,25 @@ W-th batch (`parameter_server`): W times the input work the cluster needs. With 
   (`job_name` per epoch), with DYNAMIC sharding: the dispatcher hands out the training files
   one by one, each to one data worker, so every example is read, parsed and sampled once.
 
-Semantics (tested in tests/input_service_test.py):
+Semantics (tested in tests/input_service_test.py; measured with TensorFlow 2.21):
 
 - Without failures each training example is trained exactly once per epoch: the chief counts
   the positives of every batch a step trained and ends the epoch when the count reaches the
-  training set's size; it is logged, and in metrics.json (`input_service.examples_per_epoch`).
-- A data worker that dies loses the rest of the files it was reading (at most 4 at a time, the
-  read interleave's width) and the batches it held: those examples are missed, never
-  repeated (DYNAMIC sharding). A training worker that dies loses the batch its step had pulled
-  (the coordinator runs the step again elsewhere, on another batch). The epoch then ends when
-  the job is exhausted (a round of steps finds no data); the count says how many were missed.
+  training set's size; it is logged, and in metrics.json (`input_service.examples_per_epoch`,
+  `missed`). Evaluation stays on the chief: each eval example once.
+- Nothing is ever repeated (DYNAMIC sharding), but a lost data worker costs more than its own
+  files: once one comes back (it must: until then the epoch cannot end, the job waiting for
+  its task), the dispatcher may end the epoch's job early, up to the rest of the epoch
+  missed. Restarting at its address only after the dispatcher has dropped it
+  (`_REGISTER_AFTER_S`) avoids the worst of it. The next epochs are whole. A training worker
+  that dies loses the batch its step had pulled (the coordinator runs the step again
+  elsewhere, on another batch), and, with it, its data worker unless `--data_workers` tasks
+  serve. The epoch then ends when a round of steps finds the job exhausted; the count says
+  how many examples were missed.
 - The chief resumes mid-epoch: the restarted dispatcher reads its journal (the epoch's job
   and the files already handed out), the chief restores its latest checkpoint (with the
   epoch's count so far) and goes on consuming the same job. What was trained after that
-  checkpoint is missed by the model (as with any restart, at most the save interval).
+  checkpoint, and what the lost chief's consumers held, is missed.
 - What is reproducible: each epoch's file order and block shuffle, the mixing of examples
   within parsed groups and each batch's negatives are keyed by (seed, epoch, the batch's own
   examples), never by which worker made it or when. What is not: which data worker reads

@@ -288,7 +288,7 @@ class ServedEpochRunner(CoordinatedEpochRunner):
     make_epoch = functools.partial(
         pipeline.served_epoch, data.train_pattern,
         global_batch_size=self.positives_per_step, seed=config.seed,
-        shuffle_buffer_blocks=config.shuffle_buffer_blocks,
+        shuffle_buffer_blocks=self._served_shuffle_blocks(),
         add_negatives=objective.negative_sampler(data),
         context=data.context_keys(config.features))
     address = input_service.dispatcher_address(distribute.cluster_config(),
@@ -297,6 +297,20 @@ class ServedEpochRunner(CoordinatedEpochRunner):
                                         input_service.run_id(config.model_dir), make_epoch)
     self.step = make_served_step(model, optimizer, strategy, config.batch_size, objective)
     self.examples_per_epoch: Dict[int, int] = {}
+
+  def _served_shuffle_blocks(self) -> int:
+    """--shuffle_buffer_blocks, at most a quarter of a data worker's share of the epoch: a
+    data worker fills its buffer with the files it asks for, so a buffer near the epoch's
+    size would take most files to the first worker that starts (measured: 4 workers read 2.0,
+    0.36, 1.61 and 0.03 times their share with a 256-block buffer over 352 blocks)."""
+    config = self.config
+    blocks = sum(-(-n // schema.BLOCK_SIZE) for n in self.data.metadata.train_shard_examples)
+    cap = max(2, blocks // (4 * (config.data_workers or self.workers)))
+    if config.shuffle_buffer_blocks > cap:
+      logging.info("--shuffle_buffer_blocks=%d is more than a quarter of a data worker's share "
+                   "of the epoch's %d blocks: each data worker shuffles %d",
+                   config.shuffle_buffer_blocks, blocks, cap)
+    return min(config.shuffle_buffer_blocks, cap)
 
   def run(self, epoch: int) -> EpochStats:
     config, state = self.config, self.state

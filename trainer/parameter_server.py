@@ -16,7 +16,8 @@ updates the shards themselves (`trainable_leaves`), because Keras's `apply_gradi
 (`tf.nn.embedding_lookup`, which `ShardedVariable` dispatches per shard), never reading a
 whole table.
 
-Input: every worker reads the same seeded stream of global batches and keeps every
+Input (without --input_service, which `trainer.input_service` serves): every worker reads
+the same seeded stream of global batches and keeps every
 num_workers-th one (batch b goes to worker b mod num_workers), so each batch, with its
 negatives keyed by its index, is trained once, by one worker. The chief counts the batches
 each worker has taken (a step returns its batch's global index); a checkpoint holds the
