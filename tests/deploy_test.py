@@ -156,14 +156,23 @@ def test_the_network_policy_and_the_data_workers_validate_and_match_the_job():
   label = {"neumf-trainer/job": "j"}
   assert policy["spec"]["podSelector"]["matchLabels"] == label
   assert policy["spec"]["ingress"] == [{"from": [{"podSelector": {"matchLabels": label}}]}]
-  workers = _rendered("data_workers.yaml", "--set", "JOB_NAME=j", "--set", "DATA_WORKERS=3")
-  kubernetes_validate.validate(workers, K8S_VERSION, strict=True)
+  result = _render(str(REPO_ROOT / "k8s" / "data_workers.yaml"), *_ALL, "--set", "JOB_NAME=j",
+                   "--set", "DATA_WORKERS=3")
+  assert result.returncode == 0, result.stderr
+  service, workers = yaml.safe_load_all(result.stdout)
+  for manifest in (service, workers):
+    kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
+  # Stable names: a replaced pod comes back at its address (pod i of the headless service).
+  assert service["spec"]["clusterIP"] == "None" and workers["kind"] == "StatefulSet"
+  assert workers["spec"]["serviceName"] == service["metadata"]["name"] == "j-data-worker"
   pod = workers["spec"]["template"]
   assert workers["spec"]["replicas"] == 3
   assert pod["metadata"]["labels"]["neumf-trainer/job"] == "j"
+  assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
   container = pod["spec"]["containers"][0]
   assert container["command"] == ["neumf-data-worker"]
-  assert container["args"] == ["--dispatcher=j-chief-0:5050", "--host=$(POD_IP)", "--port=5051"]
+  assert container["args"] == ["--dispatcher=j-chief-0:5050",
+                               "--host=$(POD_NAME).j-data-worker", "--port=5051"]
   for name in ("tfjob.yaml", "tfjob_ps.yaml"):
     for spec in _rendered(name, "--set", "JOB_NAME=j")["spec"]["tfReplicaSpecs"].values():
       assert spec["template"]["metadata"]["labels"]["neumf-trainer/job"] == "j", name
@@ -279,8 +288,8 @@ def test_submit_k8s_and_vertex_add_parameter_servers():
        "--data-workers", "4", "--set", "GSA_EMAIL=t@p.iam.gserviceaccount.com", "--dry-run"],
       capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable})
   assert result.returncode == 0, result.stderr
-  *_, tfjob, _, workers = yaml.safe_load_all(result.stdout)
-  assert workers["kind"] == "Deployment" and workers["spec"]["replicas"] == 4
+  *_, tfjob, _, _, workers = yaml.safe_load_all(result.stdout)
+  assert workers["kind"] == "StatefulSet" and workers["spec"]["replicas"] == 4
   assert "--data_workers=4" in tfjob["spec"]["tfReplicaSpecs"]["Worker"]["template"]["spec"][
       "containers"][0]["args"]
   result = subprocess.run(
