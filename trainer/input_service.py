@@ -32,8 +32,8 @@ Semantics (tested in tests/input_service_test.py; measured with TensorFlow 2.21)
   and the files already handed out), the chief restores its latest checkpoint (with the
   epoch's count so far) and goes on consuming the same job. What was trained after that
   checkpoint, and what the lost chief's consumers held, is missed.
-- What is reproducible: each epoch's file order and block shuffle, the mixing of examples
-  within parsed groups and each batch's negatives are keyed by (seed, epoch, the batch's own
+- What is reproducible: each epoch's file order is keyed by (seed, epoch), the mixing of
+  examples within parsed groups and each batch's negatives by (seed, epoch, the batch's own
   examples), never by which worker made it or when. What is not: which data worker reads
   which file, so which examples share a batch, and the order of the batches, vary from run to
   run (today's per-worker reading fixes both; with one worker it equals one device).
