@@ -129,6 +129,14 @@ def test_interactions_are_coded_in_chunks_as_one_product(chunk, segments):
   np.testing.assert_allclose(layer(ids, table).numpy(), dense[ids] @ table, rtol=1e-6)
   compiled = tf.function(lambda i, t: layer(i, t), jit_compile=True)
   np.testing.assert_allclose(compiled(ids, table).numpy(), dense[ids] @ table, rtol=1e-6)
+  # Training's gradient in the table (the CPU path's own), and of no ids at all.
+  variable, upstream = tf.Variable(table), np.arange(15, dtype=np.float32).reshape(5, 3)
+  for rows, weights in ((ids, upstream), (ids[:0], upstream[:0])):
+    with tf.GradientTape() as tape:
+      loss = tf.reduce_sum(layer(rows, variable, training=True) * weights)
+    gradient = tape.gradient(loss, variable, unconnected_gradients="zero")  # (segments: none)
+    np.testing.assert_allclose(tf.convert_to_tensor(gradient).numpy(),
+                               dense[rows].T @ weights, rtol=1e-6)
 
 
 def test_autorec_trains_with_jit_compile(tiny_data_dir, tmp_path):

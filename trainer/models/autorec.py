@@ -91,7 +91,7 @@ class AutoRec(Recommender):
     encoder = ops.cast(self.encoder(tf.range(self.encoder_rows))
                        if parameter_server.is_sharded(table) else tf.convert_to_tensor(table),
                        "float32")
-    encoded = self.interactions(unique, encoder)  # [unique ids, d]
+    encoded = self.interactions(unique, encoder, training=training)  # [unique ids, d]
     pre = tf.gather(encoded, position)
     if own is not None:
       pre -= ops.cast(own, "float32")[:, None] * tf.gather(encoder, ops.cast(others, "int64"))

@@ -136,8 +136,9 @@ class InteractionTable(layers.Layer):
           self, name, shape, dtype,
           None if interactions is None else np.asarray(interactions[name], dtype)))
 
-  def call(self, ids, table):
-    """sum_j values_j table[columns_j] over each row of `ids`: [len(ids), d] float32.
+  def call(self, ids, table, training=False):
+    """sum_j values_j table[columns_j] over each row of `ids`: [len(ids), d] float32;
+    differentiable in `table` when `training`.
 
     Three ways, each where it is right. Inside an XLA function, where shapes must be static,
     every row is coded and the batch's gathered (a sparse product and a ragged range have no
@@ -152,7 +153,7 @@ class InteractionTable(layers.Layer):
     if control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
       return tf.gather(self._every_row(table), ids)
     if not (self.segments or distribute.gpu_code_paths()):
-      return self._sparse_product(ids, table)
+      return self._sparse_product(ids, table, training)
     indptr = distribute.local_variable(self.indptr.value)
     starts, lengths = tf.gather(indptr, ids), tf.gather(indptr, ids + 1) - tf.gather(indptr, ids)
     ends = tf.cumsum(lengths)  # [b]: where each row's interactions end in the batch's
@@ -173,18 +174,40 @@ class InteractionTable(layers.Layer):
     return tf.while_loop(lambda done, _: done < total, body,
                          (tf.constant(0, tf.int64), out))[1]
 
-  def _sparse_product(self, ids, table):
-    """The rows of `ids` as a SparseTensor, times `table` (CPUs)."""
+  def _sparse_product(self, ids, table, training=False):
+    """The rows of `ids` as a sparse matrix, times `table` (CPUs)."""
     indptr = distribute.local_variable(self.indptr.value)
     starts, ends = tf.gather(indptr, ids), tf.gather(indptr, ids + 1)
     positions = tf.ragged.range(starts, ends)  # [b, (row length)]
     flat = positions.flat_values
     columns = tf.gather(distribute.local_variable(self.indices.value), flat)
     values = tf.cast(tf.gather(distribute.local_variable(self.values.value), flat), tf.float32)
-    rows = tf.SparseTensor(tf.stack([positions.value_rowids(), columns], axis=1), values,
-                           tf.stack([tf.shape(ids, out_type=tf.int64)[0],
-                                     tf.constant(self.columns, tf.int64)]))
-    return tf.sparse.sparse_dense_matmul(rows, table)
+    # Compressed sparse rows (Eigen's sparse product): 6x faster forward and back than the
+    # SparseTensor product's kernel (README, "Design choices, measured"). The rows are in
+    # canonical order as the kernel needs: row ids ascending, columns sorted within a row
+    # (`artifacts.sparse_rows`).
+    count = tf.shape(ids, out_type=tf.int64)[0]
+    rows = tf.raw_ops.SparseTensorToCSRSparseMatrix(
+        indices=tf.stack([positions.value_rowids(), columns], axis=1), values=values,
+        dense_shape=tf.stack([count, tf.constant(self.columns, tf.int64)]))
+
+    if not training:  # (a SavedModel cannot hold the gradient below: it captures `rows`)
+      return tf.raw_ops.SparseMatrixMatMul(a=rows, b=table)
+
+    @tf.custom_gradient
+    def product(table):
+      # The table's gradient only: TensorFlow's registered one also differentiates the fixed
+      # sparse matrix, which needs its shape known when the graph is built. Of a matrix of no
+      # rows (no ids), zeros: the kernel's transposed product of one divides by zero (SIGFPE).
+      def gradient(upstream):
+        return tf.cond(count > 0,
+                       lambda: tf.raw_ops.SparseMatrixMatMul(a=rows, b=upstream,
+                                                             transpose_a=True),
+                       lambda: tf.zeros_like(table))
+
+      return tf.raw_ops.SparseMatrixMatMul(a=rows, b=table), gradient
+
+    return product(table)
 
   def _every_row(self, table):
     """Every row's sum (static shapes): [rows, d]."""
