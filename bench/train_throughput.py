@@ -69,11 +69,11 @@ def measure_matmul() -> float:
   return max(rates)
 
 
-def measure_training(data_dir: str, name: str, batch: int, devices: int, flags: dict,
-                     windows: int, features: str = "none") -> dict:
-  """Examples/s of `windows` timed windows of ~1M examples: the trainer's input pipeline and
-  training loop (`EpochRunner`'s parts), lazy Adam, after 20 warm-up steps."""
-  import time
+def build_loop(data_dir: str, name: str, batch: int, devices: int, flags: dict,
+               features: str = "none"):
+  """(loop, iterator, batch used): the trainer's input pipeline and training loop
+  (`EpochRunner`'s parts), lazy Adam, traced and warmed up by 20 steps; `loop(iterator,
+  tf.constant(steps), tf.constant(0))` runs that many steps."""
   from trainer import malloc
   malloc.keep_freed_memory()  # as the training command line does
   import tensorflow as tf
@@ -106,6 +106,15 @@ def measure_training(data_dir: str, name: str, batch: int, devices: int, flags: 
   iterator = iter(dataset)
   loop = loop.make_train_loop(model, optimizer, strategy, batch, objective)
   loop(iterator, tf.constant(20), tf.constant(0))  # trace and warm up
+  return loop, iterator, batch
+
+
+def measure_training(data_dir: str, name: str, batch: int, devices: int, flags: dict,
+                     windows: int, features: str = "none") -> dict:
+  """Examples/s of `windows` timed windows of ~1M examples (`build_loop`'s loop)."""
+  import time
+  loop, iterator, batch = build_loop(data_dir, name, batch, devices, flags, features)
+  import tensorflow as tf
   steps = max(10, int(1e6 // batch))  # per window: ~1M examples
   rates = []
   for _ in range(windows):
@@ -158,6 +167,17 @@ def write_synthetic_features(directory: str, num_users: int, num_items: int) -> 
           "--user_feature_columns=country:categorical,age:bucketized:8"]
 
 
+def prepare_synthetic(directory: str, root: str, env) -> str:
+  """The benchmark's data (100K users, 20K items, 2M ratings, side features) prepared into
+  `directory`/data; returns that path."""
+  prepare = [sys.executable, "-m", "trainer.prepare", f"--output_dir={directory}/data",
+             "--num_users=100000", "--num_items=20000", "--num_ratings=2000000",
+             "--num_shards=8", "--eval_fraction=0.05",
+             *write_synthetic_features(directory, 100_000, 20_000)]
+  subprocess.run(prepare, cwd=root, env=env, check=True, capture_output=True)
+  return f"{directory}/data"
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -176,11 +196,7 @@ def main():
   print(f"{machine.cpu_name()}, {os.cpu_count()} CPUs; fp32 matmul (TensorFlow, 2048 x 2048): "
         f"{matmul_flops / 1e9:,.0f} GFLOP/s", flush=True)
   with tempfile.TemporaryDirectory() as data_dir:
-    prepare = [sys.executable, "-m", "trainer.prepare", f"--output_dir={data_dir}/data",
-               "--num_users=100000", "--num_items=20000", "--num_ratings=2000000",
-               "--num_shards=8", "--eval_fraction=0.05",
-               *write_synthetic_features(data_dir, 100_000, 20_000)]
-    subprocess.run(prepare, cwd=root, env=env, check=True, capture_output=True)
+    prepare_synthetic(data_dir, root, env)
     rows = [_measure(f"{data_dir}/data", name, batch, devices, features, args.windows,
                      matmul_flops, root, env)
             for name in args.models for batch in args.batch_sizes for devices in args.devices

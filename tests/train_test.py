@@ -108,8 +108,12 @@ def test_writes_checkpoints_and_tensorboard_summaries(trained):
   assert {"train/loss", "eval/rmse", "eval/mae", "train/examples_per_sec"} <= tags
 
 
-def test_rerun_resumes_from_the_latest_checkpoint(trained, tmp_path):
+def test_rerun_resumes_from_the_latest_checkpoint(trained, tmp_path, monkeypatch):
   config, metrics = trained
+  evaluations = []
+  counted = lambda evaluators: evaluations.append(1) or evaluate_all(evaluators)
+  evaluate_all = train.evaluation.evaluate_all
+  monkeypatch.setattr(train.evaluation, "evaluate_all", counted)
   # Copy the finished run, then ask for one more epoch: only that epoch trains.
   model_dir = str(tmp_path / "model")
   subprocess.run(["cp", "-r", config.model_dir, model_dir], check=True)
@@ -117,8 +121,11 @@ def test_rerun_resumes_from_the_latest_checkpoint(trained, tmp_path):
   again = train.train_and_evaluate(same)  # all epochs done: restores, evaluates, exports
   assert again["train_examples_per_sec"] is None
   assert again["eval_rmse"] == pytest.approx(metrics["eval_rmse"], rel=1e-6)
+  assert len(evaluations) == 1  # the restored best model, evaluated here
   more = train.train_and_evaluate(dataclasses.replace(same, epochs=7))
   assert more["epochs"] == 7 and more["train_examples_per_sec"] > 0
+  # Epoch 7 is evaluated once; the final evaluation reuses it when epoch 7 is the one served.
+  assert len(evaluations) == 1 + 1 + (more["best_epoch"] != 7)
   assert _saved(tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")), "epoch") == 7
   # The history keeps the first run's epochs and adds the new one, its time after theirs.
   with open(os.path.join(model_dir, "history.json")) as f:

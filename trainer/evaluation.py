@@ -338,8 +338,13 @@ def popularity_baselines(config: TrainConfig, strategy: tf.distribute.Strategy,
   counts = np.bincount(data.train_positives["indices"],
                        minlength=data.metadata.num_items + 1).astype(np.float32)
   popularity = tf.constant(counts)  # [items + 1]
-  evaluators = ranking_evaluators(config, strategy, data,
-                                  lambda batch: tf.gather(popularity, batch[schema.ITEM]))
+  catalogue = popularity[:data.metadata.num_items]
+  evaluators = ranking_evaluators(
+      config, strategy, data, lambda batch: tf.gather(popularity, batch[schema.ITEM]),
+      # The full protocol's scores, the catalogue's counts for every row: not each (user,
+      # item) pair's gather (2.5x the time at 138K users x 27K items).
+      score_all=lambda users, _: tf.broadcast_to(
+          catalogue[None, :], tf.stack([tf.shape(users)[0], tf.shape(catalogue)[0]])))
   return {f"{name}_popularity_baseline": value for run in evaluators.values()
           for name, value in run().items() if not name.startswith("count")}
 
