@@ -146,7 +146,8 @@ class InteractionTable(layers.Layer):
     gathers and segment sums, `chunk` values at a time, so memory stays bounded however many
     rows are coded (the whole catalogue, for full evaluation and serving): the GPU sparse
     product raises under op determinism and refuses nnz x d > 2^31, and a ragged range runs
-    on the host. On CPUs, the sparse product, faster there (README, "On GPUs").
+    on the host. On CPUs, a compressed-sparse-rows product, faster there (README, "Design
+    choices, measured").
     """
     ids = ops.cast(ids, "int64")
     table = tf.cast(table, tf.float32)
