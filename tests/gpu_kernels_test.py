@@ -129,12 +129,20 @@ def test_interactions_are_coded_in_chunks_as_one_product(chunk, segments):
   np.testing.assert_allclose(layer(ids, table).numpy(), dense[ids] @ table, rtol=1e-6)
   compiled = tf.function(lambda i, t: layer(i, t), jit_compile=True)
   np.testing.assert_allclose(compiled(ids, table).numpy(), dense[ids] @ table, rtol=1e-6)
-  # Training's gradient in the table (the CPU path's own), and of no ids at all.
+  # Training's gradient in the table (the CPU path's own), and of no ids at all (a replica's
+  # empty share of a batch), inside a graph as in the step.
   variable, upstream = tf.Variable(table), np.arange(15, dtype=np.float32).reshape(5, 3)
-  for rows, weights in ((ids, upstream), (ids[:0], upstream[:0])):
+
+  @tf.function
+  def coded(rows, weights):
     with tf.GradientTape() as tape:
       loss = tf.reduce_sum(layer(rows, variable, training=True) * weights)
-    gradient = tape.gradient(loss, variable, unconnected_gradients="zero")  # (segments: none)
+    return (layer(rows, variable),
+            tape.gradient(loss, variable, unconnected_gradients="zero"))  # (segments: none)
+
+  for rows, weights in ((ids, upstream), (ids[:0], upstream[:0])):
+    codes, gradient = coded(rows, weights)
+    np.testing.assert_allclose(codes.numpy(), dense[rows] @ table, rtol=1e-6)
     np.testing.assert_allclose(tf.convert_to_tensor(gradient).numpy(),
                                dense[rows].T @ weights, rtol=1e-6)
 
