@@ -186,28 +186,26 @@ class InteractionTable(layers.Layer):
     # Compressed sparse rows (Eigen's sparse product): 9x faster forward and back than the
     # SparseTensor product's kernel (README, "Design choices, measured"). The rows are in
     # canonical order as the kernel needs: row ids ascending, columns sorted within a row
-    # (`artifacts.sparse_rows`). A matrix of no rows (no ids: a replica's empty share of the
-    # last batch) is never multiplied: inside a graph the kernel divides by zero (SIGFPE).
+    # (`artifacts.sparse_rows`). One empty row more than the ids: inside a graph the kernel
+    # divides by zero on a matrix of no rows (no ids: a replica's empty share of the last eval
+    # batch), and a branch around it would not load from a SavedModel (the variant matrix
+    # loses its shape there).
     count = tf.shape(ids, out_type=tf.int64)[0]
     rows = tf.raw_ops.SparseTensorToCSRSparseMatrix(
         indices=tf.stack([positions.value_rowids(), columns], axis=1), values=values,
-        dense_shape=tf.stack([count, tf.constant(self.columns, tf.int64)]))
-
-    def times(dense, transpose=False):
-      return tf.cond(count > 0,
-                     lambda: tf.raw_ops.SparseMatrixMatMul(a=rows, b=dense,
-                                                           transpose_a=transpose),
-                     lambda: tf.zeros([self.columns if transpose else 0, tf.shape(dense)[1]],
-                                      dense.dtype))
-
+        dense_shape=tf.stack([count + 1, tf.constant(self.columns, tf.int64)]))
     if not training:  # (a SavedModel cannot hold the gradient below: it captures `rows`)
-      return times(table)
+      return tf.raw_ops.SparseMatrixMatMul(a=rows, b=table)[:count]
 
     @tf.custom_gradient
     def product(table):
       # The table's gradient only: TensorFlow's registered one also differentiates the fixed
       # sparse matrix, which needs its shape known when the graph is built.
-      return times(table), lambda upstream: times(upstream, transpose=True)
+      def gradient(upstream):
+        return tf.raw_ops.SparseMatrixMatMul(a=rows, b=tf.pad(upstream, [[0, 1], [0, 0]]),
+                                             transpose_a=True)
+
+      return tf.raw_ops.SparseMatrixMatMul(a=rows, b=table)[:count], gradient
 
     return product(table)
 
