@@ -172,13 +172,8 @@ def _run(config: TrainConfig, strategy: tf.distribute.Strategy,
   best = (checkpointer.restore_best(int(state.epoch.numpy())) if config.keep_best else None)
   if best:
     logging.info("Best %s %.4f: %s", tracker.metric, float(state.best.numpy()), best)
-  # The model served is the last epoch's (its best, or --nokeep_best) when this process
-  # evaluated it: the same weights give the same metrics, so they are not computed again
-  # (at 138K users x 27K items the full protocol costs a third of an epoch).
-  served = best_epoch(best) if best else int(state.epoch.numpy())
-  reuse = progress.last_eval if progress.last_epoch == served else None
   with phases.phase("final_evaluation", "Final evaluation and baselines"):
-    final = {**(reuse if reuse is not None else evaluate()),
+    final = {**_served_metrics(best, state, progress, evaluate),
              **objective.baselines(eval_strategy, data)}
   with phases.phase("export", f"Exporting the SavedModel to {config.resolved_export_dir}"):
     _export(config, strategy, objective, data, model)
@@ -255,6 +250,18 @@ class Progress:
   stopped: Optional[str] = None  # why training stopped early, or None
   last_epoch: Optional[int] = None  # the last epoch this process trained and evaluated
   last_eval: Optional[Dict[str, float]] = None  # its evaluation
+
+
+def _served_metrics(best: Optional[str], state: TrainingState, progress: "Progress",
+                    evaluate: Callable[[], Dict[str, float]]) -> Dict[str, float]:
+  """The served model's metrics: the last epoch's evaluation when that epoch (its best, or
+  --nokeep_best) is served and this process evaluated it (the same weights give the same
+  metrics; at 138K users x 27K items the full protocol costs a third of an epoch), else
+  `evaluate()`."""
+  served = best_epoch(best) if best else int(state.epoch.numpy())
+  if progress.last_epoch == served and progress.last_eval is not None:
+    return progress.last_eval
+  return evaluate()
 
 
 def _train_epochs(config: TrainConfig, state: TrainingState, runner: loop.EpochRunner,
